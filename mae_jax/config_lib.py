@@ -1,0 +1,196 @@
+"""Default pretraining config and its validation.
+
+Config files in `configs/` start from `pretrain_config()` and change what their
+setting needs; every field can be overridden on the command line
+(`--config.batch_size=512`, `--config.model.decoder_depth=2`).
+"""
+
+import os
+
+import jax
+import ml_collections
+
+from mae_jax import data
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message says which and how to fix it."""
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="cifar10",            # a key of mae_jax.data.DATASETS
+      source="tfds",             # 'tfds' (tfds.data_source) or 'folder' (root/<split>/<class>/*.jpg)
+      tfds_data_dir=ml_collections.FieldReference(None, field_type=str),
+      download=True,             # let tfds download and prepare on first use
+      folder=ml_collections.FieldReference(None, field_type=str),
+      pretrain_split="",         # '' = the dataset's default (DATASETS)
+      eval_split="",
+      image_size=224,
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+      random_resized_crop=True,
+      crop_scale=(0.2, 1.0),
+      hflip=True,
+      interpolation="bicubic",
+      num_workers=4,             # grain worker processes (0: decode in the main process)
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      patch_size=16,
+      encoder_width=768, encoder_depth=12, encoder_heads=12,
+      decoder_width=512, decoder_depth=8, decoder_heads=16,
+      mlp_ratio=4.0,
+      mask_ratio=0.75,
+      norm_pix_loss=True,
+      dtype="float32",           # compute dtype; 'bfloat16' on GPU/TPU. Params stay float32.
+      attention_impl="",         # '' lets JAX choose; 'cudnn' forces fused attention on GPU
+  ))
+
+  c.batch_size = 4096            # effective (global) batch per optimizer update
+  c.grad_accum_steps = 1         # micro-batches per update: each is batch_size / grad_accum_steps
+  c.num_epochs = 800
+  c.warmup_epochs = 40
+  c.max_steps = 0                # > 0: stop after this many micro-steps (smoke runs, benchmarks)
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      base_lr=1.5e-4,            # lr = base_lr * batch_size / 256
+      min_lr=0.0,
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.95,
+  ))
+
+  c.log_every_steps = 50
+  c.figure_every_steps = 2000
+  c.num_figure_images = 8
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  return c
+
+
+def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A CPU-sized model and schedule for smoke runs and tests (a few minutes on 2 cores)."""
+  c.model.update(patch_size=4, encoder_width=64, encoder_depth=2, encoder_heads=2,
+                 decoder_width=32, decoder_depth=1, decoder_heads=2)
+  c.batch_size = 64
+  c.num_epochs = 1
+  c.warmup_epochs = 0
+  c.max_steps = 60
+  c.optimizer.base_lr = 1.5e-3
+  c.log_every_steps = 10
+  c.figure_every_steps = 50
+  c.checkpoint_every_steps = 50
+  c.dataset.num_workers = 2
+  return c
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
+  """The config-file argument every config accepts: '' (full size) or 'tiny' (CPU-sized preset)."""
+  if arg in (None, ""):
+    return c
+  if arg == "tiny":
+    return tiny_overrides(c)
+  raise ConfigError(f"unknown config argument {arg!r}; use no argument or ':tiny'")
+
+
+VIT_SIZES = {  # the paper's encoders: (patch, width, depth, heads)
+    "b": (16, 768, 12, 12),
+    "l": (16, 1024, 24, 16),
+    "h": (14, 1280, 32, 16),
+}
+
+
+def imagenet_config(size: str, arg=None) -> ml_collections.ConfigDict:
+  """The paper's ImageNet-1K recipe for ViT-B/16, ViT-L/16 and ViT-H/14."""
+  c = pretrain_config()
+  patch, width, depth, heads = VIT_SIZES[size]
+  c.dataset.update(name="imagenet2012", image_size=224, random_resized_crop=True,
+                   crop_scale=(0.2, 1.0), hflip=True, interpolation="bicubic", num_workers=16)
+  c.model.update(patch_size=patch, encoder_width=width, encoder_depth=depth, encoder_heads=heads,
+                 decoder_width=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
+                 norm_pix_loss=True, dtype="bfloat16")
+  c.batch_size, c.num_epochs, c.warmup_epochs = 4096, 800, 40
+  c.optimizer.update(base_lr=1.5e-4, weight_decay=0.05, b1=0.9, b2=0.95)
+  return apply_arg(c, arg)
+
+
+def resolved_splits(dataset_cfg) -> tuple[str, str]:
+  info = data.DATASETS[dataset_cfg.name]
+  return (dataset_cfg.pretrain_split or info.pretrain_split, dataset_cfg.eval_split or info.eval_split)
+
+
+def validate(config) -> None:
+  """Checks the config before any work; raises ConfigError saying what is wrong and how to fix it."""
+  m, d = config.model, config.dataset
+  problems = []
+
+  def need(ok, msg):
+    if not ok:
+      problems.append(msg)
+
+  need(d.image_size > 0 and d.image_size % m.patch_size == 0,
+       f"dataset.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
+       "pick sizes where image_size % patch_size == 0")
+  need(0.0 <= m.mask_ratio < 1.0,
+       f"model.mask_ratio={m.mask_ratio} is outside [0, 1); use e.g. 0.75")
+  if d.image_size % m.patch_size == 0 and 0.0 <= m.mask_ratio < 1.0:
+    num_patches = (d.image_size // m.patch_size) ** 2
+    need(int(num_patches * (1 - m.mask_ratio)) >= 1,
+         f"model.mask_ratio={m.mask_ratio} keeps no patch of {num_patches}; lower it")
+  for part in ("encoder", "decoder"):
+    width, heads = m[f"{part}_width"], m[f"{part}_heads"]
+    need(width % heads == 0, f"model.{part}_width={width} is not divisible by model.{part}_heads={heads}")
+    need(width % 4 == 0, f"model.{part}_width={width} must be divisible by 4 (2D sin-cos position embedding)")
+  need(m.dtype in ("float32", "bfloat16", "float16"),
+       f"model.dtype={m.dtype!r} must be one of float32, bfloat16, float16")
+  need(m.attention_impl in ("", "xla", "cudnn"), f"model.attention_impl={m.attention_impl!r} must be '', 'xla' or 'cudnn'")
+
+  need(d.name in data.DATASETS,
+       f"unknown dataset.name={d.name!r}; known: {', '.join(sorted(data.DATASETS))}")
+  need(d.source in ("tfds", "folder"), f"dataset.source={d.source!r} must be 'tfds' or 'folder'")
+  if d.name in data.DATASETS and d.source == "tfds":
+    need(data.DATASETS[d.name].tfds_name is not None,
+         f"dataset {d.name!r} is not in tfds; use --config.dataset.source=folder --config.dataset.folder=DIR")
+  if d.source == "folder":
+    need(bool(d.folder), "dataset.source='folder' needs --config.dataset.folder=DIR "
+         "(DIR/<split>/<class>/*.jpg|png)")
+    if d.folder:
+      need(os.path.isdir(d.folder), f"dataset.folder={d.folder!r} does not exist")
+  need(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
+       f"dataset.crop_scale={tuple(d.crop_scale)} must satisfy 0 < low <= high <= 1")
+  need(d.interpolation in ("bicubic", "bilinear", "nearest"),
+       f"dataset.interpolation={d.interpolation!r} must be bicubic, bilinear or nearest")
+
+  need(config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
+  if config.grad_accum_steps >= 1:
+    need(config.batch_size % config.grad_accum_steps == 0,
+         f"batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}")
+    micro = config.batch_size // config.grad_accum_steps
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    need(micro % n_dev == 0,
+         f"the global micro-batch {micro} (batch_size / grad_accum_steps) is not divisible by the "
+         f"{n_dev} devices; change batch_size or grad_accum_steps so that it is")
+    need(micro % n_proc == 0, f"the global micro-batch {micro} is not divisible by {n_proc} processes")
+  need(config.num_epochs > 0, f"num_epochs={config.num_epochs} must be > 0")
+  need(0 <= config.warmup_epochs <= config.num_epochs,
+       f"warmup_epochs={config.warmup_epochs} must be within [0, num_epochs={config.num_epochs}]")
+  need(config.optimizer.base_lr > 0, f"optimizer.base_lr={config.optimizer.base_lr} must be > 0")
+  for name in ("log_every_steps", "figure_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    need(config[name] >= 1, f"{name}={config[name]} must be >= 1")
+  if problems:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def model_signature(config) -> dict:
+  """What must match for a checkpoint to be restored into this config's model."""
+  m = config.model
+  keys = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "decoder_width",
+          "decoder_depth", "decoder_heads", "mlp_ratio")
+  return {k: m[k] for k in keys}

@@ -1,0 +1,250 @@
+"""Data: tfds ArrayRecord sources or image folders, fed through grain.
+
+An example flows as: source[i] -> DecodeImage (uint8 HxWx3) -> crop/flip (train) or
+resize + center crop (eval) -> Batch. Images stay uint8 until they reach the device;
+normalisation with the dataset mean/std happens inside the jitted step (`normalize`).
+
+Every random choice comes from the per-record generator that grain derives from the
+sampler seed and the record's position, so a given seed gives the same stream, and
+an iterator restored from a checkpoint continues it exactly.
+"""
+
+import dataclasses
+import io
+import math
+import os
+from typing import Any, Optional
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the code needs to know of a named dataset."""
+  tfds_name: Optional[str]  # None: image folder only
+  num_classes: int
+  pretrain_split: str
+  train_split: str
+  eval_split: str
+
+
+# Names accepted in `config.dataset.name`. Folder-only datasets read
+# `<folder>/<split>/<class>/*.jpg|png`.
+DATASETS = {
+    "cifar10": DatasetInfo("cifar10", 10, "train", "train", "test"),
+    "stl10": DatasetInfo("stl10", 10, "unlabelled", "train", "test"),
+    "imagenette": DatasetInfo("imagenette", 10, "train", "train", "validation"),
+    "imagenet2012": DatasetInfo("imagenet2012", 1000, "train", "train", "validation"),
+    "tiny_imagenet": DatasetInfo(None, 200, "train", "train", "val"),
+    "wikiart": DatasetInfo(None, 0, "train", "train", "test"),
+    "image_folder": DatasetInfo(None, 0, "train", "train", "test"),
+}
+
+
+class DataError(ValueError):
+  """Raised for data that cannot be read: missing folder, corrupt image."""
+
+
+# ----------------------------------------------------------------------------
+# Sources: random access, `len()` and `[i]` -> {"image": ..., "label": int}.
+# ----------------------------------------------------------------------------
+class ImageFolderSource:
+  """`root/<split>/<class>/**/<file>` with classes numbered in sorted order."""
+
+  def __init__(self, root: str, split: str):
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+      raise DataError(
+          f"image folder {split_dir!r} does not exist; expected <folder>/{split}/<class>/*.jpg|png "
+          f"(set --config.dataset.folder to the folder that holds '{split}/')")
+    self.classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    self.files, self.labels = [], []
+    for label, cls in enumerate(self.classes):
+      for dirpath, dirnames, names in sorted(os.walk(os.path.join(split_dir, cls))):
+        dirnames.sort()  # nested folders (tiny-imagenet's <wnid>/images/) are read in order
+        for name in sorted(names):
+          if name.lower().endswith(IMAGE_EXTENSIONS):
+            self.files.append(os.path.join(dirpath, name))
+            self.labels.append(label)
+    if not self.files:
+      raise DataError(
+          f"image folder {split_dir!r} holds no images; expected {split}/<class>/*.jpg|png "
+          f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, i):
+    return {"image": self.files[i], "label": self.labels[i]}
+
+  def __repr__(self):
+    return f"ImageFolderSource({len(self)} images, {len(self.classes)} classes)"
+
+
+def make_source(dataset_cfg, split: str):
+  """The random-access source for one split of `config.dataset`."""
+  if dataset_cfg.source == "folder":
+    return ImageFolderSource(dataset_cfg.folder, split)
+  import tensorflow_datasets as tfds  # imported late: it is slow to import
+  info = DATASETS[dataset_cfg.name]
+  try:
+    return tfds.data_source(info.tfds_name, split=split, data_dir=dataset_cfg.tfds_data_dir,
+                            download=dataset_cfg.download)
+  except Exception as e:  # tfds raises many kinds; say what to do
+    raise DataError(
+        f"could not open tfds dataset {info.tfds_name!r} split {split!r} "
+        f"(data_dir={dataset_cfg.tfds_data_dir}): {e}\nWithout internet, point the config at a "
+        "prepared tfds data dir (--config.dataset.tfds_data_dir=DIR) or at an image folder "
+        "(--config.dataset.source=folder --config.dataset.folder=DIR).") from e
+
+
+# ----------------------------------------------------------------------------
+# Per-example transforms (run in grain worker processes).
+# ----------------------------------------------------------------------------
+def decode_image(image: Any) -> np.ndarray:
+  """A file path (str), encoded bytes or an array -> uint8 (H, W, 3)."""
+  if isinstance(image, (str, bytes)):
+    what = f"image file {image!r}" if isinstance(image, str) else "encoded image bytes"
+    try:
+      with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as im:
+        return np.asarray(im.convert("RGB"))
+    except Exception as e:
+      raise DataError(f"cannot decode {what} ({e}); remove or replace it") from e
+  arr = np.asarray(image)
+  if arr.ndim == 2:
+    arr = arr[:, :, None]
+  if arr.shape[-1] == 1:
+    arr = np.repeat(arr, 3, axis=-1)
+  return arr[..., :3].astype(np.uint8)
+
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def resize(img: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+  if img.shape[:2] == size:
+    return img
+  return np.asarray(Image.fromarray(img).resize((size[1], size[0]), _RESAMPLE[interpolation]))
+
+
+def random_resized_crop_box(h, w, rng: np.random.Generator, scale, ratio=(3 / 4, 4 / 3)):
+  """torchvision's RandomResizedCrop.get_params: (top, left, height, width)."""
+  area = h * w
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw = int(round(math.sqrt(target_area * aspect)))
+    ch = int(round(math.sqrt(target_area / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+  # Fallback: central crop at the nearest allowed aspect ratio.
+  in_ratio = w / h
+  if in_ratio < ratio[0]:
+    cw, ch = w, int(round(w / ratio[0]))
+  elif in_ratio > ratio[1]:
+    ch, cw = h, int(round(h * ratio[1]))
+  else:
+    cw, ch = w, h
+  return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def center_crop_resize(img: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+  """Resize the shorter side to `size`, then take the central size x size crop."""
+  h, w = img.shape[:2]
+  if (h, w) != (size, size):
+    s = size / min(h, w)
+    img = resize(img, (max(size, round(h * s)), max(size, round(w * s))), interpolation)
+    h, w = img.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    img = img[top:top + size, left:left + size]
+  return img
+
+
+class DecodeImage(grain.transforms.Map):
+  """Decodes the image and keeps only the fields the model needs."""
+
+  def map(self, element):
+    return {"image": decode_image(element["image"]), "label": np.int32(element["label"])}
+
+
+@dataclasses.dataclass
+class TrainAugment(grain.transforms.RandomMap):
+  """RandomResizedCrop(scale) + horizontal flip, each optional; else resize + center crop."""
+  size: int
+  random_resized_crop: bool
+  crop_scale: tuple[float, float]
+  hflip: bool
+  interpolation: str
+
+  def random_map(self, element, rng: np.random.Generator):
+    img = element["image"]
+    if self.random_resized_crop:
+      top, left, ch, cw = random_resized_crop_box(img.shape[0], img.shape[1], rng, self.crop_scale)
+      img = resize(img[top:top + ch, left:left + cw], (self.size, self.size), self.interpolation)
+    else:
+      img = center_crop_resize(img, self.size, self.interpolation)
+    if self.hflip and rng.random() < 0.5:
+      img = img[:, ::-1]
+    return {**element, "image": np.ascontiguousarray(img)}
+
+
+@dataclasses.dataclass
+class EvalResize(grain.transforms.Map):
+  size: int
+  interpolation: str
+
+  def map(self, element):
+    return {**element, "image": center_crop_resize(element["image"], self.size, self.interpolation)}
+
+
+# ----------------------------------------------------------------------------
+# Loaders.
+# ----------------------------------------------------------------------------
+def make_loader(config, source, *, train: bool, global_batch_size: int, seed: int,
+                worker_count: Optional[int] = None) -> grain.DataLoader:
+  """A grain DataLoader yielding this process's share of each global batch.
+
+  Training loaders shuffle and repeat forever (epochs are counted by the trainer);
+  evaluation loaders make one ordered pass. Each process reads only its shard.
+  """
+  d = config.dataset
+  num_processes = jax.process_count()
+  if global_batch_size % num_processes:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by {num_processes} processes")
+  shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=train,
+                                        num_epochs=None if train else 1, seed=seed)
+  if train:
+    augment = TrainAugment(d.image_size, d.random_resized_crop, tuple(d.crop_scale), d.hflip,
+                           d.interpolation)
+  else:
+    augment = EvalResize(d.image_size, d.interpolation)
+  ops = [DecodeImage(), augment,
+         grain.transforms.Batch(global_batch_size // num_processes, drop_remainder=train)]
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                          worker_count=d.num_workers if worker_count is None else worker_count)
+
+
+def load_images(source, indices, size: int, interpolation: str = "bicubic") -> np.ndarray:
+  """A fixed set of images (uint8, N x size x size x 3), e.g. for reconstruction figures."""
+  return np.stack([center_crop_resize(decode_image(source[int(i)]["image"]), size, interpolation)
+                   for i in indices])
+
+
+def normalize(images_uint8: jax.Array, mean, std) -> jax.Array:
+  """uint8 pixels -> (x / 255 - mean) / std in float32, on device."""
+  x = images_uint8.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def denormalize(images, mean, std):
+  """Normalised images -> [0, 1] pixels (clipped)."""
+  x = images * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
+  return jnp.clip(x, 0.0, 1.0)

@@ -1,0 +1,290 @@
+"""The Masked Autoencoder: patchify, masking, ViT encoder, lightweight decoder, loss.
+
+Follows facebookresearch/mae `models_mae.py` numerically (see DESIGN.md):
+  * patches flattened in (p, p, C) order, row-major over the patch grid;
+  * fixed 2D sin-cos position embeddings, zeros for the cls token;
+  * masking by argsort of uniform noise, cls token prepended after masking;
+  * pre-norm blocks, LayerNorm eps 1e-6, exact (erf) GELU, qkv with bias;
+  * loss on masked patches only, optional per-patch normalised target
+    with the unbiased variance.
+
+Parameters are float32; `dtype` sets the compute dtype (bfloat16 on accelerators).
+The loss is always computed in float32.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LN_EPS = 1e-6
+xavier = nn.initializers.xavier_uniform()
+normal_02 = nn.initializers.normal(stddev=0.02)
+
+
+# ----------------------------------------------------------------------------
+# Patches and position embeddings (plain functions: no parameters).
+# ----------------------------------------------------------------------------
+def patchify(imgs: jax.Array, p: int) -> jax.Array:
+  """(B, H, W, C) -> (B, L, p*p*C), each patch flattened in (p, p, C) order."""
+  b, h, w, c = imgs.shape
+  gh, gw = h // p, w // p
+  x = imgs.reshape(b, gh, p, gw, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, gh, gw, p, p, C)
+  return x.reshape(b, gh * gw, p * p * c)
+
+
+def unpatchify(x: jax.Array, p: int, grid: tuple[int, int], channels: int = 3) -> jax.Array:
+  """(B, L, p*p*C) -> (B, H, W, C); the inverse of `patchify`."""
+  b = x.shape[0]
+  gh, gw = grid
+  x = x.reshape(b, gh, gw, p, p, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p, gw * p, channels)
+
+
+def sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+  """(M,) positions -> (M, embed_dim): [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-2k/D)."""
+  omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+  omega = 1.0 / 10000**omega
+  out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid: tuple[int, int], cls_token: bool = False) -> np.ndarray:
+  """Fixed 2D sin-cos position embedding, (gh*gw [+1], embed_dim), float32.
+
+  As in the official code, the first half of the channels encodes the column
+  (w) index and the second half the row (h) index; the cls row is zeros.
+  """
+  if embed_dim % 4:
+    raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {embed_dim}")
+  gh, gw = grid
+  cols, rows = np.meshgrid(np.arange(gw, dtype=np.float64), np.arange(gh, dtype=np.float64))
+  emb = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, embed_dim)), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def random_masking(x: jax.Array, noise: jax.Array, mask_ratio: float):
+  """Keeps the `int(L * (1 - mask_ratio))` patches with the smallest noise.
+
+  Returns (x_kept (B, len_keep, D), mask (B, L) with 1 on removed patches,
+  ids_restore (B, L) such that gathering the [kept, removed] order with it
+  gives back the original order). Static-shaped: len_keep is a Python int.
+  """
+  b, length, _ = x.shape
+  len_keep = int(length * (1 - mask_ratio))
+  ids_shuffle = jnp.argsort(noise, axis=1)  # ascending: small noise is kept
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  ids_keep = ids_shuffle[:, :len_keep]
+  x_kept = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
+  mask = jnp.concatenate([jnp.zeros((b, len_keep)), jnp.ones((b, length - len_keep))], axis=1)
+  mask = jnp.take_along_axis(mask, ids_restore, axis=1)
+  return x_kept, mask, ids_restore
+
+
+# ----------------------------------------------------------------------------
+# Transformer pieces.
+# ----------------------------------------------------------------------------
+def dense(features: int, dtype: Any, name: Optional[str] = None) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=xavier,
+                  bias_init=nn.initializers.zeros, name=name)
+
+
+def layer_norm(dtype: Any, name: Optional[str] = None) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection (as timm's, which MAE uses)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  implementation: Optional[str] = None  # None/'xla' everywhere; 'cudnn' for fused GPU attention
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    qkv = dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, N, heads, head_dim)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    return dense(d, self.dtype, "proj")(out.reshape(b, n, d))
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return x * mask.astype(x.dtype) / keep
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    d = x.shape[-1]
+    y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
+        layer_norm(self.dtype, "norm1")(x))
+    x = x + DropPath(self.drop_path)(y, deterministic)
+    y = layer_norm(self.dtype, "norm2")(x)
+    y = dense(int(d * self.mlp_ratio), self.dtype, "fc1")(y)
+    y = nn.gelu(y, approximate=False)  # exact erf GELU, as torch.nn.GELU()
+    y = dense(d, self.dtype, "fc2")(y)
+    return x + DropPath(self.drop_path)(y, deterministic)
+
+
+class Encoder(nn.Module):
+  """ViT encoder. With `noise`, only the visible patches go through the blocks."""
+  patch_size: int
+  grid: tuple[int, int]
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, imgs, noise=None, mask_ratio: float = 0.0, deterministic: bool = True):
+    """Returns (tokens (B, 1 + len_keep, D) after the final norm, mask, ids_restore)."""
+    x = patchify(imgs, self.patch_size).astype(self.dtype)
+    # The patch projection is a Linear on flattened patches (= the official conv, xavier on its
+    # flattened weight).
+    x = dense(self.width, self.dtype, "patch_embed")(x)
+    x = x + sincos_2d(self.width, self.grid).astype(self.dtype)[None]
+    if noise is not None:
+      x, mask, ids_restore = random_masking(x, noise, mask_ratio)
+    else:
+      mask = ids_restore = None
+    cls = self.param("cls_token", normal_02, (1, 1, self.width), jnp.float32)
+    # The cls position embedding is zeros, so the cls token goes in as it is.
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], 1)
+    rates = np.linspace(0, self.drop_path, self.depth)  # stochastic depth decay rule
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype, self.attention_impl,
+                name=f"block{i}")(x, deterministic)
+    return layer_norm(self.dtype, "norm")(x), mask, ids_restore
+
+
+class Decoder(nn.Module):
+  """Lightweight decoder: embed, insert mask tokens, unshuffle, blocks, predict pixels."""
+  patch_size: int
+  grid: tuple[int, int]
+  width: int
+  depth: int
+  num_heads: int
+  channels: int = 3
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, latent, ids_restore):
+    """latent (B, 1 + len_keep, D_enc) -> predicted patches (B, L, p*p*C)."""
+    x = dense(self.width, self.dtype, "embed")(latent)
+    b, length = ids_restore.shape
+    mask_token = self.param("mask_token", normal_02, (1, 1, self.width), jnp.float32)
+    fill = jnp.broadcast_to(mask_token.astype(self.dtype), (b, length + 1 - x.shape[1], self.width))
+    x_ = jnp.concatenate([x[:, 1:], fill], axis=1)  # [kept, removed] order, no cls
+    x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)  # back to patch order
+    x = jnp.concatenate([x[:, :1], x_], axis=1)
+    x = x + sincos_2d(self.width, self.grid, cls_token=True).astype(self.dtype)[None]
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl,
+                name=f"block{i}")(x)
+    x = layer_norm(self.dtype, "norm")(x)
+    x = dense(self.patch_size**2 * self.channels, self.dtype, "pred")(x)
+    return x[:, 1:]  # drop the cls position
+
+
+def mae_loss(target_patches, pred, mask, norm_pix_loss: bool):
+  """Mean squared error per patch, averaged over the masked (removed) patches only."""
+  target = target_patches.astype(jnp.float32)
+  pred = pred.astype(jnp.float32)
+  if norm_pix_loss:
+    target = normalize_patches(target)
+  per_patch = jnp.mean((pred - target) ** 2, axis=-1)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+def normalize_patches(patches, eps: float = 1e-6):
+  """Per-patch (t - mean) / sqrt(var + eps), with the unbiased variance (torch's .var default)."""
+  mean = patches.mean(axis=-1, keepdims=True)
+  var = patches.var(axis=-1, keepdims=True, ddof=1)
+  return (patches - mean) / jnp.sqrt(var + eps)
+
+
+class MAE(nn.Module):
+  """Masked autoencoder with a ViT encoder (`encoder`) and a lightweight decoder (`decoder`)."""
+  image_size: tuple[int, int]
+  patch_size: int
+  encoder_width: int
+  encoder_depth: int
+  encoder_heads: int
+  decoder_width: int
+  decoder_depth: int
+  decoder_heads: int
+  mlp_ratio: float = 4.0
+  mask_ratio: float = 0.75
+  norm_pix_loss: bool = False
+  channels: int = 3
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  def setup(self):
+    self.encoder = Encoder(self.patch_size, self.grid, self.encoder_width, self.encoder_depth,
+                           self.encoder_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl)
+    self.decoder = Decoder(self.patch_size, self.grid, self.decoder_width, self.decoder_depth,
+                           self.decoder_heads, self.channels, self.mlp_ratio, self.dtype,
+                           self.attention_impl)
+
+  def __call__(self, imgs, noise):
+    """imgs (B, H, W, C) normalised; noise (B, L) uniform. Returns (loss, pred, mask)."""
+    latent, mask, ids_restore = self.encoder(imgs, noise, self.mask_ratio)
+    pred = self.decoder(latent, ids_restore)
+    loss = mae_loss(patchify(imgs, self.patch_size), pred, mask, self.norm_pix_loss)
+    return loss, pred.astype(jnp.float32), mask
+
+
+def mae_from_config(model_cfg, image_size: int) -> MAE:
+  """Builds the MAE module from a `config.model` ConfigDict."""
+  return MAE(
+      image_size=(image_size, image_size),
+      patch_size=model_cfg.patch_size,
+      encoder_width=model_cfg.encoder_width,
+      encoder_depth=model_cfg.encoder_depth,
+      encoder_heads=model_cfg.encoder_heads,
+      decoder_width=model_cfg.decoder_width,
+      decoder_depth=model_cfg.decoder_depth,
+      decoder_heads=model_cfg.decoder_heads,
+      mlp_ratio=model_cfg.mlp_ratio,
+      mask_ratio=model_cfg.mask_ratio,
+      norm_pix_loss=model_cfg.norm_pix_loss,
+      dtype=jnp.dtype(model_cfg.dtype),
+      attention_impl=model_cfg.get("attention_impl") or None,
+  )

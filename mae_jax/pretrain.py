@@ -1,0 +1,107 @@
+"""MAE pretraining: the train state, the pure train step, and the job that `main` runs."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mae_jax import config_lib, data, figures, optim
+from mae_jax import metrics as metrics_lib
+from mae_jax.model import MAE, mae_from_config
+from mae_jax.parallel import Mesh
+from mae_jax.trainer import Hook, Task, TrainState, fit, steps_per_epoch
+
+
+def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Pure: initial parameters, optimizer state and the base PRNG key."""
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  h, w = model.image_size
+  params = model.init(init_key, jnp.zeros((1, h, w, model.channels)),
+                      jnp.zeros((1, model.num_patches)))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=train_key)
+
+
+def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std):
+  """One micro-step: fresh masking noise from (rng, step), loss, gradients, AdamW update."""
+  images = data.normalize(batch["image"], mean, std)
+  noise = jax.random.uniform(jax.random.fold_in(state.rng, state.step),
+                             (images.shape[0], model.num_patches))
+
+  def loss_fn(params):
+    loss, _, _ = model.apply({"params": params}, images, noise)
+    return loss
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def build(config, mesh: Mesh):
+  """Everything pretraining needs from a config: model, sources, schedule, optimizer, step counts."""
+  pretrain_split, eval_split = config_lib.resolved_splits(config.dataset)
+  train_source = data.make_source(config.dataset, pretrain_split)
+  micro_batch = config.batch_size // config.grad_accum_steps
+  updates_per_epoch = steps_per_epoch(len(train_source), config.batch_size)
+  total_updates = config.num_epochs * updates_per_epoch
+  schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size),
+                                 config.optimizer.min_lr, config.warmup_epochs * updates_per_epoch,
+                                 total_updates)
+  tx = optim.make_optimizer(config.optimizer, schedule, config.grad_accum_steps)
+  total_steps = total_updates * config.grad_accum_steps
+  if config.max_steps > 0:
+    total_steps = min(total_steps, config.max_steps)
+  model = mae_from_config(config.model, config.dataset.image_size)
+  return dict(model=model, tx=tx, schedule=schedule, train_source=train_source,
+              eval_split=eval_split, micro_batch=micro_batch, total_steps=total_steps)
+
+
+def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Hook:
+  """Every `figure_every_steps`: the same validation images under the same masks, as a PNG."""
+  n = min(config.num_figure_images, len(eval_source))
+  indices = np.linspace(0, len(eval_source) - 1, n).round().astype(int)
+  images = data.load_images(eval_source, indices, config.dataset.image_size, config.dataset.interpolation)
+  noise = jax.random.uniform(jax.random.PRNGKey(config.seed + 1), (n, model.num_patches))
+  images, noise = mesh.replicate(images), mesh.replicate(np.asarray(noise))
+  panels = jax.jit(functools.partial(figures.reconstruction_panels, model,
+                                     mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
+                   out_shardings=mesh.replicated)
+
+  def save(step, state):
+    cols = jax.device_get(panels(state.params, images, noise))
+    if jax.process_index() == 0:
+      path = os.path.join(workdir, "figures", f"reconstruction_{step:08d}.png")
+      figures.save_grid(path, cols, figures.PANEL_TITLES)
+
+  return Hook(config.figure_every_steps, save)
+
+
+def run(config, workdir: str) -> TrainState:
+  """Pretrains (or resumes) the MAE described by `config` in `workdir`."""
+  mesh = Mesh()
+  b = build(config, mesh)
+  model, tx = b["model"], b["tx"]
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2)
+  eval_source = data.make_source(config.dataset, b["eval_split"])
+  task = Task(
+      init_state=functools.partial(create_train_state, model, tx, config.seed),
+      train_step=functools.partial(pretrain_step, model=model, tx=tx,
+                                   mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
+      batch_fields=("image",),
+      hooks=[figure_hook(config, workdir, model, mesh, eval_source)],
+  )
+  accum = config.grad_accum_steps
+  state = fit(config, workdir, task, b["train_source"], mesh=mesh, total_steps=b["total_steps"],
+              micro_batch=b["micro_batch"], lr_fn=lambda step: b["schedule"](step // accum))
+  metrics_lib.log(f"done: {b['total_steps']} steps; checkpoints in {workdir}/checkpoints, "
+                  f"figures in {workdir}/figures")
+  return state

@@ -1,0 +1,157 @@
+"""The one training loop: sharding, stepping, logging, periodic hooks, checkpoints, resume, signals.
+
+A job (pretraining; later probing and fine-tuning) describes itself as a `Task`: a pure
+`init_state()`, a pure `train_step(state, batch) -> (state, metrics)` and periodic hooks.
+`fit` does the rest the same way for all of them.
+"""
+
+import dataclasses
+import signal
+from typing import Any, Callable, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mae_jax import checkpointing, data, metrics as metrics_lib
+from mae_jax.parallel import Mesh
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # micro-steps taken (one per train_step call)
+  params: Any
+  opt_state: Any
+  rng: jax.Array           # base key; the key of step s is fold_in(rng, s), so resuming needs no key state
+  model_state: Any = None  # mutable model collections (e.g. BatchNorm statistics), if any
+
+
+@dataclasses.dataclass
+class Hook:
+  """Called as fn(step, state) every `every_steps` steps and after the last step."""
+  every_steps: int
+  fn: Callable[[int, TrainState], None]
+
+
+@dataclasses.dataclass
+class Task:
+  init_state: Callable[[], TrainState]
+  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  batch_fields: Sequence[str]          # loader fields sent to the devices
+  hooks: Sequence[Hook] = ()
+
+
+class StopRequested(Exception):
+  """Raised by `fit` after a SIGTERM/SIGINT, once the checkpoint is saved."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"stopped by signal {signum} at step {step}")
+    self.signum, self.step = signum, step
+
+
+class _SignalFlag:
+  """Turns SIGTERM and the first Ctrl-C into a flag the loop checks; a second Ctrl-C interrupts."""
+
+  def __init__(self):
+    self.signum = 0
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    metrics_lib.log(f"signal {signum} received: saving a checkpoint and stopping (Ctrl-C again to abort)")
+
+  def __exit__(self, *exc):
+    for s, old in self._old.items():
+      signal.signal(s, old)
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  if num_examples < global_batch:
+    raise data.DataError(f"the dataset has {num_examples} examples, fewer than one global batch "
+                         f"({global_batch}); lower batch_size")
+  return num_examples // global_batch
+
+
+def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_steps: int,
+        micro_batch: int, lr_fn: Optional[Callable[[int], float]] = None) -> TrainState:
+  """Runs (or resumes) `task` to `total_steps` micro-steps of `micro_batch` global examples."""
+  loader = data.make_loader(config, train_source, train=True, global_batch_size=micro_batch,
+                            seed=config.seed)
+  data_iter = iter(loader)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  config_dict = config.to_dict()
+
+  abstract = jax.eval_shape(task.init_state)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=mesh.replicated),
+                          abstract)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(start, abstract, data_iter)
+    metrics_lib.log(f"resumed from {checkpointing.checkpoint_dir(workdir)}/{start}")
+  else:
+    start = 0
+    state = jax.jit(task.init_state, out_shardings=mesh.replicated)()
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  metrics_lib.log(f"{n_params:,} parameters | {jax.device_count()} devices, {jax.process_count()} "
+                  f"processes | {len(train_source):,} training examples | micro-batch {micro_batch} | "
+                  f"steps {start}->{total_steps}")
+
+  train_step = jax.jit(task.train_step, in_shardings=(mesh.replicated, mesh.batch),
+                       out_shardings=(mesh.replicated, mesh.replicated), donate_argnums=(0,))
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(total_steps, start)
+  pending = []  # per-step metrics still on device; fetched once per log interval
+  step = start
+  try:
+    with _SignalFlag() as flag:
+      while step < total_steps:
+        local = next(data_iter)
+        batch = mesh.put_batch({k: local[k] for k in task.batch_fields})
+        state, step_metrics = train_step(state, batch)
+        pending.append(step_metrics)
+        step += 1
+        last = step == total_steps
+        if step % config.log_every_steps == 0 or last:
+          fetched = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
+          means = {k: float(fetched[k]) for k in sorted(fetched, key=lambda k: (k != "loss", k))}
+          pending = []
+          rate = progress.rate(step)
+          extra = {"lr": float(lr_fn(step)) if lr_fn else None}
+          extra = {k: v for k, v in extra.items() if v is not None}
+          epoch = step * micro_batch / len(train_source)
+          writer.write(step, {**means, **extra, "epoch": epoch, "images_per_s": rate * micro_batch})
+          metrics_lib.log(progress.line(step, epoch, rate, micro_batch, **means, **extra))
+        for hook in task.hooks:
+          if step % hook.every_steps == 0 or last:
+            hook.fn(step, state)
+        ckpt.save(step, state, data_iter, config_dict, force=last)
+        if _stop_requested(flag, step, config.log_every_steps):
+          ckpt.save(step, state, data_iter, config_dict, force=True)
+          ckpt.wait()
+          raise StopRequested(flag.signum or signal.SIGTERM, step)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return state
+
+
+def _stop_requested(flag: _SignalFlag, step: int, sync_every: int) -> bool:
+  """Single process: the flag. Several: agree (at log steps) so that all save the same step."""
+  if jax.process_count() == 1:
+    return bool(flag.signum)
+  if step % sync_every:
+    return False
+  return bool(multihost_utils.process_allgather(np.int32(flag.signum)).max())
