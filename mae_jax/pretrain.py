@@ -40,7 +40,7 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def build(config, mesh: Mesh):

@@ -1,0 +1,61 @@
+"""Runs N pretraining steps on fixed global batches of real images and prints the losses (JSON).
+
+Used by tests in fresh interpreters: with XLA_FLAGS=--xla_force_host_platform_device_count=8
+(8 simulated devices), or as one of several processes (--num_processes, --process_id, --port)
+joined by jax.distributed over CPU collectives. Every setting sees the same global batches, so
+their losses must agree with the single-device run.
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--folder", required=True)
+  p.add_argument("--steps", type=int, default=4)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--num_processes", type=int, default=1)
+  p.add_argument("--process_id", type=int, default=0)
+  p.add_argument("--port", type=int, default=0)
+  a = p.parse_args()
+
+  from mae_jax import parallel
+  if a.num_processes > 1:
+    parallel.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
+  import jax
+  import numpy as np
+  from mae_jax import data, optim, pretrain
+  from mae_jax.model import mae_from_config
+  from conftest import tiny_config
+
+  c = tiny_config(a.folder)
+  mesh = parallel.Mesh()
+  model = mae_from_config(c.model, c.dataset.image_size)
+  tx = optim.make_optimizer(c.optimizer, optim.warmup_cosine(1e-3, 0.0, 2, a.steps))
+  state = jax.jit(functools.partial(pretrain.create_train_state, model, tx, 0),
+                  out_shardings=mesh.replicated)()
+  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
+                                   mean=tuple(c.dataset.mean), std=tuple(c.dataset.std)),
+                 in_shardings=(mesh.replicated, mesh.batch), donate_argnums=(0,))
+  src = data.ImageFolderSource(a.folder, "test")
+  rows = a.batch // jax.process_count()
+  losses = []
+  for t in range(a.steps):
+    global_images = data.load_images(src, range(t * a.batch, (t + 1) * a.batch), 32)
+    local = global_images[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    state, metrics = step(state, mesh.put_batch({"image": local}))
+    losses.append(float(metrics["loss"]))
+  if jax.process_index() == 0:
+    print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
+                      "losses": losses}))
+
+
+if __name__ == "__main__":
+  main()
