@@ -21,13 +21,14 @@ def define_distributed_flags():
   flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
 
 
-def prepare(config, workdir: str):
+def prepare(config, workdir=None):
   """Joins the distributed run if asked, then validates the config and the workdir before any work."""
   if FLAGS.distributed:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     config_lib.validate(config)
-    checkpointing.check_compatible(workdir, config)
+    if workdir is not None:
+      checkpointing.check_compatible(workdir, config)
   except USER_ERRORS as e:
     fail(e)
   return config

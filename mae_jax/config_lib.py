@@ -79,7 +79,7 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A CPU-sized model and schedule for smoke runs and tests (a few minutes on 2 cores)."""
   c.model.update(patch_size=4, encoder_width=64, encoder_depth=2, encoder_heads=2,
                  decoder_width=32, decoder_depth=1, decoder_heads=2)
-  c.batch_size = 64
+  c.batch_size, c.grad_accum_steps = 64, 1
   c.num_epochs = 1
   c.warmup_epochs = 0
   c.max_steps = 60

@@ -104,3 +104,24 @@ def test_two_processes_match_one_process(cifar_folder):
   two = json.loads(outs[0][0].strip().splitlines()[-1])
   assert two["processes"] == 2 and two["devices"] == 2
   np.testing.assert_allclose(two["losses"], one["losses"], rtol=2e-5)
+
+
+def test_gradient_accumulation_updates_every_k_micro_steps():
+  import functools
+  from mae_jax import optim
+  from mae_jax.model import mae_from_config
+  c = tiny_config("unused")
+  model = mae_from_config(c.model, 32)
+  tx = optim.make_optimizer(c.optimizer, optim.warmup_cosine(1e-3, 0.0, 0, 10), grad_accum_steps=2)
+  state = pretrain.create_train_state(model, tx, 0)
+  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx, mean=(0.5,) * 3,
+                                   std=(0.5,) * 3))
+  images = np.random.default_rng(0).integers(0, 256, (4, 8, 32, 32, 3), dtype=np.uint8)
+  snapshots = [state.params]
+  for i in range(4):
+    state, _ = step(state, {"image": images[i]})
+    snapshots.append(state.params)
+  moved = [not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+           for x, y in zip(snapshots, snapshots[1:])]
+  assert moved == [False, True, False, True]
+  assert int(state.opt_state.gradient_step) == 2 and int(state.step) == 4

@@ -1,0 +1,143 @@
+"""Benchmark: `python -m mae_jax.bench --config=configs/cifar10_vit_t.py [--config.batch_size=...]`.
+
+Prints the compiled pretraining step's images/s (compile excluded; median of several timed
+steps on a synthetic batch of the config's micro-batch), its FLOPs from XLA's cost analysis
+and the FLOP/s achieved, the peak device memory where the backend reports it, and the input
+pipeline's images/s on its own (decode + augment + batch, no model).
+"""
+
+import functools
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mae_jax import cli
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
+flags.DEFINE_integer("steps", 10, "Timed train steps (after 2 untimed warm-up steps).")
+flags.DEFINE_integer("pipeline_batches", 20, "Batches timed for the input pipeline (0: skip it).")
+flags.DEFINE_string("output", "", "Also write the figures as JSON to this file.")
+cli.define_distributed_flags()
+flags.mark_flags_as_required(["config"])
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def bench_train_step(config, steps: int) -> dict:
+  import jax
+  import numpy as np
+  from mae_jax import optim, pretrain
+  from mae_jax.model import mae_from_config
+  from mae_jax.parallel import Mesh
+
+  mesh = Mesh()
+  model = mae_from_config(config.model, config.dataset.image_size)
+  tx = optim.make_optimizer(config.optimizer, optim.warmup_cosine(1e-4, 0.0, 10, 1000),
+                            config.grad_accum_steps)
+  micro = config.batch_size // config.grad_accum_steps
+  state = jax.jit(functools.partial(pretrain.create_train_state, model, tx, config.seed),
+                  out_shardings=mesh.replicated)()
+  size = config.dataset.image_size
+  images = np.random.default_rng(0).integers(0, 256, (micro // jax.process_count(), size, size, 3),
+                                             dtype=np.uint8)
+  batch = mesh.put_batch({"image": images})
+  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
+                                   mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
+                 in_shardings=(mesh.replicated, mesh.batch),
+                 out_shardings=(mesh.replicated, mesh.replicated), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(2):  # warm-up
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  median = statistics.median(times)
+  flops = _flops(compiled)  # per step, all devices together
+  mem = compiled.memory_analysis()
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {
+      "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind,
+      "devices": jax.device_count(),
+      "micro_batch": micro,
+      "compute_dtype": config.model.dtype,
+      "compile_s": compile_s,
+      "step_ms_median": median * 1e3,
+      "step_ms_min": min(times) * 1e3,
+      "step_ms_max": max(times) * 1e3,
+      "images_per_s": micro / median,
+      "flops_per_step": flops,
+      "achieved_flops_per_s": flops / median,
+      "peak_device_memory_bytes": stats.get("peak_bytes_in_use"),
+      "compiled_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+      "compiled_argument_bytes": getattr(mem, "argument_size_in_bytes", None),
+  }
+
+
+def bench_pipeline(config, batches: int) -> dict:
+  from mae_jax import config_lib, data
+  split, _ = config_lib.resolved_splits(config.dataset)
+  source = data.make_source(config.dataset, split)
+  micro = config.batch_size // config.grad_accum_steps
+  it = iter(data.make_loader(config, source, train=True, global_batch_size=micro, seed=config.seed))
+  next(it)  # start-up (worker processes) excluded
+  t = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  seconds = time.perf_counter() - t
+  return {"pipeline_images_per_s": batches * micro / seconds,
+          "pipeline_workers": config.dataset.num_workers}
+
+
+def _fmt_bytes(n):
+  return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = cli.prepare(flags.FLAGS.config)
+  r = bench_train_step(config, flags.FLAGS.steps)
+  m = config.model
+  print(f"device: {r['devices']} x {r['device_kind']} ({r['backend']}) | encoder {m.encoder_depth}x"
+        f"{m.encoder_width}, decoder {m.decoder_depth}x{m.decoder_width}, patch {m.patch_size}, "
+        f"{config.dataset.image_size} px, mask {m.mask_ratio} | micro-batch {r['micro_batch']} | "
+        f"compute {r['compute_dtype']}")
+  print(f"compile: {r['compile_s']:.1f} s")
+  print(f"train step: median {r['step_ms_median']:.1f} ms (min {r['step_ms_min']:.1f}, max "
+        f"{r['step_ms_max']:.1f}) over {flags.FLAGS.steps} steps -> {r['images_per_s']:,.0f} img/s")
+  print(f"XLA cost analysis: {r['flops_per_step'] / 1e9:,.1f} GFLOP per step -> achieved "
+        f"{r['achieved_flops_per_s'] / 1e12:,.2f} TFLOP/s")
+  print(f"peak device memory: {_fmt_bytes(r['peak_device_memory_bytes'])} | compiled step: "
+        f"arguments {_fmt_bytes(r['compiled_argument_bytes'])}, temporaries "
+        f"{_fmt_bytes(r['compiled_temp_bytes'])}")
+  if flags.FLAGS.pipeline_batches > 0:
+    try:
+      r.update(bench_pipeline(config, flags.FLAGS.pipeline_batches))
+      print(f"input pipeline alone: {r['pipeline_images_per_s']:,.0f} img/s "
+            f"({r['pipeline_workers']} workers, {flags.FLAGS.pipeline_batches} batches)")
+    except cli.USER_ERRORS as e:
+      print(f"input pipeline: skipped ({e})")
+  if flags.FLAGS.output:
+    with open(flags.FLAGS.output, "w") as f:
+      json.dump(r, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
