@@ -3,7 +3,8 @@
 import signal
 import sys
 
-from absl import flags
+from absl import flags, logging
+from ml_collections import config_flags
 
 from mae_jax import checkpointing, config_lib, data, parallel
 from mae_jax.trainer import StopRequested
@@ -19,6 +20,26 @@ def define_distributed_flags():
   flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
   flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
   flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
+
+
+def define_job_flags(pretrained_required: bool = False):
+  """--config, --workdir and --pretrained, as every evaluation entry point takes them."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where this job's checkpoints, metrics and results go.")
+  flags.DEFINE_string("pretrained", None, "Workdir of the pretraining run whose encoder is used"
+                      + ("." if pretrained_required else " (none: a randomly initialised encoder)."))
+  define_distributed_flags()
+  flags.mark_flags_as_required(["config", "workdir"] + (["pretrained"] if pretrained_required else []))
+
+
+def job_main(job):
+  """An absl main that validates the config and runs job(config, workdir, pretrained)."""
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = prepare(FLAGS.config, FLAGS.workdir)
+    return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained))
+  return main
 
 
 def prepare(config, workdir=None):

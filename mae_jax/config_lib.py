@@ -31,6 +31,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
       download=True,             # let tfds download and prepare on first use
       folder=ml_collections.FieldReference(None, field_type=str),
       pretrain_split="",         # '' = the dataset's default (DATASETS)
+      train_split="",            # labelled split for probing and fine-tuning
       eval_split="",
       image_size=224,
       mean=IMAGENET_MEAN,
@@ -67,6 +68,39 @@ def pretrain_config() -> ml_collections.ConfigDict:
       b2=0.95,
   ))
 
+  # Linear probe (mae_jax.probe): the paper's recipe (LARS, batch 16384, 90 epochs).
+  c.probe = ml_collections.ConfigDict(dict(
+      num_epochs=90, warmup_epochs=10, batch_size=16384,
+      optimizer="lars",          # 'lars', 'adamw' or 'sgd'
+      base_lr=0.1, min_lr=0.0, weight_decay=0.0, momentum=0.9, b1=0.9, b2=0.999,
+      global_pool=False,         # cls-token features (the paper's probe); True: mean patch token
+      random_resized_crop=True, crop_scale=(0.08, 1.0), hflip=True,
+      log_every_steps=50, checkpoint_every_steps=1000, eval_every_epochs=10,
+  ))
+  # Fine-tuning (mae_jax.finetune), also from scratch without --pretrained: the paper's ViT-B recipe.
+  c.finetune = ml_collections.ConfigDict(dict(
+      num_epochs=100, warmup_epochs=5, batch_size=1024, grad_accum_steps=1,
+      base_lr=5e-4, min_lr=1e-6, layer_decay=0.65, weight_decay=0.05, b1=0.9, b2=0.999,
+      drop_path=0.1, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
+      randaug_num_ops=2, randaug_magnitude=9.0, randaug_magnitude_std=0.5,  # num_ops 0: off
+      random_erasing=0.25,
+      random_resized_crop=True, crop_scale=(0.08, 1.0), hflip=True,
+      global_pool=True,          # mean patch token + fc_norm; False: cls token
+      trainable_blocks=-1,       # k >= 0: fine-tune only the last k blocks (partial fine-tuning)
+      log_every_steps=50, checkpoint_every_steps=1000, eval_every_epochs=5,
+  ))
+  # Reconstruction metrics and kNN (mae_jax.evaluate; kNN also during pretraining).
+  c.evaluate = ml_collections.ConfigDict(dict(
+      batch_size=256,
+      num_images=0,              # test images measured; 0: the whole split
+      mask_ratio=-1.0,           # < 0: the model's mask ratio
+      lpips_alex="", lpips_vgg="",  # paths of LPIPS weight files (.npz); '' skips that LPIPS
+      figure_images=16,
+      knn_k=20, knn_temperature=0.07,
+      knn_every_steps=0,         # > 0: kNN accuracy during pretraining, written to metrics.jsonl
+      knn_train_examples=0,      # 0: the whole train split as the kNN memory
+  ))
+
   c.log_every_steps = 50
   c.figure_every_steps = 2000
   c.num_figure_images = 8
@@ -88,6 +122,11 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.figure_every_steps = 50
   c.checkpoint_every_steps = 50
   c.dataset.num_workers = 2
+  c.probe.update(batch_size=64, num_epochs=1, warmup_epochs=0, optimizer="adamw", base_lr=4e-3,
+                 log_every_steps=10, checkpoint_every_steps=50, eval_every_epochs=1)
+  c.finetune.update(batch_size=64, num_epochs=1, warmup_epochs=0, base_lr=2e-3, layer_decay=0.75,
+                    drop_path=0.0, log_every_steps=10, checkpoint_every_steps=50, eval_every_epochs=1)
+  c.evaluate.update(batch_size=100, num_images=500, figure_images=8, knn_train_examples=5000)
   return c
 
 
@@ -121,9 +160,13 @@ def imagenet_config(size: str, arg=None) -> ml_collections.ConfigDict:
   return apply_arg(c, arg)
 
 
-def resolved_splits(dataset_cfg) -> tuple[str, str]:
+def resolved_splits(dataset_cfg, labelled: bool = False) -> tuple[str, str]:
+  """(training split, evaluation split): the pretraining split, or with `labelled` the labelled
+  training split of probing and fine-tuning."""
   info = data.DATASETS[dataset_cfg.name]
-  return (dataset_cfg.pretrain_split or info.pretrain_split, dataset_cfg.eval_split or info.eval_split)
+  train = (dataset_cfg.train_split or info.train_split) if labelled else (
+      dataset_cfg.pretrain_split or info.pretrain_split)
+  return train, dataset_cfg.eval_split or info.eval_split
 
 
 def validate(config) -> None:
@@ -182,6 +225,28 @@ def validate(config) -> None:
   need(0 <= config.warmup_epochs <= config.num_epochs,
        f"warmup_epochs={config.warmup_epochs} must be within [0, num_epochs={config.num_epochs}]")
   need(config.optimizer.base_lr > 0, f"optimizer.base_lr={config.optimizer.base_lr} must be > 0")
+  need((config.probe.optimizer in ("lars", "adamw", "sgd")),
+       f"probe.optimizer={config.probe.optimizer!r} must be 'lars', 'adamw' or 'sgd'")
+  for job in ("probe", "finetune"):
+    sec = config[job]
+    need(sec.batch_size >= 1 and sec.num_epochs >= 1 and 0 <= sec.warmup_epochs <= sec.num_epochs,
+         f"{job}: batch_size, num_epochs must be >= 1 and warmup_epochs within [0, num_epochs]")
+    need(sec.batch_size % sec.get("grad_accum_steps", 1) == 0 and
+         (sec.batch_size // sec.get("grad_accum_steps", 1)) % jax.device_count() == 0,
+         f"{job}.batch_size={sec.batch_size} (per micro-batch) is not divisible by the "
+         f"{jax.device_count()} devices")
+  ft = config.finetune
+  need(0.0 < ft.layer_decay <= 1.0, f"finetune.layer_decay={ft.layer_decay} must be in (0, 1]")
+  need(0.0 <= ft.drop_path < 1.0, f"finetune.drop_path={ft.drop_path} must be in [0, 1)")
+  need(ft.trainable_blocks <= m.encoder_depth,
+       f"finetune.trainable_blocks={ft.trainable_blocks} exceeds the encoder's {m.encoder_depth} blocks")
+  need(0.0 <= ft.label_smoothing < 1.0 and 0.0 <= ft.random_erasing <= 1.0 and ft.mixup >= 0
+       and ft.cutmix >= 0, "finetune: label_smoothing in [0, 1), random_erasing in [0, 1], mixup "
+       "and cutmix alphas >= 0")
+  need(config.evaluate.batch_size % jax.device_count() == 0,
+       f"evaluate.batch_size={config.evaluate.batch_size} is not divisible by the {jax.device_count()} devices")
+  need(-1.0 <= config.evaluate.mask_ratio < 1.0, f"evaluate.mask_ratio={config.evaluate.mask_ratio} "
+       "must be < 1 (negative: the model's)")
   for name in ("log_every_steps", "figure_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     need(config[name] >= 1, f"{name}={config[name]} must be >= 1")
   if problems:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from mae_jax import augment
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -176,12 +178,15 @@ class DecodeImage(grain.transforms.Map):
 
 @dataclasses.dataclass
 class TrainAugment(grain.transforms.RandomMap):
-  """RandomResizedCrop(scale) + horizontal flip, each optional; else resize + center crop."""
+  """RandomResizedCrop(scale) (else resize + center crop), horizontal flip, RandAugment; each optional."""
   size: int
   random_resized_crop: bool
   crop_scale: tuple[float, float]
   hflip: bool
   interpolation: str
+  randaug_num_ops: int = 0  # 0: no RandAugment
+  randaug_magnitude: float = 9.0
+  randaug_magnitude_std: float = 0.5
 
   def random_map(self, element, rng: np.random.Generator):
     img = element["image"]
@@ -192,7 +197,20 @@ class TrainAugment(grain.transforms.RandomMap):
       img = center_crop_resize(img, self.size, self.interpolation)
     if self.hflip and rng.random() < 0.5:
       img = img[:, ::-1]
+    if self.randaug_num_ops > 0:
+      img = augment.rand_augment(np.ascontiguousarray(img), rng, self.randaug_num_ops,
+                                 self.randaug_magnitude, self.randaug_magnitude_std)
     return {**element, "image": np.ascontiguousarray(img)}
+
+
+def train_augment(dataset_cfg, section=None) -> TrainAugment:
+  """The train transform of `config.dataset`, with the crop/flip/RandAugment fields of a job's
+  config section (`config.probe`, `config.finetune`) taking precedence where it has them."""
+  get = lambda k, default: section[k] if section is not None and k in section else default
+  return TrainAugment(dataset_cfg.image_size, get("random_resized_crop", dataset_cfg.random_resized_crop),
+                      tuple(get("crop_scale", dataset_cfg.crop_scale)), get("hflip", dataset_cfg.hflip),
+                      dataset_cfg.interpolation, get("randaug_num_ops", 0),
+                      get("randaug_magnitude", 9.0), get("randaug_magnitude_std", 0.5))
 
 
 @dataclasses.dataclass
@@ -208,11 +226,14 @@ class EvalResize(grain.transforms.Map):
 # Loaders.
 # ----------------------------------------------------------------------------
 def make_loader(config, source, *, train: bool, global_batch_size: int, seed: int,
+                augment: Optional[grain.transforms.RandomMap] = None,
                 worker_count: Optional[int] = None) -> grain.DataLoader:
   """A grain DataLoader yielding this process's share of each global batch.
 
-  Training loaders shuffle and repeat forever (epochs are counted by the trainer);
-  evaluation loaders make one ordered pass. Each process reads only its shard.
+  Training loaders shuffle and repeat forever (epochs are counted by the trainer) and apply
+  `augment` (default: the pretraining transform of `config.dataset`); evaluation loaders make one
+  ordered pass, resize + center crop, and keep the last, smaller batch. Each process reads only
+  its shard.
   """
   d = config.dataset
   num_processes = jax.process_count()
@@ -222,14 +243,27 @@ def make_loader(config, source, *, train: bool, global_batch_size: int, seed: in
   sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=train,
                                         num_epochs=None if train else 1, seed=seed)
   if train:
-    augment = TrainAugment(d.image_size, d.random_resized_crop, tuple(d.crop_scale), d.hflip,
-                           d.interpolation)
+    transform = augment or train_augment(d)
   else:
-    augment = EvalResize(d.image_size, d.interpolation)
-  ops = [DecodeImage(), augment,
+    transform = EvalResize(d.image_size, d.interpolation)
+  ops = [DecodeImage(), transform,
          grain.transforms.Batch(global_batch_size // num_processes, drop_remainder=train)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=d.num_workers if worker_count is None else worker_count)
+
+
+def pad_batch(batch: dict, size: int) -> dict:
+  """Pads a (last, smaller) batch to `size` rows and adds 'valid' (1 for real rows), so that
+  evaluation keeps one static shape."""
+  n = len(batch["image"])
+  out = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+  out["valid"] = (np.arange(size) < n).astype(np.float32)
+  return out
+
+
+def num_classes(dataset_cfg, source) -> int:
+  """Classes of a source: an image folder's class folders, else the registry's count."""
+  return len(source.classes) if hasattr(source, "classes") else DATASETS[dataset_cfg.name].num_classes
 
 
 def load_images(source, indices, size: int, interpolation: str = "bicubic") -> np.ndarray:

@@ -160,15 +160,20 @@ class Encoder(nn.Module):
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  learned_pos_embed: bool = False  # fine-tuning learns it (from the sin-cos values), as timm's ViT
+  final_norm: bool = True          # off when a classifier pools patch tokens into its own fc_norm
 
   @nn.compact
   def __call__(self, imgs, noise=None, mask_ratio: float = 0.0, deterministic: bool = True):
-    """Returns (tokens (B, 1 + len_keep, D) after the final norm, mask, ids_restore)."""
+    """Returns (tokens (B, 1 + len_keep, D), after the final norm if any; mask; ids_restore)."""
     x = patchify(imgs, self.patch_size).astype(self.dtype)
     # The patch projection is a Linear on flattened patches (= the official conv, xavier on its
     # flattened weight).
     x = dense(self.width, self.dtype, "patch_embed")(x)
-    x = x + sincos_2d(self.width, self.grid).astype(self.dtype)[None]
+    pos = sincos_2d(self.width, self.grid)[None]
+    if self.learned_pos_embed:
+      pos = self.param("pos_embed", lambda *_: jnp.asarray(pos), pos.shape)
+    x = x + pos.astype(self.dtype)
     if noise is not None:
       x, mask, ids_restore = random_masking(x, noise, mask_ratio)
     else:
@@ -180,7 +185,9 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype, self.attention_impl,
                 name=f"block{i}")(x, deterministic)
-    return layer_norm(self.dtype, "norm")(x), mask, ids_restore
+    if self.final_norm:
+      x = layer_norm(self.dtype, "norm")(x)
+    return x, mask, ids_restore
 
 
 class Decoder(nn.Module):

@@ -30,9 +30,10 @@ class TrainState:
 
 @dataclasses.dataclass
 class Hook:
-  """Called as fn(step, state) every `every_steps` steps and after the last step."""
+  """Called as fn(step, state) every `every_steps` steps and after the last step; a dict it
+  returns is written to the metrics log and printed."""
   every_steps: int
-  fn: Callable[[int, TrainState], None]
+  fn: Callable[[int, TrainState], Optional[dict]]
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class Task:
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   batch_fields: Sequence[str]          # loader fields sent to the devices
   hooks: Sequence[Hook] = ()
+  init_args: tuple = ()                # arguments of init_state (e.g. pretrained weights)
 
 
 class StopRequested(Exception):
@@ -85,15 +87,22 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
 
 
 def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_steps: int,
-        micro_batch: int, lr_fn: Optional[Callable[[int], float]] = None) -> TrainState:
-  """Runs (or resumes) `task` to `total_steps` micro-steps of `micro_batch` global examples."""
+        micro_batch: int, lr_fn: Optional[Callable[[int], float]] = None, augment=None,
+        log_every: int = 0, checkpoint_every: int = 0) -> TrainState:
+  """Runs (or resumes) `task` to `total_steps` micro-steps of `micro_batch` global examples.
+
+  `augment` is the train transform (default: the pretraining one of `config.dataset`); the
+  intervals default to the config's top-level `log_every_steps` and `checkpoint_every_steps`.
+  """
+  log_every = log_every or config.log_every_steps
   loader = data.make_loader(config, train_source, train=True, global_batch_size=micro_batch,
-                            seed=config.seed)
+                            seed=config.seed, augment=augment)
   data_iter = iter(loader)
-  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(workdir, checkpoint_every or config.checkpoint_every_steps,
+                                    config.keep_checkpoints)
   config_dict = config.to_dict()
 
-  abstract = jax.eval_shape(task.init_state)
+  abstract = jax.eval_shape(task.init_state, *task.init_args)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=mesh.replicated),
                           abstract)
   start = ckpt.latest_step()
@@ -102,7 +111,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
     metrics_lib.log(f"resumed from {checkpointing.checkpoint_dir(workdir)}/{start}")
   else:
     start = 0
-    state = jax.jit(task.init_state, out_shardings=mesh.replicated)()
+    state = jax.jit(task.init_state, out_shardings=mesh.replicated)(*task.init_args)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   metrics_lib.log(f"{n_params:,} parameters | {jax.device_count()} devices, {jax.process_count()} "
                   f"processes | {len(train_source):,} training examples | micro-batch {micro_batch} | "
@@ -123,7 +132,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
         pending.append(step_metrics)
         step += 1
         last = step == total_steps
-        if step % config.log_every_steps == 0 or last:
+        if step % log_every == 0 or last:
           fetched = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
           means = {k: float(fetched[k]) for k in sorted(fetched, key=lambda k: (k != "loss", k))}
           pending = []
@@ -135,9 +144,12 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
           metrics_lib.log(progress.line(step, epoch, rate, micro_batch, **means, **extra))
         for hook in task.hooks:
           if step % hook.every_steps == 0 or last:
-            hook.fn(step, state)
+            hook_metrics = hook.fn(step, state)
+            if hook_metrics:
+              writer.write(step, hook_metrics)
+              metrics_lib.log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in hook_metrics.items()))
         ckpt.save(step, state, data_iter, config_dict, force=last)
-        if _stop_requested(flag, step, config.log_every_steps):
+        if _stop_requested(flag, step, log_every):
           ckpt.save(step, state, data_iter, config_dict, force=True)
           ckpt.wait()
           raise StopRequested(flag.signum or signal.SIGTERM, step)
@@ -155,3 +167,20 @@ def _stop_requested(flag: _SignalFlag, step: int, sync_every: int) -> bool:
   if step % sync_every:
     return False
   return bool(multihost_utils.process_allgather(np.int32(flag.signum)).max())
+
+
+def evaluate(config, mesh: Mesh, eval_step: Callable, state, source, global_batch: int,
+             fields: Sequence[str] = ("image", "label")) -> dict:
+  """One ordered pass over `source`: sums the per-batch sums `eval_step(state, batch)` returns.
+
+  Batches are padded to one static shape; `batch['valid']` marks the real rows, which
+  `eval_step` must weigh by. Sums stay on device until the end.
+  """
+  loader = data.make_loader(config, source, train=False, global_batch_size=global_batch, seed=0)
+  local_size = global_batch // jax.process_count()
+  totals = None
+  for local in loader:
+    batch = mesh.put_batch(data.pad_batch({k: np.asarray(local[k]) for k in fields}, local_size))
+    sums = eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return {k: float(v) for k, v in jax.device_get(totals).items()}

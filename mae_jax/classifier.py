@@ -1,0 +1,180 @@
+"""A ViT classifier on the MAE encoder, and restoring a pretrained encoder into it.
+
+Heads, as the official code:
+  * fine-tuning: global average pool of the patch tokens + fc_norm (default) or the cls token
+    after the final norm, then a linear head (trunc-normal std 2e-5);
+  * linear probe: cls token (default) or pooled features, frozen, then BatchNorm without affine
+    (eps 1e-6) and a linear head (trunc-normal std 0.01).
+The encoder's parameter tree is the pretraining one (`params['encoder']`), so pretrained weights
+drop straight in; the fine-tuned position embedding is learned, starting from the pretrained
+sin-cos values (bicubic-interpolated when the image size changes).
+"""
+
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from mae_jax import checkpointing
+from mae_jax.model import Encoder, layer_norm, sincos_2d
+
+ENCODER_KEYS = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "mlp_ratio")
+
+
+class Classifier(nn.Module):
+  num_classes: int
+  image_size: tuple[int, int]
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  global_pool: bool = True
+  probe: bool = False            # frozen features -> BatchNorm (no affine) -> linear
+  learned_pos_embed: bool = True
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @property
+  def grid(self):
+    return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+  def setup(self):
+    self.encoder = Encoder(self.patch_size, self.grid, self.width, self.depth, self.num_heads,
+                           self.mlp_ratio, self.drop_path, self.dtype, self.attention_impl,
+                           learned_pos_embed=self.learned_pos_embed, final_norm=not self.global_pool)
+    if self.global_pool:
+      self.fc_norm = layer_norm(self.dtype, "fc_norm")
+    if self.probe:
+      self.head_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-6, use_bias=False, use_scale=False)
+    std = 0.01 if self.probe else 2e-5
+    self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(std),
+                         param_dtype=jnp.float32)
+
+  def features(self, imgs, train: bool = False):
+    """Pooled features (B, D): mean patch token + fc_norm, or the (normed) cls token."""
+    tokens, _, _ = self.encoder(imgs, deterministic=not train)
+    if self.global_pool:
+      return self.fc_norm(tokens[:, 1:].mean(axis=1))
+    return tokens[:, 0]
+
+  def __call__(self, imgs, train: bool = False):
+    x = self.features(imgs, train)
+    if self.probe:
+      x = self.head_norm(jax.lax.stop_gradient(x).astype(jnp.float32), use_running_average=not train)
+    return self.head(x.astype(jnp.float32))
+
+
+def classifier_from_config(config, num_classes: int, *, probe: bool, drop_path: float = 0.0,
+                           global_pool: bool = True) -> Classifier:
+  m = config.model
+  size = config.dataset.image_size
+  return Classifier(num_classes=num_classes, image_size=(size, size), patch_size=m.patch_size,
+                    width=m.encoder_width, depth=m.encoder_depth, num_heads=m.encoder_heads,
+                    mlp_ratio=m.mlp_ratio, drop_path=drop_path, global_pool=global_pool,
+                    probe=probe, learned_pos_embed=not probe, dtype=jnp.dtype(m.dtype),
+                    attention_impl=m.attention_impl or None)
+
+
+# ----------------------------------------------------------------------------
+# Restoring a pretrained encoder.
+# ----------------------------------------------------------------------------
+def load_encoder(pretrained: str, config) -> tuple[dict, dict, int]:
+  """The encoder parameters saved in `pretrained` (a workdir), its saved config and the step.
+
+  Raises CheckpointMismatchError when there is no checkpoint or its encoder is not the config's.
+  """
+  saved = checkpointing.saved_config(pretrained)
+  if saved is None:
+    raise checkpointing.CheckpointMismatchError(
+        f"no checkpoint found in {checkpointing.checkpoint_dir(pretrained)}; pass the workdir of a "
+        "pretraining run as --pretrained")
+  want = {k: config.model[k] for k in ENCODER_KEYS}
+  have = {k: saved["model"].get(k) for k in ENCODER_KEYS}
+  if want != have:
+    diff = ", ".join(f"{k}: checkpoint {have[k]} vs config {want[k]}" for k in want if have[k] != want[k])
+    raise checkpointing.CheckpointMismatchError(
+        f"the checkpoint in {pretrained!r} holds a different encoder ({diff}); use the config it was "
+        "pretrained with")
+  root = checkpointing.checkpoint_dir(pretrained)
+  step = max(int(s) for s in os.listdir(root) if s.isdigit())
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(root, str(step), "state"))
+  encoder = jax.tree.map(np.asarray, state["params"]["encoder"])
+  return encoder, saved, step
+
+
+def interpolate_pos_embed(pos: np.ndarray, old_grid, new_grid) -> np.ndarray:
+  """(1, gh*gw, D) -> (1, nh*nw, D), bicubic over the grid (as the official interpolate_pos_embed)."""
+  if tuple(old_grid) == tuple(new_grid):
+    return pos
+  d = pos.shape[-1]
+  grid = jnp.asarray(pos).reshape(old_grid[0], old_grid[1], d)
+  out = jax.image.resize(grid, (new_grid[0], new_grid[1], d), "bicubic")
+  return np.asarray(out).reshape(1, new_grid[0] * new_grid[1], d)
+
+
+def merge_pretrained(params: dict, encoder: dict, old_grid, new_grid) -> dict:
+  """Puts pretrained encoder weights into classifier `params` (encoder only; heads stay fresh).
+
+  The pretrained model's final norm is dropped when the classifier pools into fc_norm (the
+  official behaviour); a learned position embedding starts from the pretrained one.
+  """
+  new = dict(params["encoder"])
+  for k, v in encoder.items():
+    if k == "pos_embed" or (k == "norm" and "norm" not in new):
+      continue
+    if jax.tree.map(np.shape, v) != jax.tree.map(np.shape, new[k]):
+      raise checkpointing.CheckpointMismatchError(f"pretrained encoder weight {k} has another shape")
+    new[k] = v
+  if "pos_embed" in new:
+    old = encoder.get("pos_embed", sincos_2d(new["pos_embed"].shape[-1], old_grid)[None])
+    new["pos_embed"] = interpolate_pos_embed(np.asarray(old), old_grid, new_grid)
+  return {**params, "encoder": new}
+
+
+# ----------------------------------------------------------------------------
+# Which parameters train, and at what rate.
+# ----------------------------------------------------------------------------
+def _names(path):
+  return [getattr(p, "key", str(p)) for p in path]
+
+
+def layer_id(path, depth: int) -> int:
+  """Official param_groups_lrd: embeddings 0, block i -> i + 1, everything after -> depth + 1."""
+  names = _names(path)
+  if names[0] == "encoder":
+    if names[1] in ("patch_embed", "cls_token", "pos_embed"):
+      return 0
+    if names[1].startswith("block"):
+      return int(names[1][len("block"):]) + 1
+  return depth + 1
+
+
+def layer_decay_scales(params, depth: int, decay: float):
+  """Per-parameter lr multipliers decay^(depth + 1 - layer_id)."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: decay ** (depth + 1 - layer_id(p, depth)), params)
+
+
+def trainable_labels(params, depth: int, trainable_blocks: int, probe: bool = False):
+  """'train' or 'freeze' per parameter. A probe trains its head only. Fine-tuning trains all, or
+  with trainable_blocks = k >= 0 only the last k blocks and what follows them (final norm, fc_norm,
+  head): the paper's partial fine-tuning."""
+  def label(path, _):
+    if probe:
+      return "train" if _names(path)[0] == "head" else "freeze"
+    if trainable_blocks < 0:
+      return "train"
+    return "train" if layer_id(path, depth) > depth - trainable_blocks else "freeze"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiplies each update by its fixed scale (layer-wise lr decay on top of the optimizer)."""
+  return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, s: u * s, updates, scales))

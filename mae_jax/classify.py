@@ -1,0 +1,177 @@
+"""Linear probing and fine-tuning: one job with two recipes (`config.probe`, `config.finetune`),
+trained by the shared `trainer.fit` and measured by `trainer.evaluate`.
+
+Without a pretrained workdir, fine-tuning trains the same encoder from scratch (the baseline
+every seed compares against), and probing measures a randomly initialised encoder.
+"""
+
+import functools
+import json
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mae_jax import augment, classifier, config_lib, data, optim
+from mae_jax import metrics as metrics_lib
+from mae_jax.parallel import Mesh
+from mae_jax.trainer import Hook, Task, TrainState, evaluate, fit, steps_per_epoch
+
+MODES = ("probe", "finetune")
+
+
+def create_train_state(tx, seed: int, variables: dict) -> TrainState:
+  """Pure: the optimizer state for `variables` (params + e.g. batch_stats) and the base key."""
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"} or None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1), model_state=model_state)
+
+
+def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_classes: int,
+                  label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
+                  random_erasing: float = 0.0):
+  """One micro-step: device-side mixup/cutmix/erasing, cross-entropy on soft targets, update."""
+  k_mix, k_erase, k_drop = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+  images = data.normalize(batch["image"], mean, std)
+  targets = augment.one_hot(batch["label"], num_classes, label_smoothing)
+  images, targets = augment.mixup_cutmix(k_mix, images, targets, mixup, cutmix)
+  images = augment.random_erasing(k_erase, images, random_erasing)
+  mutable = list(state.model_state) if state.model_state else False
+
+  def loss_fn(params):
+    out = model.apply({"params": params, **(state.model_state or {})}, images, train=True,
+                      rngs={"dropout": k_drop}, mutable=mutable)
+    logits, new_model_state = out if mutable else (out, state.model_state)
+    return optax.softmax_cross_entropy(logits, targets).mean(), (logits, new_model_state)
+
+  (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, model_state=new_model_state)
+  top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"])  # on the (mixed) training images
+  return new_state, {"loss": loss, "train_top1": top1}
+
+
+def eval_step(state: TrainState, batch: dict, *, model, mean, std) -> dict:
+  """Sums over the valid rows: count, top-1 and top-5 hits, cross-entropy."""
+  images = data.normalize(batch["image"], mean, std)
+  logits = model.apply({"params": state.params, **(state.model_state or {})}, images, train=False)
+  labels, valid = batch["label"], batch["valid"]
+  k = min(5, logits.shape[-1])
+  top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {"count": valid.sum(), "top1": ((jnp.argmax(logits, -1) == labels) * valid).sum(),
+          "top5": (top5 * valid).sum(), "loss": (loss * valid).sum()}
+
+
+def accuracy(sums: dict) -> dict:
+  n = max(sums["count"], 1.0)
+  return {"top1": 100.0 * sums["top1"] / n, "top5": 100.0 * sums["top5"] / n,
+          "loss": sums["loss"] / n, "examples": int(sums["count"])}
+
+
+def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.GradientTransformation:
+  """The section's optimizer on the trainable parameters (others frozen), with layer-wise lr
+  decay for fine-tuning and gradient accumulation where asked."""
+  kind = section.get("optimizer", "adamw")
+  if kind == "adamw":
+    base = optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay,
+                       mask=optim.decay_mask)
+  elif kind == "lars":  # as the official util/lars.py: no decay or trust ratio on biases and norms
+    base = optax.lars(schedule, weight_decay=section.weight_decay, momentum=section.momentum,
+                      weight_decay_mask=optim.decay_mask, trust_ratio_mask=optim.decay_mask)
+  elif kind == "sgd":
+    base = optax.chain(optax.add_decayed_weights(section.weight_decay, optim.decay_mask),
+                       optax.sgd(schedule, momentum=section.momentum))
+  else:
+    raise config_lib.ConfigError(f"optimizer={kind!r} must be 'lars', 'adamw' or 'sgd'")
+  labels = classifier.trainable_labels(params, depth, section.get("trainable_blocks", -1), probe)
+  tx = optax.multi_transform({"train": base, "freeze": optax.set_to_zero()}, labels)
+  decay = section.get("layer_decay", 1.0)
+  if decay < 1.0:
+    tx = optax.chain(tx, classifier.scale_by_tree(classifier.layer_decay_scales(params, depth, decay)))
+  accum = section.get("grad_accum_steps", 1)
+  return optax.MultiSteps(tx, every_k_schedule=accum) if accum > 1 else tx
+
+
+def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
+  """Probes or fine-tunes (or resumes doing so) in `workdir`; writes and returns results.json."""
+  assert mode in MODES
+  probe = mode == "probe"
+  section = config[mode]
+  mesh = Mesh()
+  train_split, eval_split = config_lib.resolved_splits(config.dataset, labelled=True)
+  train_source = data.make_source(config.dataset, train_split)
+  test_source = data.make_source(config.dataset, eval_split)
+  n_classes = data.num_classes(config.dataset, train_source)
+  model = classifier.classifier_from_config(
+      config, n_classes, probe=probe, drop_path=section.get("drop_path", 0.0),
+      global_pool=section.global_pool)
+  size = config.dataset.image_size
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)))
+  variables = jax.device_get(variables)
+
+  source_info = None
+  if pretrained:
+    encoder, saved, step = classifier.load_encoder(pretrained, config)
+    p_old = saved["model"]["patch_size"]
+    old_grid = (saved["dataset"]["image_size"] // p_old,) * 2
+    variables = {**variables, "params": classifier.merge_pretrained(
+        variables["params"], encoder, old_grid, model.grid)}
+    source_info = {"workdir": os.path.abspath(pretrained), "step": step}
+    metrics_lib.log(f"encoder from {pretrained} (step {step})")
+  else:
+    metrics_lib.log("no --pretrained: " + ("probing a randomly initialised encoder" if probe
+                                           else "training from scratch (the baseline)"))
+
+  accum = section.get("grad_accum_steps", 1)
+  micro = section.batch_size // accum
+  updates_per_epoch = steps_per_epoch(len(train_source), section.batch_size)
+  total_updates = section.num_epochs * updates_per_epoch
+  schedule = optim.warmup_cosine(optim.peak_lr(section.base_lr, section.batch_size), section.min_lr,
+                                 section.warmup_epochs * updates_per_epoch, total_updates)
+  tx = make_optimizer(section, schedule, variables["params"], config.model.encoder_depth, probe)
+  total_steps = total_updates * accum
+  if config.max_steps > 0:
+    total_steps = min(total_steps, config.max_steps)
+
+  mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
+  evaluate_fn = jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std))
+  eval_batch = config.evaluate.batch_size
+  last_eval = {}
+
+  def eval_hook(step, state):
+    last_eval.update(accuracy(evaluate(config, mesh, evaluate_fn, state, test_source, eval_batch)))
+    last_eval["step"] = step
+    return {"test_top1": last_eval["top1"], "test_top5": last_eval["top5"]}
+
+  aug = {} if probe else dict(label_smoothing=section.label_smoothing, mixup=section.mixup,
+                              cutmix=section.cutmix, random_erasing=section.random_erasing)
+  task = Task(
+      init_state=functools.partial(create_train_state, tx, config.seed),
+      init_args=(variables,),
+      train_step=functools.partial(classify_step, model=model, tx=tx, mean=mean, std=std,
+                                   num_classes=n_classes, **aug),
+      batch_fields=("image", "label"),
+      hooks=[Hook(max(1, section.eval_every_epochs * updates_per_epoch * accum), eval_hook)],
+  )
+  state = fit(config, workdir, task, train_source, mesh=mesh, total_steps=total_steps,
+              micro_batch=micro, lr_fn=lambda s: schedule(s // accum),
+              augment=data.train_augment(config.dataset, section),
+              log_every=section.log_every_steps, checkpoint_every=section.checkpoint_every_steps)
+  if last_eval.get("step") != int(state.step):  # e.g. a finished run started again
+    eval_hook(int(state.step), state)
+  results = {"mode": mode, "metrics": {k: v for k, v in last_eval.items() if k != "step"},
+             "step": int(state.step), "pretrained": source_info,
+             "from_scratch": pretrained is None, "config": config.to_dict()}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  metrics_lib.log(f"{mode}: test top-1 {last_eval['top1']:.2f}%, top-5 {last_eval['top5']:.2f}% "
+                  f"on {last_eval['examples']:,} images -> {workdir}/results.json")
+  return results

@@ -1,0 +1,24 @@
+"""Linear probe of a pretrained encoder:
+`python -m mae_jax.probe --config=configs/cifar10_vit_t.py --pretrained=runs/cifar10 --workdir=runs/cifar10_probe`.
+
+Frozen encoder features (cls token by default; `--config.probe.global_pool=True` for the mean
+patch token) -> BatchNorm without affine -> linear head, trained with `config.probe`'s optimizer;
+reports top-1 / top-5 on the test split in `workdir/results.json`. Resumes like pretraining.
+"""
+
+import sys
+
+from absl import app
+
+from mae_jax import cli
+
+cli.define_job_flags()
+
+
+def probe(config, workdir, pretrained):
+  from mae_jax import classify
+  return classify.run(config, workdir, pretrained, "probe")
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(cli.job_main(probe)))
