@@ -6,11 +6,12 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mae_jax import checkpointing, config_lib, data, parallel
+from mae_jax import checkpointing, config_lib, data, lpips, parallel
 from mae_jax.trainer import StopRequested
 
 FLAGS = flags.FLAGS
-USER_ERRORS = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointMismatchError)
+USER_ERRORS = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointMismatchError,
+               lpips.LPIPSWeightsError)
 
 
 def define_distributed_flags():

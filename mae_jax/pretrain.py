@@ -82,6 +82,15 @@ def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Ho
   return Hook(config.figure_every_steps, save)
 
 
+def knn_hook(config, mesh: Mesh, eval_source) -> Hook:
+  """Every `evaluate.knn_every_steps`: kNN top-1 of the current encoder's frozen features."""
+  from mae_jax import evaluate  # evaluation code is only needed when asked for
+  train_split, _ = config_lib.resolved_splits(config.dataset, labelled=True)
+  memory = data.make_source(config.dataset, train_split)
+  return Hook(config.evaluate.knn_every_steps, lambda step, state: {
+      "knn_top1": evaluate.knn_eval(config, mesh, state.params["encoder"], memory, eval_source)})
+
+
 def run(config, workdir: str) -> TrainState:
   """Pretrains (or resumes) the MAE described by `config` in `workdir`."""
   mesh = Mesh()
@@ -92,12 +101,15 @@ def run(config, workdir: str) -> TrainState:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2)
   eval_source = data.make_source(config.dataset, b["eval_split"])
+  hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
+  if config.evaluate.knn_every_steps > 0:
+    hooks.append(knn_hook(config, mesh, eval_source))
   task = Task(
       init_state=functools.partial(create_train_state, model, tx, config.seed),
       train_step=functools.partial(pretrain_step, model=model, tx=tx,
                                    mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
       batch_fields=("image",),
-      hooks=[figure_hook(config, workdir, model, mesh, eval_source)],
+      hooks=hooks,
   )
   accum = config.grad_accum_steps
   state = fit(config, workdir, task, b["train_source"], mesh=mesh, total_steps=b["total_steps"],

@@ -1,0 +1,276 @@
+"""Measure a pretrained MAE:
+`python -m mae_jax.evaluate --config=configs/cifar10_vit_t.py --pretrained=runs/cifar10 --workdir=runs/cifar10_eval`.
+
+On the test split, at the configured mask ratio (fixed masks from the seed):
+  * masked-patch MSE in the loss's units (normalised pixels, per-patch normalised with
+    norm_pix_loss) and in [0, 1] pixels;
+  * PSNR and SSIM (Gaussian 11x11, sigma 1.5, as Wang et al. and scikit-image's
+    gaussian_weights=True) of the reconstruction with the visible patches pasted back;
+  * seed 002's masked high-frequency error: mean |Laplacian(pred) - Laplacian(target)| over the
+    masked pixels, on [0, 1] images, kernel [[0,1,0],[1,-4,1],[0,1,0]];
+  * LPIPS with AlexNet and VGG16 where their weight files are given (`mae_jax.lpips`);
+  * a kNN classifier (k=20, cosine, votes weighted by exp(sim / 0.07)) on frozen encoder features.
+Writes `results.json`, a figure grid, and the numbers to metrics.jsonl / TensorBoard.
+"""
+
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+
+from mae_jax import checkpointing, cli, config_lib, data, figures, lpips
+from mae_jax import metrics as metrics_lib
+from mae_jax.model import Encoder, mae_from_config, normalize_patches, patchify, unpatchify
+from mae_jax.parallel import Mesh
+
+LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)
+
+
+class Subset:
+  """The first-n-evenly-spaced records of a source (a fixed, ordered sample)."""
+
+  def __init__(self, source, n: int):
+    self.source = source
+    self.indices = np.linspace(0, len(source) - 1, n).round().astype(int) if 0 < n < len(source) \
+        else np.arange(len(source))
+    if hasattr(source, "classes"):
+      self.classes = source.classes
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+# ----------------------------------------------------------------------------
+# Image metrics (pure; per image).
+# ----------------------------------------------------------------------------
+def _filter(x, kernel):
+  """Depthwise 'valid' 2D filtering of (N, H, W, C) with a (k, k) kernel."""
+  c = x.shape[-1]
+  k = jnp.tile(jnp.asarray(kernel, x.dtype)[:, :, None, None], (1, 1, 1, c))
+  return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", feature_group_count=c,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+def gaussian_kernel(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+  g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma**2))
+  g /= g.sum()
+  return np.outer(g, g).astype(np.float32)
+
+
+def ssim(a, b, data_range: float = 1.0):
+  """Mean SSIM per image of (N, H, W, C) images; the mean over the valid window positions and
+  channels (= skimage's structural_similarity(gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False, data_range=1, channel_axis=-1))."""
+  k = gaussian_kernel()
+  if min(a.shape[1:3]) < k.shape[0]:  # images smaller than the window: shrink it
+    k = gaussian_kernel(min(a.shape[1:3]) // 2 * 2 - 1, 1.5)
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mu_a, mu_b = _filter(a, k), _filter(b, k)
+  var_a = _filter(a * a, k) - mu_a**2
+  var_b = _filter(b * b, k) - mu_b**2
+  cov = _filter(a * b, k) - mu_a * mu_b
+  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+  return s.mean(axis=(1, 2, 3))
+
+
+def psnr(a, b, data_range: float = 1.0):
+  mse = jnp.mean((a - b) ** 2, axis=(1, 2, 3))
+  return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-12))
+
+
+def laplacian(x):
+  """Per-channel Laplacian of (N, H, W, C) with zero padding (same size)."""
+  return _filter(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), LAPLACIAN)
+
+
+def reconstruction_sums(model, params, images_uint8, noise, valid, mean, std, lpips_weights: dict):
+  """Pure: per-batch sums of every reconstruction metric over the valid images."""
+  imgs = data.normalize(images_uint8, mean, std)
+  _, pred, mask = model.apply({"params": params}, imgs, noise)
+  p, grid, c = model.patch_size, model.grid, imgs.shape[-1]
+  target = patchify(imgs, p)
+  w_mask = mask * valid[:, None]
+  loss_target = normalize_patches(target) if model.norm_pix_loss else target
+  sums = {"images": valid.sum(), "masked_patches": w_mask.sum(),
+          "mse_norm": (jnp.mean((pred - loss_target) ** 2, -1) * w_mask).sum()}
+  if model.norm_pix_loss:  # back to the dataset-normalised space with each patch's statistics
+    pred = pred * jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6) + target.mean(-1, keepdims=True)
+  pred_px = data.denormalize(unpatchify(pred, p, grid, c), mean, std)
+  orig_px = data.denormalize(imgs, mean, std)
+  removed = unpatchify(jnp.repeat(mask[:, :, None], target.shape[-1], -1), p, grid, c)
+  sums["mse_pixel"] = (jnp.mean((patchify(pred_px, p) - patchify(orig_px, p)) ** 2, -1) * w_mask).sum()
+  pasted = orig_px * (1 - removed) + pred_px * removed
+  sums["psnr"] = (psnr(pasted, orig_px) * valid).sum()
+  sums["ssim"] = (ssim(pasted, orig_px) * valid).sum()
+  lap_err = jnp.abs(laplacian(pred_px) - laplacian(orig_px)) * removed
+  sums["laplacian_l1"] = (lap_err.sum(axis=(1, 2, 3)) * valid).sum()
+  sums["masked_values"] = (removed.sum(axis=(1, 2, 3)) * valid).sum()
+  for net, weights in lpips_weights.items():
+    sums[f"lpips_{net}"] = (lpips.lpips(weights, pasted, orig_px, net) * valid).sum()
+  return sums
+
+
+def summarize(sums: dict) -> dict:
+  out = {"images": int(sums["images"]),
+         "masked_mse_normalized": sums["mse_norm"] / sums["masked_patches"],
+         "masked_mse_pixel": sums["mse_pixel"] / sums["masked_patches"],
+         "psnr": sums["psnr"] / sums["images"],
+         "ssim": sums["ssim"] / sums["images"],
+         "masked_laplacian_l1": sums["laplacian_l1"] / sums["masked_values"]}
+  for k in sums:
+    if k.startswith("lpips_"):
+      out[k] = sums[k] / sums["images"]
+  return out
+
+
+# ----------------------------------------------------------------------------
+# kNN on frozen features.
+# ----------------------------------------------------------------------------
+def encoder_from_config(config) -> Encoder:
+  m, size = config.model, config.dataset.image_size
+  return Encoder(m.patch_size, (size // m.patch_size,) * 2, m.encoder_width, m.encoder_depth,
+                 m.encoder_heads, m.mlp_ratio, dtype=jnp.dtype(m.dtype),
+                 attention_impl=m.attention_impl or None)
+
+
+def extract_features(config, mesh: Mesh, encoder: Encoder, encoder_params, source, global_pool: bool):
+  """L2-normalised features of every record of `source` (host numpy) and their labels."""
+  mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
+
+  def feats(params, batch):
+    tokens, _, _ = encoder.apply({"params": params}, data.normalize(batch["image"], mean, std))
+    f = (tokens[:, 1:].mean(1) if global_pool else tokens[:, 0]).astype(jnp.float32)
+    f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+    return f, batch["label"], batch["valid"]
+
+  fn = jax.jit(feats, out_shardings=mesh.replicated)  # replicated: every process gets all rows
+  size = config.evaluate.batch_size
+  loader = data.make_loader(config, source, train=False, global_batch_size=size, seed=0)
+  out_f, out_y = [], []
+  for local in loader:
+    batch = mesh.put_batch(data.pad_batch({"image": local["image"], "label": local["label"]},
+                                          size // jax.process_count()))
+    f, y, valid = jax.device_get(fn(encoder_params, batch))
+    out_f.append(f[valid > 0])
+    out_y.append(y[valid > 0])
+  return np.concatenate(out_f), np.concatenate(out_y)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_classes"))
+def knn_predict(train_f, train_y, test_f, k: int, num_classes: int, temperature: float):
+  """Weighted kNN (as DINO's): the k most cosine-similar memory features vote exp(sim / T)."""
+  sim = test_f @ train_f.T
+  top_sim, top_idx = jax.lax.top_k(sim, k)
+  votes = jax.nn.one_hot(train_y[top_idx], num_classes) * jnp.exp(top_sim / temperature)[..., None]
+  return jnp.argmax(votes.sum(1), axis=-1)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, k: int, temperature: float, chunk: int = 1024) -> float:
+  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  k = min(k, len(train_f))
+  hits = 0
+  for i in range(0, len(test_f), chunk):
+    pred = knn_predict(train_f, train_y, test_f[i:i + chunk], k, num_classes, temperature)
+    hits += int((np.asarray(pred) == test_y[i:i + chunk]).sum())
+  return 100.0 * hits / len(test_f)
+
+
+def knn_eval(config, mesh: Mesh, encoder_params, train_source, test_source) -> float:
+  e = config.evaluate
+  encoder = encoder_from_config(config)
+  pool = config.probe.global_pool
+  train_f, train_y = extract_features(config, mesh, encoder, encoder_params,
+                                      Subset(train_source, e.knn_train_examples), pool)
+  test_f, test_y = extract_features(config, mesh, encoder, encoder_params,
+                                    Subset(test_source, e.num_images), pool)
+  return knn_accuracy(train_f, train_y, test_f, test_y, e.knn_k, e.knn_temperature)
+
+
+# ----------------------------------------------------------------------------
+# The job.
+# ----------------------------------------------------------------------------
+def load_mae_params(pretrained: str, config):
+  """The full MAE parameters (encoder and decoder) of the newest checkpoint in `pretrained`."""
+  checkpointing.check_compatible(pretrained, config)
+  saved = checkpointing.saved_config(pretrained)
+  if saved is None:
+    raise checkpointing.CheckpointMismatchError(
+        f"no checkpoint found in {checkpointing.checkpoint_dir(pretrained)}; pass the workdir of a "
+        "pretraining run as --pretrained")
+  import orbax.checkpoint as ocp
+  root = checkpointing.checkpoint_dir(pretrained)
+  step = max(int(s) for s in os.listdir(root) if s.isdigit())
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(root, str(step), "state"))
+  if "decoder" not in state["params"]:
+    raise checkpointing.CheckpointMismatchError(
+        f"the checkpoint in {pretrained!r} has no decoder (a probe or fine-tune run?); reconstruction "
+        "needs the pretraining workdir")
+  return jax.tree.map(np.asarray, state["params"]), step
+
+
+def run(config, workdir: str, pretrained: str) -> dict:
+  e = config.evaluate
+  mesh = Mesh()
+  mask_ratio = e.mask_ratio if e.mask_ratio >= 0 else config.model.mask_ratio
+  model = mae_from_config(config.model, config.dataset.image_size).clone(mask_ratio=mask_ratio)
+  lpips_weights = {net: lpips.load_weights(path, net)
+                   for net, path in (("alex", e.lpips_alex), ("vgg", e.lpips_vgg)) if path}
+  params, step = load_mae_params(pretrained, config)
+  params = mesh.replicate(params)
+  train_split, eval_split = config_lib.resolved_splits(config.dataset, labelled=True)
+  test_source = Subset(data.make_source(config.dataset, eval_split), e.num_images)
+  mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
+
+  sums_fn = jax.jit(functools.partial(reconstruction_sums, model, mean=mean, std=std,
+                                      lpips_weights=lpips_weights), out_shardings=mesh.replicated)
+  loader = data.make_loader(config, test_source, train=False, global_batch_size=e.batch_size, seed=0)
+  local_size = e.batch_size // jax.process_count()
+  totals, key = None, jax.random.PRNGKey(config.seed + 2)
+  for i, local in enumerate(loader):
+    batch = mesh.put_batch(data.pad_batch({"image": local["image"]}, local_size))
+    noise = jax.random.uniform(jax.random.fold_in(key, i), (e.batch_size, model.num_patches))
+    sums = sums_fn(params, batch["image"], noise, batch["valid"])
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  results = summarize({k: float(v) for k, v in jax.device_get(totals).items()})
+  results["mask_ratio"] = mask_ratio
+  results["knn_top1"] = knn_eval(config, mesh, params["encoder"],
+                                 data.make_source(config.dataset, train_split), test_source)
+
+  n = min(e.figure_images, len(test_source))
+  images = data.load_images(test_source, range(n), config.dataset.image_size, config.dataset.interpolation)
+  noise = jax.random.uniform(jax.random.fold_in(key, 0), (e.batch_size, model.num_patches))[:n]
+  panels = jax.jit(functools.partial(figures.reconstruction_panels, model, mean=mean, std=std),
+                   out_shardings=mesh.replicated)
+  cols = jax.device_get(panels(params, mesh.replicate(images), mesh.replicate(np.asarray(noise))))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    figures.save_grid(os.path.join(workdir, "reconstruction.png"), cols, figures.PANEL_TITLES)
+    record = {"metrics": results, "pretrained": {"workdir": os.path.abspath(pretrained), "step": step},
+              "config": config.to_dict()}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(record, f, indent=2)
+    writer = metrics_lib.MetricWriter(workdir)
+    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+    writer.close()
+  metrics_lib.log("evaluate: " + " | ".join(
+      f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
+  return results
+
+
+def _job(config, workdir, pretrained):
+  return run(config, workdir, pretrained)
+
+
+if __name__ == "__main__":
+  cli.define_job_flags(pretrained_required=True)
+  sys.exit(app.run(cli.job_main(_job)))
