@@ -20,4 +20,9 @@ def get_config(arg=None):
   c.batch_size, c.num_epochs, c.warmup_epochs = 64, 10, 1
   c.optimizer.update(base_lr=6e-4, weight_decay=0.05)
   c.log_every_steps, c.figure_every_steps, c.checkpoint_every_steps = 100, 1563, 1563
+  # Downstream as seed 002: batch 128 on the 5,000 labelled training images, tested on 8,000.
+  c.finetune.update(num_epochs=10, warmup_epochs=1, batch_size=128, base_lr=1e-3, layer_decay=0.75,
+                    log_every_steps=20, checkpoint_every_steps=390, eval_every_epochs=5)
+  c.probe.update(num_epochs=10, warmup_epochs=1, batch_size=128, optimizer="adamw", base_lr=1e-3,
+                 weight_decay=0.0, log_every_steps=20, checkpoint_every_steps=390, eval_every_epochs=5)
   return config_lib.apply_arg(c, arg)

@@ -23,4 +23,13 @@ def get_config(arg=None):
   c.batch_size, c.num_epochs, c.warmup_epochs = 256, 1200, 20
   c.optimizer.update(base_lr=5e-4, weight_decay=0.15)
   c.log_every_steps, c.figure_every_steps, c.checkpoint_every_steps = 100, 3900, 3900
+  # Seed 003's Table 1: fine-tune 100 epochs, batch 128, base lr 1e-3, wd 0.05, warmup 5, AdamW
+  # (0.9, 0.999), RandAugment(2, 9); probe 50 epochs, batch 128, base lr 1e-3, wd 0, warmup 2,
+  # AdamW (0.9, 0.95), flip.
+  c.finetune.update(num_epochs=100, warmup_epochs=5, batch_size=128, base_lr=1e-3, weight_decay=0.05,
+                    b1=0.9, b2=0.999, randaug_num_ops=2, randaug_magnitude=9.0, layer_decay=0.75,
+                    log_every_steps=100, checkpoint_every_steps=3900, eval_every_epochs=5)
+  c.probe.update(num_epochs=50, warmup_epochs=2, batch_size=128, optimizer="adamw", base_lr=1e-3,
+                 weight_decay=0.0, b1=0.9, b2=0.95, random_resized_crop=False, hflip=True,
+                 log_every_steps=100, checkpoint_every_steps=3900, eval_every_epochs=5)
   return config_lib.apply_arg(c, arg)

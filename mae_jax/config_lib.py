@@ -157,6 +157,11 @@ def imagenet_config(size: str, arg=None) -> ml_collections.ConfigDict:
                  norm_pix_loss=True, dtype="bfloat16")
   c.batch_size, c.num_epochs, c.warmup_epochs = 4096, 800, 40
   c.optimizer.update(base_lr=1.5e-4, weight_decay=0.05, b1=0.9, b2=0.95)
+  # The paper's fine-tuning (B: 100 epochs, lr 5e-4, decay 0.65, drop path 0.1; L/H: 50 epochs,
+  # lr 1e-3, decay 0.75, drop path 0.2/0.3) and linear probe (LARS, batch 16384, 90/50 epochs).
+  ft = {"b": (100, 5e-4, 0.65, 0.1), "l": (50, 1e-3, 0.75, 0.2), "h": (50, 1e-3, 0.75, 0.3)}[size]
+  c.finetune.update(num_epochs=ft[0], base_lr=ft[1], layer_decay=ft[2], drop_path=ft[3])
+  c.probe.update(num_epochs=90 if size == "b" else 50)
   return apply_arg(c, arg)
 
 

@@ -16,6 +16,7 @@ import os
 from typing import Any, Optional
 
 import grain
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,6 +237,8 @@ def make_loader(config, source, *, train: bool, global_batch_size: int, seed: in
   its shard.
   """
   d = config.dataset
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a plain script never parses them
+    flags.FLAGS.mark_as_parsed()
   num_processes = jax.process_count()
   if global_batch_size % num_processes:
     raise ValueError(f"global batch {global_batch_size} is not divisible by {num_processes} processes")

@@ -1,0 +1,109 @@
+"""Probe, fine-tune and evaluate: learning on real data, and each entry point from the CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mae_jax import classify, evaluate, pretrain
+from conftest import tiny_config
+from test_cli import _cli
+
+# The learning check's model: a little wider than the tiny preset, pretrained for about two
+# minutes on two CPU cores.
+LEARN = dict(max_steps=1000, log_every_steps=100, figure_every_steps=100000,
+             checkpoint_every_steps=100000, batch_size=128, num_epochs=4)
+
+
+def _learn_config(folder, **overrides):
+  c = tiny_config(folder, **{**LEARN, **overrides})
+  c.model.update(encoder_width=128, encoder_depth=3, encoder_heads=4, norm_pix_loss=True)
+  c.optimizer.base_lr = 3e-3
+  c.evaluate.update(num_images=2000, knn_train_examples=5000)
+  return c
+
+
+@pytest.fixture(scope="module")
+def pretrained(cifar_folder, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  pretrain.run(_learn_config(cifar_folder), workdir)
+  return workdir
+
+
+def test_probe_and_knn_learn_from_pretraining(cifar_folder, pretrained, tmp_path):
+  c = _learn_config(cifar_folder, max_steps=300)
+  probe = classify.run(c, str(tmp_path / "probe"), pretrained, "probe")["metrics"]["top1"]
+  probe_random = classify.run(c, str(tmp_path / "probe_random"), None, "probe")["metrics"]["top1"]
+  mesh = pretrain.Mesh()
+  from mae_jax import data
+  train, test = data.make_source(c.dataset, "train"), data.make_source(c.dataset, "test")
+  params, _ = evaluate.load_mae_params(pretrained, c)
+  import jax
+  import jax.numpy as jnp
+  from mae_jax.model import mae_from_config
+  random_params = mae_from_config(c.model, 32).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 64)))["params"]
+  knn = evaluate.knn_eval(c, mesh, params["encoder"], train, test)
+  knn_random = evaluate.knn_eval(c, mesh, random_params["encoder"], train, test)
+  print(f"probe {probe:.2f} vs random {probe_random:.2f}; kNN {knn:.2f} vs random {knn_random:.2f}")
+  assert probe > 25.0 and knn > 25.0  # chance is 10%
+  assert probe > probe_random + PROBE_MARGIN
+  assert knn > knn_random + KNN_MARGIN
+
+
+PROBE_MARGIN = 3.0
+KNN_MARGIN = 3.0
+
+
+def test_probe_finetune_evaluate_from_the_cli(cifar_folder, pretrained, tmp_path):
+  config = ["--config.model.encoder_width=128", "--config.model.encoder_depth=3",
+            "--config.model.encoder_heads=4", "--config.model.norm_pix_loss=True",
+            "--config.max_steps=20", "--config.evaluate.num_images=200"]
+  for job in ("probe", "finetune"):
+    out = _cli(tmp_path / job, *config, f"--pretrained={pretrained}", folder=cifar_folder,
+               module=f"mae_jax.{job}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.load(open(tmp_path / job / "results.json"))
+    assert r["mode"] == job and r["step"] == 20 and r["pretrained"]["workdir"] == pretrained
+    assert 0 <= r["metrics"]["top1"] <= r["metrics"]["top5"] <= 100
+    assert r["config"]["model"]["encoder_width"] == 128
+    rows = [json.loads(l) for l in open(tmp_path / job / "metrics.jsonl")]
+    assert rows[-1]["step"] == 20 and "test_top1" in rows[-1]
+    assert os.listdir(tmp_path / job / "checkpoints") == ["20"]
+  # Resume: the same command with more steps goes on from step 20.
+  out = _cli(tmp_path / "probe", *config[:-2], "--config.max_steps=30", f"--pretrained={pretrained}",
+             folder=cifar_folder, module="mae_jax.probe")
+  assert out.returncode == 0 and "resumed from" in out.stdout and "step 30/30" in out.stdout
+  # From scratch: no --pretrained.
+  out = _cli(tmp_path / "scratch", *config, folder=cifar_folder, module="mae_jax.finetune")
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.load(open(tmp_path / "scratch" / "results.json"))
+  assert r["from_scratch"] and r["pretrained"] is None
+  # Evaluate: numbers, figure, metrics log.
+  out = _cli(tmp_path / "eval", *config, f"--pretrained={pretrained}", folder=cifar_folder,
+             module="mae_jax.evaluate")
+  assert out.returncode == 0, out.stderr[-3000:]
+  m = json.load(open(tmp_path / "eval" / "results.json"))["metrics"]
+  assert m["images"] == 200 and m["mask_ratio"] == 0.75
+  assert 0 < m["masked_mse_pixel"] < m["masked_mse_normalized"] * 10
+  assert 0 < m["ssim"] < 1 and 5 < m["psnr"] < 60 and m["masked_laplacian_l1"] > 0
+  assert 10 < m["knn_top1"] <= 100
+  assert os.path.exists(tmp_path / "eval" / "reconstruction.png")
+  assert "eval/psnr" in json.loads(open(tmp_path / "eval" / "metrics.jsonl").readline())
+
+
+def test_job_errors(cifar_folder, pretrained, tmp_path):
+  # A config whose encoder is not the checkpoint's.
+  out = _cli(tmp_path / "p", "--config.model.encoder_width=64", f"--pretrained={pretrained}",
+             folder=cifar_folder, module="mae_jax.probe")
+  assert out.returncode == 2 and "different encoder" in out.stderr and "Traceback" not in out.stderr
+  # No checkpoint where --pretrained points.
+  out = _cli(tmp_path / "p2", f"--pretrained={tmp_path}", folder=cifar_folder, module="mae_jax.finetune")
+  assert out.returncode == 2 and "no checkpoint found" in out.stderr
+  # LPIPS asked for without its weights file: the file is named, nothing is written.
+  out = _cli(tmp_path / "e", "--config.model.encoder_width=128", "--config.model.encoder_depth=3",
+             "--config.model.encoder_heads=4", "--config.evaluate.lpips_alex=/nowhere/alex.npz",
+             f"--pretrained={pretrained}", folder=cifar_folder, module="mae_jax.evaluate")
+  assert out.returncode == 2 and "/nowhere/alex.npz" in out.stderr
+  assert not os.path.exists(tmp_path / "e" / "results.json")
