@@ -10,16 +10,19 @@ from mae_jax import classify, evaluate, pretrain
 from conftest import tiny_config
 from test_cli import _cli
 
-# The learning check's model: a little wider than the tiny preset, pretrained for about two
-# minutes on two CPU cores.
-LEARN = dict(max_steps=1000, log_every_steps=100, figure_every_steps=100000,
-             checkpoint_every_steps=100000, batch_size=128, num_epochs=4)
+# The learning check: the tiny preset pretrained for 2,000 steps (about three minutes on two CPU
+# cores). Measured on this recipe: probe 35.3% vs 28.4% for a random encoder, kNN 33.7% vs 26.8%,
+# with mean-pooled patch features; the cls token, barely trained this early, is no better than
+# random, so the check pools.
+LEARN = dict(max_steps=2000, log_every_steps=500, figure_every_steps=100000,
+             checkpoint_every_steps=100000, num_epochs=3)
 
 
 def _learn_config(folder, **overrides):
   c = tiny_config(folder, **{**LEARN, **overrides})
-  c.model.update(encoder_width=128, encoder_depth=3, encoder_heads=4, norm_pix_loss=True)
   c.optimizer.base_lr = 3e-3
+  c.dataset.num_workers = 2
+  c.probe.global_pool = True
   c.evaluate.update(num_images=2000, knn_train_examples=5000)
   return c
 
@@ -33,6 +36,7 @@ def pretrained(cifar_folder, tmp_path_factory):
 
 def test_probe_and_knn_learn_from_pretraining(cifar_folder, pretrained, tmp_path):
   c = _learn_config(cifar_folder, max_steps=300)
+  c.dataset.num_workers = 0
   probe = classify.run(c, str(tmp_path / "probe"), pretrained, "probe")["metrics"]["top1"]
   probe_random = classify.run(c, str(tmp_path / "probe_random"), None, "probe")["metrics"]["top1"]
   mesh = pretrain.Mesh()
@@ -48,18 +52,12 @@ def test_probe_and_knn_learn_from_pretraining(cifar_folder, pretrained, tmp_path
   knn_random = evaluate.knn_eval(c, mesh, random_params["encoder"], train, test)
   print(f"probe {probe:.2f} vs random {probe_random:.2f}; kNN {knn:.2f} vs random {knn_random:.2f}")
   assert probe > 25.0 and knn > 25.0  # chance is 10%
-  assert probe > probe_random + PROBE_MARGIN
-  assert knn > knn_random + KNN_MARGIN
-
-
-PROBE_MARGIN = 3.0
-KNN_MARGIN = 3.0
+  assert probe > probe_random + 3.0
+  assert knn > knn_random + 3.0
 
 
 def test_probe_finetune_evaluate_from_the_cli(cifar_folder, pretrained, tmp_path):
-  config = ["--config.model.encoder_width=128", "--config.model.encoder_depth=3",
-            "--config.model.encoder_heads=4", "--config.model.norm_pix_loss=True",
-            "--config.max_steps=20", "--config.evaluate.num_images=200"]
+  config = ["--config.max_steps=20", "--config.evaluate.num_images=200"]
   for job in ("probe", "finetune"):
     out = _cli(tmp_path / job, *config, f"--pretrained={pretrained}", folder=cifar_folder,
                module=f"mae_jax.{job}")
@@ -67,7 +65,7 @@ def test_probe_finetune_evaluate_from_the_cli(cifar_folder, pretrained, tmp_path
     r = json.load(open(tmp_path / job / "results.json"))
     assert r["mode"] == job and r["step"] == 20 and r["pretrained"]["workdir"] == pretrained
     assert 0 <= r["metrics"]["top1"] <= r["metrics"]["top5"] <= 100
-    assert r["config"]["model"]["encoder_width"] == 128
+    assert r["config"]["model"]["encoder_width"] == 64
     rows = [json.loads(l) for l in open(tmp_path / job / "metrics.jsonl")]
     assert rows[-1]["step"] == 20 and "test_top1" in rows[-1]
     assert os.listdir(tmp_path / job / "checkpoints") == ["20"]
@@ -95,15 +93,14 @@ def test_probe_finetune_evaluate_from_the_cli(cifar_folder, pretrained, tmp_path
 
 def test_job_errors(cifar_folder, pretrained, tmp_path):
   # A config whose encoder is not the checkpoint's.
-  out = _cli(tmp_path / "p", "--config.model.encoder_width=64", f"--pretrained={pretrained}",
+  out = _cli(tmp_path / "p", "--config.model.encoder_width=128", f"--pretrained={pretrained}",
              folder=cifar_folder, module="mae_jax.probe")
   assert out.returncode == 2 and "different encoder" in out.stderr and "Traceback" not in out.stderr
   # No checkpoint where --pretrained points.
   out = _cli(tmp_path / "p2", f"--pretrained={tmp_path}", folder=cifar_folder, module="mae_jax.finetune")
   assert out.returncode == 2 and "no checkpoint found" in out.stderr
   # LPIPS asked for without its weights file: the file is named, nothing is written.
-  out = _cli(tmp_path / "e", "--config.model.encoder_width=128", "--config.model.encoder_depth=3",
-             "--config.model.encoder_heads=4", "--config.evaluate.lpips_alex=/nowhere/alex.npz",
+  out = _cli(tmp_path / "e", "--config.evaluate.lpips_alex=/nowhere/alex.npz",
              f"--pretrained={pretrained}", folder=cifar_folder, module="mae_jax.evaluate")
   assert out.returncode == 2 and "/nowhere/alex.npz" in out.stderr
   assert not os.path.exists(tmp_path / "e" / "results.json")
