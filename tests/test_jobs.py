@@ -104,3 +104,13 @@ def test_job_errors(cifar_folder, pretrained, tmp_path):
              f"--pretrained={pretrained}", folder=cifar_folder, module="mae_jax.evaluate")
   assert out.returncode == 2 and "/nowhere/alex.npz" in out.stderr
   assert not os.path.exists(tmp_path / "e" / "results.json")
+
+
+def test_knn_during_pretraining_is_logged(cifar_folder, tmp_path):
+  c = tiny_config(cifar_folder, max_steps=10, log_every_steps=5, figure_every_steps=1000)
+  c.evaluate.update(knn_every_steps=5, knn_train_examples=300, num_images=100, batch_size=50)
+  pretrain.run(c, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  knn = [r for r in rows if "knn_top1" in r]
+  assert [r["step"] for r in knn] == [5, 10]
+  assert all(0.0 <= r["knn_top1"] <= 100.0 for r in knn)
