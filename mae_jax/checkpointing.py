@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mae_jax import config_lib
@@ -81,6 +82,21 @@ def saved_config(workdir: str, step: Optional[int] = None) -> Optional[dict]:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def restore_params(workdir: str) -> tuple[dict, dict, int]:
+  """(parameters as numpy, saved config, step) of the newest checkpoint in `workdir`, read
+  without knowing the rest of the train state (the optimizer of another job, say)."""
+  saved = saved_config(workdir)
+  if saved is None:
+    raise CheckpointMismatchError(
+        f"no checkpoint found in {checkpoint_dir(workdir)}; pass the workdir of a pretraining run "
+        "as --pretrained")
+  root = checkpoint_dir(workdir)
+  step = max(int(s) for s in os.listdir(root) if s.isdigit())
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(root, str(step), "state"))
+  return jax.tree.map(np.asarray, state["params"]), saved, step
 
 
 def check_compatible(workdir: str, config) -> None:

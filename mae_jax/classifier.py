@@ -10,7 +10,6 @@ drop straight in; the fine-tuned position embedding is learned, starting from th
 sin-cos values (bicubic-interpolated when the image size changes).
 """
 
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -18,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from mae_jax import checkpointing
 from mae_jax.model import Encoder, layer_norm, sincos_2d
@@ -90,11 +88,7 @@ def load_encoder(pretrained: str, config) -> tuple[dict, dict, int]:
 
   Raises CheckpointMismatchError when there is no checkpoint or its encoder is not the config's.
   """
-  saved = checkpointing.saved_config(pretrained)
-  if saved is None:
-    raise checkpointing.CheckpointMismatchError(
-        f"no checkpoint found in {checkpointing.checkpoint_dir(pretrained)}; pass the workdir of a "
-        "pretraining run as --pretrained")
+  params, saved, step = checkpointing.restore_params(pretrained)
   want = {k: config.model[k] for k in ENCODER_KEYS}
   have = {k: saved["model"].get(k) for k in ENCODER_KEYS}
   if want != have:
@@ -102,12 +96,7 @@ def load_encoder(pretrained: str, config) -> tuple[dict, dict, int]:
     raise checkpointing.CheckpointMismatchError(
         f"the checkpoint in {pretrained!r} holds a different encoder ({diff}); use the config it was "
         "pretrained with")
-  root = checkpointing.checkpoint_dir(pretrained)
-  step = max(int(s) for s in os.listdir(root) if s.isdigit())
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(root, str(step), "state"))
-  encoder = jax.tree.map(np.asarray, state["params"]["encoder"])
-  return encoder, saved, step
+  return params["encoder"], saved, step
 
 
 def interpolate_pos_embed(pos: np.ndarray, old_grid, new_grid) -> np.ndarray:

@@ -1,6 +1,5 @@
 """What every entry point shares: distributed flags, config validation, clean error messages."""
 
-import signal
 import sys
 
 from absl import flags, logging

@@ -25,7 +25,8 @@ from absl import app
 
 from mae_jax import checkpointing, cli, config_lib, data, figures, lpips
 from mae_jax import metrics as metrics_lib
-from mae_jax.model import Encoder, mae_from_config, normalize_patches, patchify, unpatchify
+from mae_jax.model import (Encoder, mae_from_config, normalize_patches, patchify, unnormalize_patches,
+                           unpatchify)
 from mae_jax.parallel import Mesh
 
 LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)
@@ -103,7 +104,7 @@ def reconstruction_sums(model, params, images_uint8, noise, valid, mean, std, lp
   sums = {"images": valid.sum(), "masked_patches": w_mask.sum(),
           "mse_norm": (jnp.mean((pred - loss_target) ** 2, -1) * w_mask).sum()}
   if model.norm_pix_loss:  # back to the dataset-normalised space with each patch's statistics
-    pred = pred * jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6) + target.mean(-1, keepdims=True)
+    pred = unnormalize_patches(pred, target)
   pred_px = data.denormalize(unpatchify(pred, p, grid, c), mean, std)
   orig_px = data.denormalize(imgs, mean, std)
   removed = unpatchify(jnp.repeat(mask[:, :, None], target.shape[-1], -1), p, grid, c)
@@ -201,21 +202,12 @@ def knn_eval(config, mesh: Mesh, encoder_params, train_source, test_source) -> f
 def load_mae_params(pretrained: str, config):
   """The full MAE parameters (encoder and decoder) of the newest checkpoint in `pretrained`."""
   checkpointing.check_compatible(pretrained, config)
-  saved = checkpointing.saved_config(pretrained)
-  if saved is None:
-    raise checkpointing.CheckpointMismatchError(
-        f"no checkpoint found in {checkpointing.checkpoint_dir(pretrained)}; pass the workdir of a "
-        "pretraining run as --pretrained")
-  import orbax.checkpoint as ocp
-  root = checkpointing.checkpoint_dir(pretrained)
-  step = max(int(s) for s in os.listdir(root) if s.isdigit())
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(root, str(step), "state"))
-  if "decoder" not in state["params"]:
+  params, _, step = checkpointing.restore_params(pretrained)
+  if "decoder" not in params:
     raise checkpointing.CheckpointMismatchError(
         f"the checkpoint in {pretrained!r} has no decoder (a probe or fine-tune run?); reconstruction "
         "needs the pretraining workdir")
-  return jax.tree.map(np.asarray, state["params"]), step
+  return params, step
 
 
 def run(config, workdir: str, pretrained: str) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mae_jax import data
-from mae_jax.model import normalize_patches, patchify, unpatchify
+from mae_jax.model import patchify, unnormalize_patches, unpatchify
 
 
 def reconstruction_panels(model, params, images_uint8, noise, mean, std):
@@ -22,9 +22,7 @@ def reconstruction_panels(model, params, images_uint8, noise, mean, std):
   p, grid = model.patch_size, model.grid
   target = patchify(imgs, p)
   if model.norm_pix_loss:
-    mu = target.mean(-1, keepdims=True)
-    sigma = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
-    pred = pred * sigma + mu
+    pred = unnormalize_patches(pred, target)
   pred_img = unpatchify(pred, p, grid, imgs.shape[-1])
   removed = unpatchify(jnp.repeat(mask[:, :, None], target.shape[-1], axis=-1), p, grid, imgs.shape[-1])
   original = data.denormalize(imgs, mean, std)

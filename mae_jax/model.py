@@ -238,6 +238,14 @@ def normalize_patches(patches, eps: float = 1e-6):
   return (patches - mean) / jnp.sqrt(var + eps)
 
 
+def unnormalize_patches(pred, target_patches, eps: float = 1e-6):
+  """The inverse of `normalize_patches` with the target patches' own statistics: maps a
+  norm_pix_loss prediction back to the (dataset-normalised) pixel space, for display and metrics."""
+  mean = target_patches.mean(axis=-1, keepdims=True)
+  var = target_patches.var(axis=-1, keepdims=True, ddof=1)
+  return pred * jnp.sqrt(var + eps) + mean
+
+
 class MAE(nn.Module):
   """Masked autoencoder with a ViT encoder (`encoder`) and a lightweight decoder (`decoder`)."""
   image_size: tuple[int, int]

@@ -129,4 +129,4 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(cifar_folder, tmp_path):
   out = _cli(tmp_path, f"--config.max_steps={saved[0] + 3}", "--config.log_every_steps=1",
              folder=cifar_folder)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert f"resumed from" in out.stdout and f"step {saved[0] + 3}/{saved[0] + 3}" in out.stdout
+  assert "resumed from" in out.stdout and f"step {saved[0] + 3}/{saved[0] + 3}" in out.stdout

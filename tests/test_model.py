@@ -78,6 +78,7 @@ def test_norm_pix_loss_uses_unbiased_variance():
   mean, var_unbiased = 3.0, ((4 + 1 + 0 + 9) / 3)  # ddof=1: divide by n - 1 = 3
   want = (np.array([1.0, 2.0, 3.0, 6.0]) - mean) / np.sqrt(var_unbiased + 1e-6)
   np.testing.assert_allclose(mae.normalize_patches(t)[0, 0], want, rtol=1e-6)
+  np.testing.assert_allclose(mae.unnormalize_patches(mae.normalize_patches(t), t), t, rtol=1e-5)
   loss = mae.mae_loss(t, jnp.zeros_like(t), jnp.ones((1, 1)), norm_pix_loss=True)
   assert float(loss) == pytest.approx(float(np.mean(want**2)), rel=1e-6)
 

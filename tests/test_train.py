@@ -9,10 +9,9 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from mae_jax import checkpointing, pretrain
-from conftest import REPO, tiny_config
+from conftest import tiny_config
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -30,7 +30,6 @@ def main():
   if a.num_processes > 1:
     parallel.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
   import jax
-  import numpy as np
   from mae_jax import data, optim, pretrain
   from mae_jax.model import mae_from_config
   from conftest import tiny_config
