@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from mae_jax import data
+from mae_jax import data, masking
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +49,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
       decoder_width=512, decoder_depth=8, decoder_heads=16,
       mlp_ratio=4.0,
       mask_ratio=0.75,
+      mask_sampling="random",    # 'random', 'block' (BEiT blockwise) or 'grid' (1 in every 2x2; ratio 0.75)
       norm_pix_loss=True,
       dtype="float32",           # compute dtype; 'bfloat16' on GPU/TPU. Params stay float32.
       attention_impl="",         # '' lets JAX choose; 'cudnn' forces fused attention on GPU
@@ -196,6 +197,13 @@ def validate(config) -> None:
     width, heads = m[f"{part}_width"], m[f"{part}_heads"]
     need(width % heads == 0, f"model.{part}_width={width} is not divisible by model.{part}_heads={heads}")
     need(width % 4 == 0, f"model.{part}_width={width} must be divisible by 4 (2D sin-cos position embedding)")
+  need(m.mask_sampling in masking.STRATEGIES,
+       f"model.mask_sampling={m.mask_sampling!r} must be one of {', '.join(masking.STRATEGIES)}")
+  if m.mask_sampling == "grid":
+    grid_side = d.image_size // m.patch_size
+    need(m.mask_ratio == 0.75 and grid_side % 2 == 0,
+         f"grid masking keeps 1 patch in every 2x2: it needs mask_ratio=0.75 (got {m.mask_ratio}) and an "
+         f"even patch grid (got {grid_side})")
   need(m.dtype in ("float32", "bfloat16", "float16"),
        f"model.dtype={m.dtype!r} must be one of float32, bfloat16, float16")
   need(m.attention_impl in ("", "xla", "cudnn"), f"model.attention_impl={m.attention_impl!r} must be '', 'xla' or 'cudnn'")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mae_jax import augment
+from mae_jax import augment, masking
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -215,6 +215,17 @@ def train_augment(dataset_cfg, section=None) -> TrainAugment:
 
 
 @dataclasses.dataclass
+class BlockMaskNoise(grain.transforms.RandomMap):
+  """Adds 'mask_noise' (L,) float32 encoding a BEiT blockwise mask of exactly the asked ratio."""
+  grid: tuple[int, int]
+  mask_ratio: float
+
+  def random_map(self, element, rng: np.random.Generator):
+    mask = masking.block_mask(rng, self.grid, self.mask_ratio)
+    return {**element, "mask_noise": masking.mask_to_noise(mask, rng)}
+
+
+@dataclasses.dataclass
 class EvalResize(grain.transforms.Map):
   size: int
   interpolation: str
@@ -227,12 +238,13 @@ class EvalResize(grain.transforms.Map):
 # Loaders.
 # ----------------------------------------------------------------------------
 def make_loader(config, source, *, train: bool, global_batch_size: int, seed: int,
-                augment: Optional[grain.transforms.RandomMap] = None,
+                augment=None,
                 worker_count: Optional[int] = None) -> grain.DataLoader:
   """A grain DataLoader yielding this process's share of each global batch.
 
   Training loaders shuffle and repeat forever (epochs are counted by the trainer) and apply
-  `augment` (default: the pretraining transform of `config.dataset`); evaluation loaders make one
+  `augment`, one transform or a list (default: the pretraining transform of `config.dataset`);
+  evaluation loaders make one
   ordered pass, resize + center crop, and keep the last, smaller batch. Each process reads only
   its shard.
   """
@@ -246,10 +258,12 @@ def make_loader(config, source, *, train: bool, global_batch_size: int, seed: in
   sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=train,
                                         num_epochs=None if train else 1, seed=seed)
   if train:
-    transform = augment or train_augment(d)
+    transforms = augment or train_augment(d)
   else:
-    transform = EvalResize(d.image_size, d.interpolation)
-  ops = [DecodeImage(), transform,
+    transforms = EvalResize(d.image_size, d.interpolation)
+  if not isinstance(transforms, (list, tuple)):
+    transforms = [transforms]
+  ops = [DecodeImage(), *transforms,
          grain.transforms.Batch(global_batch_size // num_processes, drop_remainder=train)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=d.num_workers if worker_count is None else worker_count)

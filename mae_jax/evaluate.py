@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 
-from mae_jax import checkpointing, cli, config_lib, data, figures, lpips
+from mae_jax import checkpointing, cli, config_lib, data, figures, lpips, masking
 from mae_jax import metrics as metrics_lib
 from mae_jax.model import (Encoder, mae_from_config, normalize_patches, patchify, unnormalize_patches,
                            unpatchify)
@@ -227,11 +227,12 @@ def run(config, workdir: str, pretrained: str) -> dict:
                                       lpips_weights=lpips_weights), out_shardings=mesh.replicated)
   loader = data.make_loader(config, test_source, train=False, global_batch_size=e.batch_size, seed=0)
   local_size = e.batch_size // jax.process_count()
-  totals, key = None, jax.random.PRNGKey(config.seed + 2)
+  sampling = config.model.mask_sampling
+  noise_for = lambda i: masking.fixed_noise(sampling, config.seed + 2 + i, e.batch_size, model.grid, mask_ratio)
+  totals = None
   for i, local in enumerate(loader):
     batch = mesh.put_batch(data.pad_batch({"image": local["image"]}, local_size))
-    noise = jax.random.uniform(jax.random.fold_in(key, i), (e.batch_size, model.num_patches))
-    sums = sums_fn(params, batch["image"], noise, batch["valid"])
+    sums = sums_fn(params, batch["image"], mesh.replicate(noise_for(i)), batch["valid"])
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   results = summarize({k: float(v) for k, v in jax.device_get(totals).items()})
   results["mask_ratio"] = mask_ratio
@@ -240,7 +241,7 @@ def run(config, workdir: str, pretrained: str) -> dict:
 
   n = min(e.figure_images, len(test_source))
   images = data.load_images(test_source, range(n), config.dataset.image_size, config.dataset.interpolation)
-  noise = jax.random.uniform(jax.random.fold_in(key, 0), (e.batch_size, model.num_patches))[:n]
+  noise = noise_for(0)[:n]
   panels = jax.jit(functools.partial(figures.reconstruction_panels, model, mean=mean, std=std),
                    out_shardings=mesh.replicated)
   cols = jax.device_get(panels(params, mesh.replicate(images), mesh.replicate(np.asarray(noise))))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import config_lib, data, figures, optim
+from mae_jax import config_lib, data, figures, masking, optim
 from mae_jax import metrics as metrics_lib
 from mae_jax.model import MAE, mae_from_config
 from mae_jax.parallel import Mesh
@@ -26,11 +26,18 @@ def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int) 
                     rng=train_key)
 
 
-def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std):
-  """One micro-step: fresh masking noise from (rng, step), loss, gradients, AdamW update."""
+def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
+                  mask_sampling: str = "random"):
+  """One micro-step: fresh masking noise from (rng, step) (or the batch's block masks), loss,
+  gradients, AdamW update."""
   images = data.normalize(batch["image"], mean, std)
-  noise = jax.random.uniform(jax.random.fold_in(state.rng, state.step),
-                             (images.shape[0], model.num_patches))
+  key = jax.random.fold_in(state.rng, state.step)
+  if "mask_noise" in batch:  # block masks, drawn by the data pipeline
+    noise = batch["mask_noise"]
+  elif mask_sampling == "grid":
+    noise = masking.grid_noise(key, images.shape[0], model.grid)
+  else:
+    noise = masking.random_noise(key, images.shape[0], model.num_patches)
 
   def loss_fn(params):
     loss, _, _ = model.apply({"params": params}, images, noise)
@@ -67,8 +74,8 @@ def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Ho
   n = min(config.num_figure_images, len(eval_source))
   indices = np.linspace(0, len(eval_source) - 1, n).round().astype(int)
   images = data.load_images(eval_source, indices, config.dataset.image_size, config.dataset.interpolation)
-  noise = jax.random.uniform(jax.random.PRNGKey(config.seed + 1), (n, model.num_patches))
-  images, noise = mesh.replicate(images), mesh.replicate(np.asarray(noise))
+  noise = masking.fixed_noise(config.model.mask_sampling, config.seed + 1, n, model.grid, model.mask_ratio)
+  images, noise = mesh.replicate(images), mesh.replicate(noise)
   panels = jax.jit(functools.partial(figures.reconstruction_panels, model,
                                      mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
                    out_shardings=mesh.replicated)
@@ -104,16 +111,21 @@ def run(config, workdir: str) -> TrainState:
   hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
   if config.evaluate.knn_every_steps > 0:
     hooks.append(knn_hook(config, mesh, eval_source))
+  sampling = config.model.mask_sampling
+  augment = [data.train_augment(config.dataset)]
+  if sampling == "block":
+    augment.append(data.BlockMaskNoise(model.grid, model.mask_ratio))
   task = Task(
       init_state=functools.partial(create_train_state, model, tx, config.seed),
-      train_step=functools.partial(pretrain_step, model=model, tx=tx,
-                                   mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
-      batch_fields=("image",),
+      train_step=functools.partial(pretrain_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
+                                   std=tuple(config.dataset.std), mask_sampling=sampling),
+      batch_fields=("image", "mask_noise") if sampling == "block" else ("image",),
       hooks=hooks,
   )
   accum = config.grad_accum_steps
   state = fit(config, workdir, task, b["train_source"], mesh=mesh, total_steps=b["total_steps"],
-              micro_batch=b["micro_batch"], lr_fn=lambda step: b["schedule"](step // accum))
+              micro_batch=b["micro_batch"], lr_fn=lambda step: b["schedule"](step // accum),
+              augment=augment)
   metrics_lib.log(f"done: {b['total_steps']} steps; checkpoints in {workdir}/checkpoints, "
                   f"figures in {workdir}/figures")
   return state

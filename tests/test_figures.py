@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import data, figures
+from mae_jax import figures
 from mae_jax.model import normalize_patches, patchify
 
 
