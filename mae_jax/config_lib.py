@@ -50,6 +50,13 @@ def pretrain_config() -> ml_collections.ConfigDict:
       mlp_ratio=4.0,
       mask_ratio=0.75,
       mask_sampling="random",    # 'random', 'block' (BEiT blockwise) or 'grid' (1 in every 2x2; ratio 0.75)
+      mask_token_in_encoder=False,  # ablation: the encoder sees every patch, mask tokens in place
+      curriculum_start_ratio=-1.0,  # >= 0: seed 002's curriculum, mask ratio ramps from this to mask_ratio
+      curriculum_epochs=5.0,
+      curriculum_shape="linear",    # 'linear' or 'cosine'
+      curriculum_bucket=0.05,       # ratios rounded to this: one compilation per bucket
+      laplacian_weight=0.0,      # seed 002's lambda_freq (0.05): masked Laplacian L1
+      uniformity_weight=0.0,     # seed 002's lambda_unif (0.01): uniformity of pooled encoder features
       norm_pix_loss=True,
       dtype="float32",           # compute dtype; 'bfloat16' on GPU/TPU. Params stay float32.
       attention_impl="",         # '' lets JAX choose; 'cudnn' forces fused attention on GPU
@@ -204,6 +211,12 @@ def validate(config) -> None:
     need(m.mask_ratio == 0.75 and grid_side % 2 == 0,
          f"grid masking keeps 1 patch in every 2x2: it needs mask_ratio=0.75 (got {m.mask_ratio}) and an "
          f"even patch grid (got {grid_side})")
+  if m.curriculum_start_ratio >= 0:
+    need(0.0 <= m.curriculum_start_ratio < 1.0 and m.curriculum_epochs > 0
+         and m.curriculum_shape in ("linear", "cosine") and m.curriculum_bucket >= 0,
+         "curriculum: start ratio in [0, 1), epochs > 0, shape 'linear' or 'cosine', bucket >= 0")
+    need(m.mask_sampling == "random", "curriculum masking works with mask_sampling='random'")
+  need(m.laplacian_weight >= 0 and m.uniformity_weight >= 0, "loss weights must be >= 0")
   need(m.dtype in ("float32", "bfloat16", "float16"),
        f"model.dtype={m.dtype!r} must be one of float32, bfloat16, float16")
   need(m.attention_impl in ("", "xla", "cudnn"), f"model.attention_impl={m.attention_impl!r} must be '', 'xla' or 'cudnn'")

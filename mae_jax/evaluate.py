@@ -25,12 +25,9 @@ from absl import app
 
 from mae_jax import checkpointing, cli, config_lib, data, figures, lpips, masking
 from mae_jax import metrics as metrics_lib
-from mae_jax.model import (Encoder, mae_from_config, normalize_patches, patchify, unnormalize_patches,
-                           unpatchify)
+from mae_jax.model import (Encoder, laplacian, mae_from_config, normalize_patches, patchify,
+                           unnormalize_patches, unpatchify)
 from mae_jax.parallel import Mesh
-
-LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)
-
 
 class Subset:
   """The first-n-evenly-spaced records of a source (a fixed, ordered sample)."""
@@ -86,11 +83,6 @@ def ssim(a, b, data_range: float = 1.0):
 def psnr(a, b, data_range: float = 1.0):
   mse = jnp.mean((a - b) ** 2, axis=(1, 2, 3))
   return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-12))
-
-
-def laplacian(x):
-  """Per-channel Laplacian of (N, H, W, C) with zero padding (same size)."""
-  return _filter(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), LAPLACIAN)
 
 
 def reconstruction_sums(model, params, images_uint8, noise, valid, mean, std, lpips_weights: dict):

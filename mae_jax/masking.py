@@ -75,6 +75,26 @@ def block_mask(rng: np.random.Generator, grid: tuple[int, int], mask_ratio: floa
   return mask
 
 
+def curriculum_ratio(step: int, steps_per_epoch: int, start: float, final: float, epochs: float,
+                     shape: str = "linear", bucket: float = 0.05) -> float:
+  """Seed 002's curriculum: the mask ratio ramps from `start` to `final` over `epochs` (linear or
+  cosine), rounded to a multiple of `bucket`.
+
+  Why buckets: the ratio sets how many patches the encoder sees, which is a shape, and XLA
+  compiles one program per shape. Rounding to 0.05 means 0.5 -> 0.75 costs six compilations in
+  all, while every step still drops the masked tokens. (Padding to a fixed length with attention
+  masks would compile once but spend the encoder's compute on padding, the cost MAE exists to avoid.)
+  """
+  progress = min(step / max(epochs * steps_per_epoch, 1), 1.0)
+  if shape == "cosine":
+    progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+  ratio = start + (final - start) * progress
+  if bucket > 0:
+    ratio = round(round(ratio / bucket) * bucket, 6)
+  lo, hi = min(start, final), max(start, final)
+  return float(min(max(ratio, lo), hi))
+
+
 def fixed_noise(strategy: str, seed: int, n: int, grid: tuple[int, int], mask_ratio: float) -> np.ndarray:
   """(n, L) noise for a fixed, reproducible set of masks of any strategy (figures, evaluation)."""
   if strategy == "block":

@@ -162,6 +162,7 @@ class Encoder(nn.Module):
   attention_impl: Optional[str] = None
   learned_pos_embed: bool = False  # fine-tuning learns it (from the sin-cos values), as timm's ViT
   final_norm: bool = True          # off when a classifier pools patch tokens into its own fc_norm
+  mask_token: bool = False         # ablation: keep all patches, removed ones replaced by a mask token
 
   @nn.compact
   def __call__(self, imgs, noise=None, mask_ratio: float = 0.0, deterministic: bool = True):
@@ -173,11 +174,15 @@ class Encoder(nn.Module):
     pos = sincos_2d(self.width, self.grid)[None]
     if self.learned_pos_embed:
       pos = self.param("pos_embed", lambda *_: jnp.asarray(pos), pos.shape)
+    mask = ids_restore = None
+    if noise is not None and self.mask_token:
+      # SimMIM-like ablation: the encoder sees every position, removed patches as a learned token.
+      _, mask, _ = random_masking(x, noise, mask_ratio)
+      token = self.param("mask_token", normal_02, (1, 1, self.width), jnp.float32).astype(self.dtype)
+      x = jnp.where(mask[:, :, None] > 0, token, x)
     x = x + pos.astype(self.dtype)
-    if noise is not None:
+    if noise is not None and not self.mask_token:
       x, mask, ids_restore = random_masking(x, noise, mask_ratio)
-    else:
-      mask = ids_restore = None
     cls = self.param("cls_token", normal_02, (1, 1, self.width), jnp.float32)
     # The cls position embedding is zeros, so the cls token goes in as it is.
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], 1)
@@ -204,14 +209,16 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, latent, ids_restore):
-    """latent (B, 1 + len_keep, D_enc) -> predicted patches (B, L, p*p*C)."""
+    """latent (B, 1 + len_keep, D_enc) -> predicted patches (B, L, p*p*C). With ids_restore None
+    the latent already holds every position in order (mask tokens in the encoder)."""
     x = dense(self.width, self.dtype, "embed")(latent)
-    b, length = ids_restore.shape
-    mask_token = self.param("mask_token", normal_02, (1, 1, self.width), jnp.float32)
-    fill = jnp.broadcast_to(mask_token.astype(self.dtype), (b, length + 1 - x.shape[1], self.width))
-    x_ = jnp.concatenate([x[:, 1:], fill], axis=1)  # [kept, removed] order, no cls
-    x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)  # back to patch order
-    x = jnp.concatenate([x[:, :1], x_], axis=1)
+    if ids_restore is not None:
+      b, length = ids_restore.shape
+      mask_token = self.param("mask_token", normal_02, (1, 1, self.width), jnp.float32)
+      fill = jnp.broadcast_to(mask_token.astype(self.dtype), (b, length + 1 - x.shape[1], self.width))
+      x_ = jnp.concatenate([x[:, 1:], fill], axis=1)  # [kept, removed] order, no cls
+      x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)  # back to patch order
+      x = jnp.concatenate([x[:, :1], x_], axis=1)
     x = x + sincos_2d(self.width, self.grid, cls_token=True).astype(self.dtype)[None]
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl,
@@ -229,6 +236,36 @@ def mae_loss(target_patches, pred, mask, norm_pix_loss: bool):
     target = normalize_patches(target)
   per_patch = jnp.mean((pred - target) ** 2, axis=-1)
   return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)
+
+
+def laplacian(images):
+  """Per-channel Laplacian of (B, H, W, C) images, zero padding, same size."""
+  c = images.shape[-1]
+  kernel = jnp.tile(jnp.asarray(LAPLACIAN, images.dtype)[:, :, None, None], (1, 1, 1, c))
+  return jax.lax.conv_general_dilated(
+      jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel, (1, 1), "VALID",
+      feature_group_count=c, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def masked_laplacian_loss(pred_images, target_images, mask_images):
+  """Seed 002's frequency loss: mean |Lap(pred) - Lap(target)| over the masked pixels (x channels)."""
+  err = jnp.abs(laplacian(pred_images) - laplacian(target_images)) * mask_images
+  return err.sum() / jnp.maximum(mask_images.sum(), 1.0)
+
+
+def uniformity_loss(features, t: float = 2.0):
+  """Wang & Isola's uniformity of (B, D) features, L2-normalised here: log mean over pairs i < j
+  of exp(-t ||z_i - z_j||^2)."""
+  z = features.astype(jnp.float32)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  sq = jnp.maximum(2.0 - 2.0 * z @ z.T, 0.0)  # squared distances of unit vectors
+  b = z.shape[0]
+  pairs = jnp.triu(jnp.ones((b, b), bool), k=1)
+  return jnp.log(jnp.sum(jnp.where(pairs, jnp.exp(-t * sq), 0.0)) / (b * (b - 1) / 2))
 
 
 def normalize_patches(patches, eps: float = 1e-6):
@@ -262,6 +299,9 @@ class MAE(nn.Module):
   channels: int = 3
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  mask_token_in_encoder: bool = False  # the paper's / seed 001's ablation
+  laplacian_weight: float = 0.0        # seed 002's lambda_freq (0.05)
+  uniformity_weight: float = 0.0       # seed 002's lambda_unif (0.01)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -273,17 +313,41 @@ class MAE(nn.Module):
 
   def setup(self):
     self.encoder = Encoder(self.patch_size, self.grid, self.encoder_width, self.encoder_depth,
-                           self.encoder_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl)
+                           self.encoder_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl,
+                           mask_token=self.mask_token_in_encoder)
     self.decoder = Decoder(self.patch_size, self.grid, self.decoder_width, self.decoder_depth,
                            self.decoder_heads, self.channels, self.mlp_ratio, self.dtype,
                            self.attention_impl)
 
   def __call__(self, imgs, noise):
-    """imgs (B, H, W, C) normalised; noise (B, L) uniform. Returns (loss, pred, mask)."""
+    """imgs (B, H, W, C) normalised; noise (B, L) uniform. Returns (loss, pred, mask).
+
+    The loss is the masked MSE plus, where weighted, seed 002's Laplacian and uniformity terms;
+    each term is also sown into the 'losses' collection for logging.
+    """
     latent, mask, ids_restore = self.encoder(imgs, noise, self.mask_ratio)
-    pred = self.decoder(latent, ids_restore)
-    loss = mae_loss(patchify(imgs, self.patch_size), pred, mask, self.norm_pix_loss)
-    return loss, pred.astype(jnp.float32), mask
+    pred = self.decoder(latent, ids_restore).astype(jnp.float32)
+    target = patchify(imgs, self.patch_size)
+    loss = mae_loss(target, pred, mask, self.norm_pix_loss)
+    self.sow("losses", "mse", loss)
+    if self.laplacian_weight > 0:
+      if self.norm_pix_loss:
+        target = normalize_patches(target.astype(jnp.float32))
+      to_img = lambda x: unpatchify(x, self.patch_size, self.grid, self.channels)
+      mask_img = to_img(jnp.repeat(mask[:, :, None], target.shape[-1], axis=-1))
+      lap = masked_laplacian_loss(to_img(pred), to_img(target.astype(jnp.float32)), mask_img)
+      self.sow("losses", "laplacian", lap)
+      loss = loss + self.laplacian_weight * lap
+    if self.uniformity_weight > 0:
+      if ids_restore is not None:  # the encoder saw only visible patches
+        pooled = latent[:, 1:].mean(axis=1)
+      else:
+        keep = (1.0 - mask)[:, :, None]
+        pooled = (latent[:, 1:] * keep).sum(axis=1) / keep.sum(axis=1)
+      unif = uniformity_loss(pooled)
+      self.sow("losses", "uniformity", unif)
+      loss = loss + self.uniformity_weight * unif
+    return loss, pred, mask
 
 
 def mae_from_config(model_cfg, image_size: int) -> MAE:
@@ -302,4 +366,7 @@ def mae_from_config(model_cfg, image_size: int) -> MAE:
       norm_pix_loss=model_cfg.norm_pix_loss,
       dtype=jnp.dtype(model_cfg.dtype),
       attention_impl=model_cfg.get("attention_impl") or None,
+      mask_token_in_encoder=model_cfg.get("mask_token_in_encoder", False),
+      laplacian_weight=model_cfg.get("laplacian_weight", 0.0),
+      uniformity_weight=model_cfg.get("uniformity_weight", 0.0),
   )

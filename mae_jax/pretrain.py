@@ -27,9 +27,11 @@ def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int) 
 
 
 def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
-                  mask_sampling: str = "random"):
+                  mask_sampling: str = "random", variant=None):
   """One micro-step: fresh masking noise from (rng, step) (or the batch's block masks), loss,
-  gradients, AdamW update."""
+  gradients, AdamW update. `variant`, when given, is this step's (curriculum) mask ratio."""
+  if variant is not None:
+    model = model.clone(mask_ratio=variant)
   images = data.normalize(batch["image"], mean, std)
   key = jax.random.fold_in(state.rng, state.step)
   if "mask_noise" in batch:  # block masks, drawn by the data pipeline
@@ -40,14 +42,19 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
     noise = masking.random_noise(key, images.shape[0], model.num_patches)
 
   def loss_fn(params):
-    loss, _, _ = model.apply({"params": params}, images, noise)
-    return loss
+    (loss, _, _), sown = model.apply({"params": params}, images, noise, mutable=["losses"])
+    return loss, {k: v[0] for k, v in sown["losses"].items()}
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  if len(parts) > 1:  # extra loss terms: log each
+    metrics.update({f"loss_{k}": v for k, v in parts.items()})
+  if variant is not None:
+    metrics["mask_ratio"] = jnp.float32(variant)
+  return new_state, metrics
 
 
 def build(config, mesh: Mesh):
@@ -115,7 +122,15 @@ def run(config, workdir: str) -> TrainState:
   augment = [data.train_augment(config.dataset)]
   if sampling == "block":
     augment.append(data.BlockMaskNoise(model.grid, model.mask_ratio))
+  m = config.model
+  step_variant = None
+  if m.curriculum_start_ratio >= 0:  # seed 002's curriculum masking, in compiled buckets
+    spe = len(b["train_source"]) // b["micro_batch"]
+    step_variant = lambda step: masking.curriculum_ratio(
+        step, spe, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs, m.curriculum_shape,
+        m.curriculum_bucket)
   task = Task(
+      step_variant=step_variant,
       init_state=functools.partial(create_train_state, model, tx, config.seed),
       train_step=functools.partial(pretrain_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
                                    std=tuple(config.dataset.std), mask_sampling=sampling),

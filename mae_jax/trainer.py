@@ -6,6 +6,7 @@ A job (pretraining; later probing and fine-tuning) describes itself as a `Task`:
 """
 
 import dataclasses
+import functools
 import signal
 from typing import Any, Callable, Optional, Sequence
 
@@ -43,6 +44,9 @@ class Task:
   batch_fields: Sequence[str]          # loader fields sent to the devices
   hooks: Sequence[Hook] = ()
   init_args: tuple = ()                # arguments of init_state (e.g. pretrained weights)
+  # step -> a hashable passed to train_step as `variant=` (static: one compilation per value),
+  # e.g. the bucketed mask ratio of curriculum masking. None: train_step takes no variant.
+  step_variant: Optional[Callable[[int], Any]] = None
 
 
 class StopRequested(Exception):
@@ -117,8 +121,16 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                   f"processes | {len(train_source):,} training examples | micro-batch {micro_batch} | "
                   f"steps {start}->{total_steps}")
 
-  train_step = jax.jit(task.train_step, in_shardings=(mesh.replicated, mesh.batch),
-                       out_shardings=(mesh.replicated, mesh.replicated), donate_argnums=(0,))
+  compiled = {}  # variant -> jitted train step
+
+  def train_step(state, batch, step):
+    variant = task.step_variant(step) if task.step_variant else None
+    if variant not in compiled:
+      fn = functools.partial(task.train_step, variant=variant) if task.step_variant else task.train_step
+      compiled[variant] = jax.jit(fn, in_shardings=(mesh.replicated, mesh.batch),
+                                  out_shardings=(mesh.replicated, mesh.replicated), donate_argnums=(0,))
+    return compiled[variant](state, batch)
+
   writer = metrics_lib.MetricWriter(workdir)
   progress = metrics_lib.Progress(total_steps, start)
   pending = []  # per-step metrics still on device; fetched once per log interval
@@ -128,7 +140,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
       while step < total_steps:
         local = next(data_iter)
         batch = mesh.put_batch({k: local[k] for k in task.batch_fields})
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, step)
         pending.append(step_metrics)
         step += 1
         last = step == total_steps
