@@ -117,7 +117,9 @@ def merge_pretrained(params: dict, encoder: dict, old_grid, new_grid) -> dict:
   """
   new = dict(params["encoder"])
   for k, v in encoder.items():
-    if k == "pos_embed" or (k == "norm" and "norm" not in new):
+    # Skipped: the position embedding (below), the final norm under fc_norm, and the encoder's
+    # mask token (the mask-token ablation's, used only while pretraining).
+    if k in ("pos_embed", "mask_token") or (k == "norm" and "norm" not in new):
       continue
     if jax.tree.map(np.shape, v) != jax.tree.map(np.shape, new[k]):
       raise checkpointing.CheckpointMismatchError(f"pretrained encoder weight {k} has another shape")

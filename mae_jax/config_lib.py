@@ -173,6 +173,30 @@ def imagenet_config(size: str, arg=None) -> ml_collections.ConfigDict:
   return apply_arg(c, arg)
 
 
+def load_config_file(path: str, arg=None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, by path (as --config=path:arg does)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def study_config(study_file: str, base: str, arg, *, title: str, axis: str, metric: str, runs,
+                 jobs=("pretrain", "probe", "finetune")) -> ml_collections.ConfigDict:
+  """A study (mae_jax.sweep): the base config file (relative to the study file), each run's
+  label and overrides, the jobs. With arg 'tiny', the base's CPU preset and short jobs."""
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(study_file)), base), arg)
+  if arg == "tiny":
+    c.max_steps = 200
+    c.evaluate.update(num_images=500, knn_train_examples=2000)
+    c.probe.global_pool = True  # at a few hundred steps the cls token is not trained yet
+  c.sweep = ml_collections.ConfigDict(dict(title=title, axis=axis, metric=metric,
+                                           runs=[(label, dict(o)) for label, o in runs],
+                                           jobs=tuple(jobs)))
+  return c
+
+
 def resolved_splits(dataset_cfg, labelled: bool = False) -> tuple[str, str]:
   """(training split, evaluation split): the pretraining split, or with `labelled` the labelled
   training split of probing and fine-tuning."""

@@ -1,0 +1,198 @@
+"""Run a study: `python -m mae_jax.sweep --config=configs/ablations/mask_ratio.py --workdir=runs/mask_ratio`.
+
+A study config is a normal config plus a `sweep` section: a list of runs, each a label and the
+config fields it changes, and the jobs to run for each (pretrain, then probe / finetune /
+evaluate on the pretrained encoder). Runs go one after another, each in `workdir/<label>/<job>`;
+a finished job (its results file exists) is skipped, an interrupted one resumes from its
+checkpoint, so the same command can be run again at any time. `--run=LABEL` runs one run only
+(separate launches, e.g. a SLURM array); `--report` only collects. After the runs it writes:
+
+  results.csv    one row per run: the swept fields, FLOPs, and every job's numbers
+  results.md     the same as a Markdown table, in the layout of the paper's ablation tables
+  <metric>.png   the study's metric against the swept value
+  loss_curves.png  all runs' pretraining loss curves in one figure
+"""
+
+import copy
+import csv
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mae_jax import cli
+
+JOBS = ("pretrain", "probe", "finetune", "evaluate")
+
+
+def run_config(study, overrides: dict):
+  """The study's config without its sweep section, with one run's fields set."""
+  c = copy.deepcopy(study)
+  with c.unlocked():
+    del c["sweep"]
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _read_json(path):
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def forward_gflops(config) -> float:
+  """GFLOP per image of the MAE forward pass (XLA's cost analysis), for the FLOPs columns."""
+  import jax
+  import jax.numpy as jnp
+  from mae_jax.model import mae_from_config
+  m = mae_from_config(config.model, config.dataset.image_size)
+  size = config.dataset.image_size
+  imgs, noise = jnp.zeros((1, size, size, 3)), jnp.zeros((1, m.num_patches))
+  params = jax.eval_shape(m.init, jax.random.PRNGKey(0), imgs, noise)
+  cost = jax.jit(m.apply).lower(params, imgs, noise).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) / 1e9
+
+
+def run_one(study, label: str, overrides: dict, workdir: str) -> dict:
+  """Runs (or skips, or resumes) every job of one run; returns its row of results."""
+  from mae_jax import classify, config_lib, evaluate, pretrain
+  from mae_jax import metrics as metrics_lib
+  c = run_config(study, overrides)
+  config_lib.validate(c)
+  root = os.path.join(workdir, label)
+  pre_dir = os.path.join(root, "pretrain")
+  for job in study.sweep.jobs:
+    job_dir = os.path.join(root, job)
+    if _read_json(os.path.join(job_dir, "results.json")) is not None:
+      metrics_lib.log(f"[{label}] {job}: done, skipped")
+      continue
+    metrics_lib.log(f"[{label}] {job} ...")
+    if job == "pretrain":
+      pretrain.run(c, job_dir)
+      rows = [json.loads(line) for line in open(os.path.join(job_dir, "metrics.jsonl"))]
+      last = [r for r in rows if "loss" in r][-1]
+      with open(os.path.join(job_dir, "results.json"), "w") as f:
+        json.dump({"metrics": {"final_loss": last["loss"], "steps": last["step"]}}, f, indent=2)
+    elif job in ("probe", "finetune"):
+      classify.run(c, job_dir, pre_dir, job)
+    elif job == "evaluate":
+      evaluate.run(c, job_dir, pre_dir)
+  return collect_row(study, label, overrides, workdir)
+
+
+def collect_row(study, label: str, overrides: dict, workdir: str) -> dict:
+  row = {"run": label, **{k.split(".")[-1]: v for k, v in overrides.items()}}
+  row["gflops_per_image"] = round(forward_gflops(run_config(study, overrides)), 4)
+  for job in study.sweep.jobs:
+    r = _read_json(os.path.join(workdir, label, job, "results.json"))
+    for k, v in ((r or {}).get("metrics") or {}).items():
+      if isinstance(v, (int, float)) and k not in ("examples", "images", "steps", "mask_ratio"):
+        row[f"{job}_{k}"] = round(float(v), 4)
+  return row
+
+
+def write_reports(study, rows: list, workdir: str) -> None:
+  if not rows:
+    return
+  columns = list(dict.fromkeys(k for r in rows for k in r))
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+  base = min((r["gflops_per_image"] for r in rows), default=0) or 1.0
+  lines = [f"### {study.sweep.title}", "", "| " + " | ".join(columns + ["FLOPs"]) + " |",
+           "|" + " --- |" * (len(columns) + 1)]
+  for r in rows:
+    cells = [_fmt(r.get(k, "")) for k in columns] + [f"{r['gflops_per_image'] / base:.1f}x"]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"Metric of the plot: `{study.sweep.metric}`. FLOPs: the MAE forward pass per image "
+            "relative to the cheapest run (XLA cost analysis)."]
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  _plots(study, rows, workdir)
+
+
+def _fmt(v):
+  return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _plots(study, rows, workdir):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  metric, axis = study.sweep.metric, study.sweep.axis
+  xs = [r.get(axis, r["run"]) for r in rows]
+  ys = [r.get(metric) for r in rows]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  if all(isinstance(x, (int, float)) for x in xs):
+    pts = sorted((x, y) for x, y in zip(xs, ys) if y is not None)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+  else:
+    ax.bar([str(x) for x in xs], [y or 0 for y in ys])
+  ax.set_xlabel(axis)
+  ax.set_ylabel(metric)
+  ax.set_title(study.sweep.title)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, f"{metric}.png"), dpi=120)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in rows:
+    path = os.path.join(workdir, r["run"], "pretrain", "metrics.jsonl")
+    if os.path.exists(path):
+      pts = [json.loads(line) for line in open(path)]
+      pts = [p for p in pts if "loss" in p]
+      ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], label=r["run"])
+  ax.set_xlabel("step")
+  ax.set_ylabel("pretraining loss")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "loss_curves.png"), dpi=120)
+  plt.close(fig)
+
+
+def run(study, workdir: str, only: str = "", report_only: bool = False) -> list:
+  """Runs the study's runs (all, or the one labelled `only`), then writes the reports."""
+  from mae_jax import config_lib
+  from mae_jax import metrics as metrics_lib
+  os.makedirs(workdir, exist_ok=True)
+  runs = [(label, dict(overrides)) for label, overrides in study.sweep.runs]
+  labels = [label for label, _ in runs]
+  if only and only not in labels:
+    raise config_lib.ConfigError(f"--run={only!r} is not a run of this study; runs: {', '.join(labels)}")
+  rows = []
+  for label, overrides in runs:
+    if report_only or (only and label != only):
+      rows.append(collect_row(study, label, overrides, workdir))
+    else:
+      rows.append(run_one(study, label, overrides, workdir))
+  write_reports(study, rows, workdir)
+  metrics_lib.log(f"study '{study.sweep.title}': {len(rows)} runs -> {workdir}/results.md")
+  return rows
+
+
+config_flags.DEFINE_config_file("config", None, "Study config (configs/ablations/*.py[:tiny]).")
+flags.DEFINE_string("workdir", None, "The study's folder: one sub-folder per run, and the reports.")
+flags.DEFINE_string("run", "", "Run only this label (separate launches); the reports cover all.")
+flags.DEFINE_bool("report", False, "Only collect finished results and write the reports.")
+cli.define_distributed_flags()
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  study = cli.prepare(flags.FLAGS.config)
+  return cli.run_guarded(lambda: run(study, flags.FLAGS.workdir, flags.FLAGS.run, flags.FLAGS.report))
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
