@@ -64,10 +64,9 @@ def forward_gflops(config) -> float:
 
 def run_one(study, label: str, overrides: dict, workdir: str) -> dict:
   """Runs (or skips, or resumes) every job of one run; returns its row of results."""
-  from mae_jax import classify, config_lib, evaluate, pretrain
+  from mae_jax import classify, evaluate, pretrain
   from mae_jax import metrics as metrics_lib
   c = run_config(study, overrides)
-  config_lib.validate(c)
   root = os.path.join(workdir, label)
   pre_dir = os.path.join(root, "pretrain")
   for job in study.sweep.jobs:
@@ -168,6 +167,11 @@ def run(study, workdir: str, only: str = "", report_only: bool = False) -> list:
   labels = [label for label, _ in runs]
   if only and only not in labels:
     raise config_lib.ConfigError(f"--run={only!r} is not a run of this study; runs: {', '.join(labels)}")
+  for label, overrides in runs:  # every run's config is checked before any work starts
+    try:
+      config_lib.validate(run_config(study, overrides))
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"run {label!r}: {e}") from None
   rows = []
   for label, overrides in runs:
     if report_only or (only and label != only):

@@ -8,4 +8,6 @@ def get_config(arg=None):
   return config_lib.study_config(
       __file__, "../cifar10_vit_t.py", arg, title="Decoder width", axis="decoder_width",
       metric="probe_top1",
-      runs=[(f"width_{w}", {"model.decoder_width": w}) for w in (64, 128, 192, 256)])
+      # Heads of 32 channels each, so that every width divides evenly.
+      runs=[(f"width_{w}", {"model.decoder_width": w, "model.decoder_heads": w // 32})
+            for w in (64, 128, 192, 256)])
