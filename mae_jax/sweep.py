@@ -77,10 +77,8 @@ def run_one(study, label: str, overrides: dict, workdir: str) -> dict:
     metrics_lib.log(f"[{label}] {job} ...")
     if job == "pretrain":
       pretrain.run(c, job_dir)
-      rows = [json.loads(line) for line in open(os.path.join(job_dir, "metrics.jsonl"))]
-      last = [r for r in rows if "loss" in r][-1]
       with open(os.path.join(job_dir, "results.json"), "w") as f:
-        json.dump({"metrics": {"final_loss": last["loss"], "steps": last["step"]}}, f, indent=2)
+        json.dump({"metrics": pretrain_summary(job_dir)}, f, indent=2)
     elif job in ("probe", "finetune"):
       classify.run(c, job_dir, pre_dir, job)
     elif job == "evaluate":
@@ -88,11 +86,24 @@ def run_one(study, label: str, overrides: dict, workdir: str) -> dict:
   return collect_row(study, label, overrides, workdir)
 
 
+def pretrain_summary(job_dir: str) -> dict:
+  """The last logged training loss, and its terms: `final_mse` is the reconstruction term alone,
+  comparable across runs whose total loss adds seed 002's Laplacian or uniformity terms."""
+  with open(os.path.join(job_dir, "metrics.jsonl")) as f:
+    last = [r for r in map(json.loads, f) if "loss" in r][-1]
+  summary = {"final_loss": last["loss"], "final_mse": last.get("loss_mse", last["loss"])}
+  summary.update({f"final_{k}": v for k, v in last.items() if k.startswith("loss_") and k != "loss_mse"})
+  return {**summary, "steps": last["step"]}
+
+
 def collect_row(study, label: str, overrides: dict, workdir: str) -> dict:
   row = {"run": label, **{k.split(".")[-1]: v for k, v in overrides.items()}}
   row["gflops_per_image"] = round(forward_gflops(run_config(study, overrides)), 4)
   for job in study.sweep.jobs:
-    r = _read_json(os.path.join(workdir, label, job, "results.json"))
+    job_dir = os.path.join(workdir, label, job)
+    r = _read_json(os.path.join(job_dir, "results.json"))
+    if r is not None and job == "pretrain":
+      r = {"metrics": pretrain_summary(job_dir)}
     for k, v in ((r or {}).get("metrics") or {}).items():
       if isinstance(v, (int, float)) and k not in ("examples", "images", "steps", "mask_ratio"):
         row[f"{job}_{k}"] = round(float(v), 4)
@@ -102,7 +113,8 @@ def collect_row(study, label: str, overrides: dict, workdir: str) -> dict:
 def write_reports(study, rows: list, workdir: str) -> None:
   if not rows:
     return
-  columns = list(dict.fromkeys(k for r in rows for k in r))
+  swept = [k.split(".")[-1] for _, overrides in study.sweep.runs for k in overrides]
+  columns = list(dict.fromkeys(["run", *swept, *(k for r in rows for k in r)]))
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=columns)
     w.writeheader()

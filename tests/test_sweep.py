@@ -30,7 +30,7 @@ def test_sweep_writes_reports_and_skips_finished_runs(cifar_folder, tmp_path):
   with open(tmp_path / "results.csv") as f:
     table = list(csv.DictReader(f))
   assert [float(r["mask_ratio"]) for r in table] == [0.5, 0.75]
-  for key in ("pretrain_final_loss", "probe_top1", "evaluate_masked_mse_pixel", "evaluate_knn_top1",
+  for key in ("pretrain_final_loss", "pretrain_final_mse", "probe_top1", "evaluate_masked_mse_pixel", "evaluate_knn_top1",
               "gflops_per_image"):
     assert all(r[key] != "" for r in table), key
   # A lower ratio keeps more patches: more encoder FLOPs.
@@ -60,3 +60,14 @@ def test_every_study_config_is_valid(path, tmp_path):
     for label, overrides in study.sweep.runs:
       c = sweep.run_config(study, dict(overrides))
       config_lib.validate(c)
+
+
+def test_pretrain_summary_separates_the_reconstruction_term(tmp_path):
+  rows = ['{"step": 5, "loss": 0.9}', '{"step": 5, "test_top1": 10.0}',
+          '{"step": 10, "loss": 0.25, "loss_mse": 0.3, "loss_uniformity": -5.0, "lr": 0.1}']
+  (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+  assert sweep.pretrain_summary(str(tmp_path)) == {
+      "final_loss": 0.25, "final_mse": 0.3, "final_loss_uniformity": -5.0, "steps": 10}
+  # Without extra terms the loss is the reconstruction term.
+  (tmp_path / "metrics.jsonl").write_text(rows[0] + "\n")
+  assert sweep.pretrain_summary(str(tmp_path)) == {"final_loss": 0.9, "final_mse": 0.9, "steps": 5}
