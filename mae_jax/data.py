@@ -13,7 +13,7 @@ import dataclasses
 import io
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import grain
 from absl import flags
@@ -254,7 +254,13 @@ def make_loader(config, source, *, train: bool, global_batch_size: int, seed: in
   num_processes = jax.process_count()
   if global_batch_size % num_processes:
     raise ValueError(f"global batch {global_batch_size} is not divisible by {num_processes} processes")
-  shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  if train:  # equal shards, the surplus dropped
+    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  else:
+    # Evaluation keeps every example: this process reads its own contiguous slice (sizes differ
+    # by at most one; `eval_batches` evens out the batch counts). Not grain's sharding, whose
+    # loader stops every shard at floor(N / processes) records when they are uneven.
+    source, shard = ProcessSlice(source), grain.sharding.NoSharding()
   sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=train,
                                         num_epochs=None if train else 1, seed=seed)
   if train:
@@ -267,6 +273,47 @@ def make_loader(config, source, *, train: bool, global_batch_size: int, seed: in
          grain.transforms.Batch(global_batch_size // num_processes, drop_remainder=train)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=d.num_workers if worker_count is None else worker_count)
+
+
+class ProcessSlice:
+  """This process's contiguous share of a source: records [start, end) of an even split."""
+
+  def __init__(self, source):
+    n, count, index = len(source), jax.process_count(), jax.process_index()
+    self.source = source
+    self.start = index * (n // count) + min(index, n % count)
+    self.end = self.start + n // count + (index < n % count)
+
+  def __len__(self):
+    return self.end - self.start
+
+  def __getitem__(self, i):
+    return self.source[self.start + int(i)]
+
+
+def eval_batches(config, source, global_batch_size: int, fields: Sequence[str]) -> Iterator[dict]:
+  """Every example of `source` once, as this process's share of each global batch, padded to
+  one static shape with 'valid' marking the real rows (see `pad_batch`).
+
+  Every process yields the same number of batches, ceil(ceil(N / processes) / local batch),
+  a process whose shard ends early yielding all-padding ones, so that the collectives of the
+  evaluation step line up across processes.
+  """
+  num_processes = jax.process_count()
+  if len(source) < num_processes:
+    raise ValueError(f"the evaluation source has {len(source)} examples, fewer than the "
+                     f"{num_processes} processes that share it; evaluate on a larger split")
+  local_size = global_batch_size // num_processes
+  largest_shard = -(-len(source) // num_processes)
+  num_batches = -(-largest_shard // local_size)
+  batches = iter(make_loader(config, source, train=False, global_batch_size=global_batch_size, seed=0))
+  last = None
+  for _ in range(num_batches):
+    local = next(batches, None)
+    if local is None:  # this shard is done: a batch of no rows, padded below
+      local = {k: v[:0] for k, v in last.items()}
+    last = {k: np.asarray(local[k]) for k in fields}
+    yield pad_batch(last, local_size)
 
 
 def pad_batch(batch: dict, size: int) -> dict:

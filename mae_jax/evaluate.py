@@ -147,11 +147,9 @@ def extract_features(config, mesh: Mesh, encoder: Encoder, encoder_params, sourc
 
   fn = jax.jit(feats, out_shardings=mesh.replicated)  # replicated: every process gets all rows
   size = config.evaluate.batch_size
-  loader = data.make_loader(config, source, train=False, global_batch_size=size, seed=0)
   out_f, out_y = [], []
-  for local in loader:
-    batch = mesh.put_batch(data.pad_batch({"image": local["image"], "label": local["label"]},
-                                          size // jax.process_count()))
+  for local in data.eval_batches(config, source, size, ("image", "label")):
+    batch = mesh.put_batch(local)
     f, y, valid = jax.device_get(fn(encoder_params, batch))
     out_f.append(f[valid > 0])
     out_y.append(y[valid > 0])
@@ -217,13 +215,11 @@ def run(config, workdir: str, pretrained: str) -> dict:
 
   sums_fn = jax.jit(functools.partial(reconstruction_sums, model, mean=mean, std=std,
                                       lpips_weights=lpips_weights), out_shardings=mesh.replicated)
-  loader = data.make_loader(config, test_source, train=False, global_batch_size=e.batch_size, seed=0)
-  local_size = e.batch_size // jax.process_count()
   sampling = config.model.mask_sampling
   noise_for = lambda i: masking.fixed_noise(sampling, config.seed + 2 + i, e.batch_size, model.grid, mask_ratio)
   totals = None
-  for i, local in enumerate(loader):
-    batch = mesh.put_batch(data.pad_batch({"image": local["image"]}, local_size))
+  for i, local in enumerate(data.eval_batches(config, test_source, e.batch_size, ("image",))):
+    batch = mesh.put_batch(local)
     sums = sums_fn(params, batch["image"], mesh.replicate(noise_for(i)), batch["valid"])
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   results = summarize({k: float(v) for k, v in jax.device_get(totals).items()})

@@ -188,11 +188,9 @@ def evaluate(config, mesh: Mesh, eval_step: Callable, state, source, global_batc
   Batches are padded to one static shape; `batch['valid']` marks the real rows, which
   `eval_step` must weigh by. Sums stay on device until the end.
   """
-  loader = data.make_loader(config, source, train=False, global_batch_size=global_batch, seed=0)
-  local_size = global_batch // jax.process_count()
   totals = None
-  for local in loader:
-    batch = mesh.put_batch(data.pad_batch({k: np.asarray(local[k]) for k in fields}, local_size))
+  for local in data.eval_batches(config, source, global_batch, fields):
+    batch = mesh.put_batch(local)
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return {k: float(v) for k, v in jax.device_get(totals).items()}

@@ -84,6 +84,29 @@ def test_loader_is_deterministic_and_resumes_exactly(cifar_folder):
   assert not np.array_equal(other_seed, run_a[0])
 
 
+def test_eval_batches_cover_every_example_once_in_order(cifar_folder):
+  c = tiny_config(cifar_folder)
+  c.dataset.num_workers = 0
+  src = data.ImageFolderSource(cifar_folder, "test")
+  subset = [src[i] for i in range(13)]
+  batches = list(data.eval_batches(c, subset, 4, ("image", "label")))
+  assert len(batches) == 4 and all(b["image"].shape == (4, 32, 32, 3) for b in batches)
+  np.testing.assert_array_equal(np.concatenate([b["valid"] for b in batches]), [1] * 13 + [0] * 3)
+  labels = np.concatenate([b["label"] for b in batches])[:13]
+  np.testing.assert_array_equal(labels, [r["label"] for r in subset])
+  np.testing.assert_array_equal(batches[0]["image"][1], data.load_images(subset, [1], 32)[0])
+
+
+def test_process_slices_split_evenly_and_cover_every_record_once(monkeypatch):
+  seen = []
+  for index in range(3):
+    monkeypatch.setattr(data.jax, "process_count", lambda: 3)
+    monkeypatch.setattr(data.jax, "process_index", lambda index=index: index)
+    part = data.ProcessSlice(list(range(10)))
+    seen.append([part[i] for i in range(len(part))])
+  assert seen == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
 def test_tfds_source_with_mock_data():
   c = tiny_config("unused")
   c.dataset.source, c.dataset.name = "tfds", "cifar10"

@@ -81,6 +81,8 @@ def test_eight_devices_match_one_device(cifar_folder):
   assert one["devices"] == 1 and eight["devices"] == 8
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5)
   assert one["losses"][-1] != one["losses"][0]  # the steps did train
+  assert eight["eval_labels"] == one["eval_labels"]
+  np.testing.assert_allclose(eight["eval_feature_sum"], one["eval_feature_sum"], rtol=1e-4)
 
 
 def _free_port():
@@ -103,6 +105,9 @@ def test_two_processes_match_one_process(cifar_folder):
   two = json.loads(outs[0][0].strip().splitlines()[-1])
   assert two["processes"] == 2 and two["devices"] == 2
   np.testing.assert_allclose(two["losses"], one["losses"], rtol=2e-5)
+  # Evaluation sees every image once, though the two shards differ in size.
+  assert len(one["eval_labels"]) == 9 and two["eval_labels"] == one["eval_labels"]
+  np.testing.assert_allclose(two["eval_feature_sum"], one["eval_feature_sum"], rtol=1e-4)
 
 
 def test_gradient_accumulation_updates_every_k_micro_steps():

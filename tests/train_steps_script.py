@@ -1,4 +1,5 @@
-"""Runs N pretraining steps on fixed global batches of real images and prints the losses (JSON).
+"""Runs N pretraining steps on fixed global batches of real images and prints the losses (JSON),
+then the labels and feature sum of an evaluation pass over 9 images.
 
 Used by tests in fresh interpreters: with XLA_FLAGS=--xla_force_host_platform_device_count=8
 (8 simulated devices), or as one of several processes (--num_processes, --process_id, --port)
@@ -51,9 +52,17 @@ def main():
     local = global_images[jax.process_index() * rows:(jax.process_index() + 1) * rows]
     state, metrics = step(state, mesh.put_batch({"image": local}))
     losses.append(float(metrics["loss"]))
+  # An evaluation pass over 9 images in global batches of 4 (8 with 8 devices): with 2 processes
+  # the shards are 5 and 4 images in local batches of 2, so the second process runs out a batch
+  # early and pads a whole batch; every image must still count once.
+  from mae_jax import evaluate
+  c.evaluate.batch_size = max(4, jax.device_count())
+  feats, labels = evaluate.extract_features(c, mesh, evaluate.encoder_from_config(c),
+                                            state.params["encoder"], evaluate.Subset(src, 9), True)
   if jax.process_index() == 0:
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
-                      "losses": losses}))
+                      "losses": losses, "eval_labels": sorted(labels.tolist()),
+                      "eval_feature_sum": float(feats.sum())}))
 
 
 if __name__ == "__main__":
