@@ -103,6 +103,8 @@ def collect_row(study, label: str, overrides: dict, workdir: str) -> dict:
     job_dir = os.path.join(workdir, label, job)
     r = _read_json(os.path.join(job_dir, "results.json"))
     if r is not None and job == "pretrain":
+      # results.json marks the job done; metrics.jsonl stays the record, so a results.json
+      # written before the loss terms were summarised still reports every term.
       r = {"metrics": pretrain_summary(job_dir)}
     for k, v in ((r or {}).get("metrics") or {}).items():
       if isinstance(v, (int, float)) and k not in ("examples", "images", "steps", "mask_ratio"):
