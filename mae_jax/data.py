@@ -97,8 +97,11 @@ def make_source(dataset_cfg, split: str):
   import tensorflow_datasets as tfds  # imported late: it is slow to import
   info = DATASETS[dataset_cfg.name]
   try:
+    # ArrayRecord (random access, what grain reads) also when a data_dir is given: tfds then
+    # leaves the format at its TFRecord default, which data_source cannot read.
     return tfds.data_source(info.tfds_name, split=split, data_dir=dataset_cfg.tfds_data_dir,
-                            download=dataset_cfg.download)
+                            download=dataset_cfg.download,
+                            builder_kwargs={"file_format": "array_record"})
   except Exception as e:  # tfds raises many kinds; say what to do
     raise DataError(
         f"could not open tfds dataset {info.tfds_name!r} split {split!r} "

@@ -124,3 +124,59 @@ def test_normalize_round_trip():
   n = data.normalize(x, mean, std)
   np.testing.assert_allclose(n[0, 0, 1], (1 / 255 - np.array(mean)) / np.array(std), rtol=1e-6)
   np.testing.assert_allclose(data.denormalize(n, mean, std), x / 255.0, atol=1e-6)
+
+
+def _cifar_binary_archive(path, rng, train_per_file=2, test_images=3):
+  """A tiny archive in CIFAR-10's binary format (label byte + 3072 bytes of R, G, B planes per
+  record); returns the train and test (labels, images HWC) it holds."""
+  import io
+  import tarfile
+  made = {}
+  with tarfile.open(path, "w:gz") as tar:
+    def add(name, payload):
+      info = tarfile.TarInfo("cifar-10-batches-bin/" + name)
+      info.size = len(payload)
+      tar.addfile(info, io.BytesIO(payload))
+    for split, files, n in (("train", [f"data_batch_{i}.bin" for i in range(1, 6)], train_per_file),
+                            ("test", ["test_batch.bin"], test_images)):
+      labels, images = [], []
+      for name in files:
+        y = rng.integers(0, 10, n, dtype=np.uint8)
+        x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        add(name, b"".join(bytes([int(l)]) + im.tobytes() for l, im in zip(y, x)))
+        labels.append(y)
+        images.append(x.transpose(0, 2, 3, 1))
+      made[split] = (np.concatenate(labels), np.concatenate(images))
+    add("batches.meta.txt", "\n".join(f"class_{i}" for i in range(10)).encode())
+  return made
+
+
+def test_tfds_downloads_and_prepares_cifar10_offline(tmp_path, monkeypatch):
+  """The first-run path of the README's main command: tfds downloads CIFAR-10 (here from a server
+  on 127.0.0.1 holding a tiny archive of the real format), prepares it as ArrayRecord into a data
+  dir, and `make_source` reads it. A missing dependency of that path fails here."""
+  import functools
+  import http.server
+  import threading
+  from tensorflow_datasets.image_classification import cifar
+  served = tmp_path / "served"
+  served.mkdir()
+  made = _cifar_binary_archive(served / "cifar-10-binary.tar.gz", np.random.default_rng(0))
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-binary.tar.gz"
+  info = cifar.Cifar10._cifar_info
+  monkeypatch.setattr(cifar.Cifar10, "_cifar_info", property(lambda self: info.fget(self)._replace(url=url)))
+  c = tiny_config("unused")
+  c.dataset.source, c.dataset.name, c.dataset.tfds_data_dir = "tfds", "cifar10", str(tmp_path / "tfds")
+  try:
+    for split in ("train", "test"):
+      src = data.make_source(c.dataset, split)
+      labels, images = made[split]
+      assert len(src) == len(labels)
+      got = sorted((int(src[i]["label"]), data.decode_image(src[i]["image"]).tobytes()) for i in range(len(src)))
+      assert got == sorted((int(y), x.tobytes()) for y, x in zip(labels, images))
+  finally:
+    server.shutdown()
+  assert list((tmp_path / "tfds" / "cifar10").glob("*/cifar10-train.array_record*"))
