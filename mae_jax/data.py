@@ -24,7 +24,9 @@ from PIL import Image
 
 from mae_jax import augment, masking
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# Where an image has transparency, it is composited onto this colour (as it shows on a white page).
+ALPHA_BACKGROUND = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +121,9 @@ def decode_image(image: Any) -> np.ndarray:
     what = f"image file {image!r}" if isinstance(image, str) else "encoded image bytes"
     try:
       with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as im:
-        return np.asarray(im.convert("RGB"))
+        return to_rgb8(im)
+    except DataError as e:
+      raise DataError(f"{what}: {e}") from None
     except Exception as e:
       raise DataError(f"cannot decode {what} ({e}); remove or replace it") from e
   arr = np.asarray(image)
@@ -128,6 +132,45 @@ def decode_image(image: Any) -> np.ndarray:
   if arr.shape[-1] == 1:
     arr = np.repeat(arr, 3, axis=-1)
   return arr[..., :3].astype(np.uint8)
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+  """A PIL image of any mode -> uint8 (H, W, 3), each mode scaled from its own range.
+
+  `Image.convert("RGB")` clips deeper modes instead of scaling them (a 16-bit PNG comes out
+  nearly white, a [0, 1] float TIFF black) and drops alpha (transparent pixels show whatever
+  colour is stored under them). Here: 16-bit modes scale [0, 65535] -> [0, 255]; 32-bit integer
+  ('I') images whose values fit in [0, 65535] are 16-bit data (Pillow opens some 16-bit files so),
+  others scale [0, 2**31 - 1]; float ('F') images scale [0, 1]; alpha (LA, RGBA, P or L with a
+  transparent colour) is composited onto white; CMYK and YCbCr convert by Pillow's formulas.
+  Values outside a mode's range (negative, or a float image beyond [0, 1]) have no defined
+  colour and raise DataError.
+  """
+  mode = im.mode
+  if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    x = np.asarray(im)
+    x = x.astype(np.float64)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if mode == "F":
+      top = 1.0
+    elif mode == "I" and hi > 65535:
+      top = 2.0**31 - 1
+    else:
+      top = 65535.0
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > top:
+      raise DataError(f"{mode} image has values in [{lo:g}, {hi:g}], outside [0, {top:g}], so "
+                      "their colour is undefined; convert it to 8-bit (or 16-bit) RGB")
+    gray = np.round(x * (255.0 / top)).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=-1)
+  if (mode in ("P", "L", "RGB") and "transparency" in im.info) or mode == "PA":
+    im, mode = im.convert("RGBA"), "RGBA"
+  if mode in ("LA", "La", "RGBA", "RGBa"):
+    rgba = np.asarray(im.convert("RGBA")).astype(np.float64)  # La / RGBa are un-premultiplied
+    alpha = rgba[..., 3:] / 255.0
+    return np.round(rgba[..., :3] * alpha + ALPHA_BACKGROUND * (1.0 - alpha)).astype(np.uint8)
+  if mode in ("RGB", "L", "1", "P", "CMYK", "YCbCr", "RGBX"):
+    return np.asarray(im.convert("RGB"))
+  raise DataError(f"image mode {mode!r} is not supported; convert the file to RGB")
 
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}

@@ -180,3 +180,55 @@ def test_tfds_downloads_and_prepares_cifar10_offline(tmp_path, monkeypatch):
   finally:
     server.shutdown()
   assert list((tmp_path / "tfds" / "cifar10").glob("*/cifar10-train.array_record*"))
+
+
+def _palette_with_transparency():
+  im = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+  im.putpalette([10, 20, 30, 200, 0, 0] + [0] * 762)
+  im.info["transparency"] = 0  # index 0 is transparent
+  return im
+
+
+# (mode, file, hand-made image, expected 8-bit RGB of its pixels). Deeper modes scale by their
+# range (convert("RGB") clipped them: a 16-bit image came out white), alpha composites onto white.
+DECODE_CASES = [
+    ("I;16", "png", Image.fromarray(np.array([[0, 257], [32896, 65535]], np.uint16)),
+     [[0, 1], [128, 255]]),
+    ("I;16B", "tif", Image.fromarray(np.array([[0, 257], [32896, 65535]], ">u2")), [[0, 1], [128, 255]]),
+    ("I (16-bit values)", "tif", Image.fromarray(np.array([[0, 257], [32896, 65535]], np.int32)),
+     [[0, 1], [128, 255]]),
+    ("I (32-bit values)", "tif", Image.fromarray(np.array([[0, 2**23], [2**30, 2**31 - 1]], np.int32)),
+     [[0, 1], [128, 255]]),
+    ("F", "tif", Image.fromarray(np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)), [[0, 64], [128, 255]]),
+    ("LA", "png", Image.fromarray(np.array([[[100, 0], [100, 255]], [[100, 128], [0, 255]]], np.uint8), "LA"),
+     [[255, 100], [177, 0]]),  # 100 * 128/255 + 255 * 127/255 = 177.2
+    ("P with transparency", "png", _palette_with_transparency(),
+     [[(255, 255, 255), (200, 0, 0)], [(200, 0, 0), (255, 255, 255)]]),
+    ("RGBA", "png", Image.fromarray(np.array([[[10, 20, 30, 0], [10, 20, 30, 255]]], np.uint8), "RGBA"),
+     [[(255, 255, 255), (10, 20, 30)]]),
+    ("CMYK", "tif", Image.fromarray(np.array([[[0, 255, 255, 0], [0, 0, 0, 255]],
+                                              [[128, 0, 0, 0], [0, 0, 0, 0]]], np.uint8), "CMYK"),
+     [[(255, 0, 0), (0, 0, 0)], [(127, 255, 255), (255, 255, 255)]]),  # 255 (1 - C)(1 - K)
+    ("1", "png", Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1"), [[0, 255]]),
+]
+
+
+@pytest.mark.parametrize("mode, ext, image, expected", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_decode_every_mode_to_8_bit_rgb(tmp_path, mode, ext, image, expected):
+  path = tmp_path / f"img.{ext}"
+  image.save(path, **({"transparency": 0} if mode == "P with transparency" else {}))
+  with Image.open(path) as reopened:
+    assert reopened.mode == mode.split(" ")[0]  # the file really holds that mode
+  got = data.decode_image(str(path))
+  want = np.asarray(expected, np.uint8)
+  if want.ndim == 2:
+    want = np.repeat(want[:, :, None], 3, axis=-1)
+  assert got.dtype == np.uint8 and got.shape == want.shape
+  np.testing.assert_array_equal(got, want)
+
+
+def test_decode_refuses_values_without_a_defined_colour(tmp_path):
+  path = tmp_path / "hdr.tif"
+  Image.fromarray(np.array([[0.0, 2.5]], np.float32)).save(path)
+  with pytest.raises(data.DataError, match=r"hdr.tif.*values in \[0, 2.5\], outside \[0, 1\]"):
+    data.decode_image(str(path))
