@@ -90,8 +90,8 @@ def bench_train_step(config, steps: int) -> dict:
 
 
 def bench_pipeline(config, batches: int) -> dict:
-  from mae_jax import config_lib, data
-  split, _ = config_lib.resolved_splits(config.dataset)
+  from mae_jax import data
+  split, _ = data.resolved_splits(config.dataset)
   source = data.make_source(config.dataset, split)
   micro = config.batch_size // config.grad_accum_steps
   it = iter(data.make_loader(config, source, train=True, global_batch_size=micro, seed=config.seed))

@@ -103,9 +103,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
   probe = mode == "probe"
   section = config[mode]
   mesh = Mesh()
-  train_split, eval_split = config_lib.resolved_splits(config.dataset, labelled=True)
-  train_source = data.make_source(config.dataset, train_split)
-  test_source = data.make_source(config.dataset, eval_split)
+  train_source, test_source = data.labelled_sources(config.dataset)
   n_classes = data.num_classes(config.dataset, train_source)
   model = classifier.classifier_from_config(
       config, n_classes, probe=probe, drop_path=section.get("drop_path", 0.0),

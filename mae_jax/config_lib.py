@@ -197,15 +197,6 @@ def study_config(study_file: str, base: str, arg, *, title: str, axis: str, metr
   return c
 
 
-def resolved_splits(dataset_cfg, labelled: bool = False) -> tuple[str, str]:
-  """(training split, evaluation split): the pretraining split, or with `labelled` the labelled
-  training split of probing and fine-tuning."""
-  info = data.DATASETS[dataset_cfg.name]
-  train = (dataset_cfg.train_split or info.train_split) if labelled else (
-      dataset_cfg.pretrain_split or info.pretrain_split)
-  return train, dataset_cfg.eval_split or info.eval_split
-
-
 def validate(config) -> None:
   """Checks the config before any work; raises ConfigError saying what is wrong and how to fix it."""
   m, d = config.model, config.dataset

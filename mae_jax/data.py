@@ -16,7 +16,7 @@ import os
 from typing import Any, Iterator, Optional, Sequence
 
 import grain
-from absl import flags
+from absl import flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,28 +59,59 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------
 # Sources: random access, `len()` and `[i]` -> {"image": ..., "label": int}.
 # ----------------------------------------------------------------------------
-class ImageFolderSource:
-  """`root/<split>/<class>/**/<file>` with classes numbered in sorted order."""
+def _images_under(folder: str):
+  """Image files below `folder`, in sorted order (nested folders, e.g. Tiny ImageNet's
+  <wnid>/images/, included)."""
+  for dirpath, dirnames, names in sorted(os.walk(folder)):
+    dirnames.sort()
+    for name in sorted(names):
+      if name.lower().endswith(IMAGE_EXTENSIONS):
+        yield os.path.join(dirpath, name)
 
-  def __init__(self, root: str, split: str):
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-      raise DataError(
-          f"image folder {split_dir!r} does not exist; expected <folder>/{split}/<class>/*.jpg|png "
-          f"(set --config.dataset.folder to the folder that holds '{split}/')")
-    self.classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+
+def folder_classes(root: str, split: str) -> list[str]:
+  """The classes of `root/<split>/`: its class folders that hold at least one image, sorted.
+  Folders without images are skipped (with a warning) the same way in every split."""
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    raise DataError(
+        f"image folder {split_dir!r} does not exist; expected <folder>/{split}/<class>/*.jpg|png "
+        f"(set --config.dataset.folder to the folder that holds '{split}/')")
+  found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+  classes = [c for c in found if next(_images_under(os.path.join(split_dir, c)), None)]
+  empty = [c for c in found if c not in classes]
+  if empty:
+    logging.warning("image folder %r: skipping %d class folder(s) without images: %s", split_dir,
+                    len(empty), ", ".join(empty))
+  if not classes:
+    raise DataError(
+        f"image folder {split_dir!r} holds no images; expected {split}/<class>/*.jpg|png "
+        f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+  return classes
+
+
+class ImageFolderSource:
+  """`root/<split>/<class>/**/<file>`. Labels number `classes` (default: this split's own class
+  folders, sorted); given, the split must hold exactly those classes, so that every split of a
+  data set labels a class alike."""
+
+  def __init__(self, root: str, split: str, classes: Optional[Sequence[str]] = None,
+               classes_from: str = ""):
+    found = folder_classes(root, split)
+    if classes is not None and list(classes) != found:
+      ref = f"'{classes_from}'" if classes_from else "the label map"
+      extra = [c for c in found if c not in classes]
+      missing = [c for c in classes if c not in found]
+      what = [f"class '{c}' has images in '{split}' but not in {ref}" for c in extra]
+      what += [f"class '{c}' has images in {ref} but not in '{split}'" for c in missing]
+      raise DataError(f"the splits of image folder {root!r} disagree on their classes: "
+                      f"{'; '.join(what)}. Every split needs the same class folders, each with images")
+    self.classes = list(found)
     self.files, self.labels = [], []
     for label, cls in enumerate(self.classes):
-      for dirpath, dirnames, names in sorted(os.walk(os.path.join(split_dir, cls))):
-        dirnames.sort()  # nested folders (tiny-imagenet's <wnid>/images/) are read in order
-        for name in sorted(names):
-          if name.lower().endswith(IMAGE_EXTENSIONS):
-            self.files.append(os.path.join(dirpath, name))
-            self.labels.append(label)
-    if not self.files:
-      raise DataError(
-          f"image folder {split_dir!r} holds no images; expected {split}/<class>/*.jpg|png "
-          f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+      for path in _images_under(os.path.join(root, split, cls)):
+        self.files.append(path)
+        self.labels.append(label)
 
   def __len__(self):
     return len(self.files)
@@ -92,10 +123,13 @@ class ImageFolderSource:
     return f"ImageFolderSource({len(self)} images, {len(self.classes)} classes)"
 
 
-def make_source(dataset_cfg, split: str):
-  """The random-access source for one split of `config.dataset`."""
+def make_source(dataset_cfg, split: str, labels_from: str = ""):
+  """The random-access source for one split of `config.dataset`. `labels_from` names the split
+  whose classes define the labels (the labelled training split): an image folder's split must
+  then hold the same classes. tfds data sets carry their own label map."""
   if dataset_cfg.source == "folder":
-    return ImageFolderSource(dataset_cfg.folder, split)
+    classes = folder_classes(dataset_cfg.folder, labels_from) if labels_from else None
+    return ImageFolderSource(dataset_cfg.folder, split, classes, labels_from)
   import tensorflow_datasets as tfds  # imported late: it is slow to import
   info = DATASETS[dataset_cfg.name]
   try:
@@ -110,6 +144,23 @@ def make_source(dataset_cfg, split: str):
         f"(data_dir={dataset_cfg.tfds_data_dir}): {e}\nWithout internet, point the config at a "
         "prepared tfds data dir (--config.dataset.tfds_data_dir=DIR) or at an image folder "
         "(--config.dataset.source=folder --config.dataset.folder=DIR).") from e
+
+
+def resolved_splits(dataset_cfg, labelled: bool = False) -> tuple[str, str]:
+  """(training split, evaluation split): the pretraining split, or with `labelled` the labelled
+  training split of probing and fine-tuning."""
+  info = DATASETS[dataset_cfg.name]
+  train = (dataset_cfg.train_split or info.train_split) if labelled else (
+      dataset_cfg.pretrain_split or info.pretrain_split)
+  return train, dataset_cfg.eval_split or info.eval_split
+
+
+def labelled_sources(dataset_cfg):
+  """(labelled training source, evaluation source), labelled by one label map: the training
+  split's (probe, fine-tune, kNN)."""
+  train_split, eval_split = resolved_splits(dataset_cfg, labelled=True)
+  return (make_source(dataset_cfg, train_split, labels_from=train_split),
+          make_source(dataset_cfg, eval_split, labels_from=train_split))
 
 
 # ----------------------------------------------------------------------------

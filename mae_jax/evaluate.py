@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 
-from mae_jax import checkpointing, cli, config_lib, data, figures, lpips, masking
+from mae_jax import checkpointing, cli, data, figures, lpips, masking
 from mae_jax import metrics as metrics_lib
 from mae_jax.model import (Encoder, laplacian, mae_from_config, normalize_patches, patchify,
                            unnormalize_patches, unpatchify)
@@ -209,8 +209,8 @@ def run(config, workdir: str, pretrained: str) -> dict:
                    for net, path in (("alex", e.lpips_alex), ("vgg", e.lpips_vgg)) if path}
   params, step = load_mae_params(pretrained, config)
   params = mesh.replicate(params)
-  train_split, eval_split = config_lib.resolved_splits(config.dataset, labelled=True)
-  test_source = Subset(data.make_source(config.dataset, eval_split), e.num_images)
+  train_source, test_source = data.labelled_sources(config.dataset)
+  test_source = Subset(test_source, e.num_images)
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
 
   sums_fn = jax.jit(functools.partial(reconstruction_sums, model, mean=mean, std=std,
@@ -224,8 +224,7 @@ def run(config, workdir: str, pretrained: str) -> dict:
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   results = summarize({k: float(v) for k, v in jax.device_get(totals).items()})
   results["mask_ratio"] = mask_ratio
-  results["knn_top1"] = knn_eval(config, mesh, params["encoder"],
-                                 data.make_source(config.dataset, train_split), test_source)
+  results["knn_top1"] = knn_eval(config, mesh, params["encoder"], train_source, test_source)
 
   n = min(e.figure_images, len(test_source))
   images = data.load_images(test_source, range(n), config.dataset.image_size, config.dataset.interpolation)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import config_lib, data, figures, masking, optim
+from mae_jax import data, figures, masking, optim
 from mae_jax import metrics as metrics_lib
 from mae_jax.model import MAE, mae_from_config
 from mae_jax.parallel import Mesh
@@ -59,7 +59,7 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
 
 def build(config, mesh: Mesh):
   """Everything pretraining needs from a config: model, sources, schedule, optimizer, step counts."""
-  pretrain_split, eval_split = config_lib.resolved_splits(config.dataset)
+  pretrain_split, eval_split = data.resolved_splits(config.dataset)
   train_source = data.make_source(config.dataset, pretrain_split)
   micro_batch = config.batch_size // config.grad_accum_steps
   updates_per_epoch = steps_per_epoch(len(train_source), config.batch_size)
@@ -96,13 +96,12 @@ def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Ho
   return Hook(config.figure_every_steps, save)
 
 
-def knn_hook(config, mesh: Mesh, eval_source) -> Hook:
+def knn_hook(config, mesh: Mesh) -> Hook:
   """Every `evaluate.knn_every_steps`: kNN top-1 of the current encoder's frozen features."""
   from mae_jax import evaluate  # evaluation code is only needed when asked for
-  train_split, _ = config_lib.resolved_splits(config.dataset, labelled=True)
-  memory = data.make_source(config.dataset, train_split)
+  memory, queries = data.labelled_sources(config.dataset)
   return Hook(config.evaluate.knn_every_steps, lambda step, state: {
-      "knn_top1": evaluate.knn_eval(config, mesh, state.params["encoder"], memory, eval_source)})
+      "knn_top1": evaluate.knn_eval(config, mesh, state.params["encoder"], memory, queries)})
 
 
 def run(config, workdir: str) -> TrainState:
@@ -117,7 +116,7 @@ def run(config, workdir: str) -> TrainState:
   eval_source = data.make_source(config.dataset, b["eval_split"])
   hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
   if config.evaluate.knn_every_steps > 0:
-    hooks.append(knn_hook(config, mesh, eval_source))
+    hooks.append(knn_hook(config, mesh))
   sampling = config.model.mask_sampling
   augment = [data.train_augment(config.dataset)]
   if sampling == "block":

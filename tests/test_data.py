@@ -232,3 +232,38 @@ def test_decode_refuses_values_without_a_defined_colour(tmp_path):
   Image.fromarray(np.array([[0.0, 2.5]], np.float32)).save(path)
   with pytest.raises(data.DataError, match=r"hdr.tif.*values in \[0, 2.5\], outside \[0, 1\]"):
     data.decode_image(str(path))
+
+
+def _labelled_folder(root, classes_by_split):
+  """root/<split>/<class>/ with one image per listed class (None: an empty class folder)."""
+  for split, classes in classes_by_split.items():
+    for cls, n in classes.items():
+      d = root / split / cls
+      d.mkdir(parents=True)
+      for i in range(n or 0):
+        Image.fromarray(np.full((4, 4, 3), 10 * i, np.uint8)).save(d / f"{i}.png")
+  c = tiny_config(str(root))
+  return c.dataset
+
+
+def test_splits_share_one_label_map_and_empty_classes_are_skipped_alike(tmp_path, caplog):
+  # 'b_empty' holds no images in either split: skipped in both, with a warning; 'c' is label 1
+  # in both splits (listed per split, an empty folder in one split used to shift the labels).
+  d = _labelled_folder(tmp_path, {"train": {"a": 2, "b_empty": None, "c": 2},
+                                  "test": {"a": 1, "c": 1}})
+  train, test = data.labelled_sources(d)
+  assert train.classes == test.classes == ["a", "c"]
+  assert train.labels == [0, 0, 1, 1] and test.labels == [0, 1]
+  assert "skipping 1 class folder(s) without images: b_empty" in caplog.text
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"train": {"a": 1, "b": 1, "c": 1}, "test": {"a": 1, "b": None, "c": 1}},
+     "class 'b' has images in 'train' but not in 'test'"),
+    ({"train": {"a": 1, "c": 1}, "test": {"a": 1, "b": 1, "c": 1}},
+     "class 'b' has images in 'test' but not in 'train'"),
+])
+def test_splits_with_different_classes_are_an_error_naming_the_class(tmp_path, layout, message):
+  d = _labelled_folder(tmp_path, layout)
+  with pytest.raises(data.DataError, match=message):
+    data.labelled_sources(d)
