@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mae_jax import cli
@@ -140,4 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(cli.run_app(main))

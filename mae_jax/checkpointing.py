@@ -99,8 +99,9 @@ def restore_params(workdir: str) -> tuple[dict, dict, int]:
   return jax.tree.map(np.asarray, state["params"]), saved, step
 
 
-def check_compatible(workdir: str, config) -> None:
-  """Raises CheckpointMismatchError if `workdir` holds a checkpoint of a different model."""
+def check_compatible(workdir: str, config, flag: str = "--workdir") -> None:
+  """Raises CheckpointMismatchError if `workdir` holds a checkpoint of a different model. `flag`
+  names the option that gave the folder, so that the message says which option to change."""
   saved = saved_config(workdir)
   if saved is None:
     return
@@ -109,6 +110,7 @@ def check_compatible(workdir: str, config) -> None:
   diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
   if diff:
     lines = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+    advice = ("Use a new --workdir, or the config that wrote this checkpoint." if flag == "--workdir" else
+              f"Pass the config (and overrides) that run was trained with, or another {flag}.")
     raise CheckpointMismatchError(
-        f"workdir {workdir!r} holds a checkpoint of a different model ({lines}). "
-        "Use a new --workdir, or the config that wrote this checkpoint.")
+        f"{flag}={workdir} holds a checkpoint of a different model ({lines}). {advice}")

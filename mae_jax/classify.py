@@ -16,6 +16,7 @@ import optax
 
 from mae_jax import augment, classifier, config_lib, data, optim
 from mae_jax import metrics as metrics_lib
+from mae_jax import workdir as workdir_lib
 from mae_jax.parallel import Mesh
 from mae_jax.trainer import Hook, Task, TrainState, evaluate, fit, steps_per_epoch
 
@@ -97,6 +98,7 @@ def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.
   return optax.MultiSteps(tx, every_k_schedule=accum) if accum > 1 else tx
 
 
+@workdir_lib.holding_workdir
 def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
   """Probes or fine-tunes (or resumes doing so) in `workdir`; writes and returns results.json."""
   assert mode in MODES
@@ -139,7 +141,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
 
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
   evaluate_fn = jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std))
-  eval_batch = config.evaluate.batch_size
+  eval_batch = config_lib.eval_batch_size(config)
   last_eval = {}
 
   def eval_hook(step, state):

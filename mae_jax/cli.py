@@ -1,16 +1,19 @@
 """What every entry point shares: distributed flags, config validation, clean error messages."""
 
+import difflib
+import os
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mae_jax import checkpointing, config_lib, data, lpips, parallel
+from mae_jax import workdir as workdir_lib
 from mae_jax.trainer import StopRequested
 
 FLAGS = flags.FLAGS
 USER_ERRORS = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointMismatchError,
-               lpips.LPIPSWeightsError)
+               lpips.LPIPSWeightsError, workdir_lib.WorkdirError)
 
 
 def define_distributed_flags():
@@ -32,22 +35,23 @@ def define_job_flags(pretrained_required: bool = False):
   flags.mark_flags_as_required(["config", "workdir"] + (["pretrained"] if pretrained_required else []))
 
 
-def job_main(job):
-  """An absl main that validates the config and runs job(config, workdir, pretrained)."""
+def job_main(job, name: str):
+  """An absl main that validates the config for job `name` and runs job(config, workdir, pretrained)."""
   def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = prepare(FLAGS.config, FLAGS.workdir)
+    config = prepare(FLAGS.config, FLAGS.workdir, jobs=(name,))
     return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained))
   return main
 
 
-def prepare(config, workdir=None):
-  """Joins the distributed run if asked, then validates the config and the workdir before any work."""
+def prepare(config, workdir=None, jobs=("pretrain",)):
+  """Joins the distributed run if asked, then validates the config (for `jobs`) and the workdir
+  before any work."""
   if FLAGS.distributed:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
-    config_lib.validate(config)
+    config_lib.validate(config, jobs)
     if workdir is not None:
       checkpointing.check_compatible(workdir, config)
   except USER_ERRORS as e:
@@ -71,3 +75,66 @@ def run_guarded(fn):
           file=sys.stderr, flush=True)
     return 128 + e.signum
   return 0
+
+
+def run_app(main):
+  """`absl.app.run(main)` with flag mistakes (an unknown config field, a missing config file, an
+  unknown config argument, a value of the wrong type) reported as one line, exit 2."""
+  return app.run(main, flags_parser=parse_flags)
+
+
+def parse_flags(argv):
+  try:
+    rest = FLAGS(argv)
+    if "config" in FLAGS:
+      FLAGS.config.keys()  # a config file loads (or fails) lazily: force it, so errors land here
+    return rest
+  except Exception as e:  # absl and ml_collections raise many kinds while loading --config
+    fail(flag_error_message(argv[1:], e))
+
+
+def flag_error_message(args, error: Exception) -> str:
+  """What went wrong while parsing `args`, said in one line."""
+  spec = _config_argument(args)
+  if spec is not None:
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+      return f"config file {path!r} does not exist (--config=PATH[:ARG], e.g. configs/cifar10_vit_t.py)"
+    try:
+      config = config_lib.load_config_file(path, arg or None)
+    except config_lib.ConfigError as e:
+      return f"--config={spec}: {e}"
+    except Exception as e:
+      return f"config file {path!r} fails to load: {type(e).__name__}: {e}"
+    for a in args:
+      if a.startswith("--config.") and "=" in a:
+        unknown = unknown_field(config, a[len("--config."):].split("=", 1)[0])
+        if unknown:
+          return unknown
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return first.removeprefix("FATAL Flags parsing error: ")
+
+
+def _config_argument(args):
+  for i, a in enumerate(args):
+    if a.startswith("--config="):
+      return a[len("--config="):]
+    if a == "--config" and i + 1 < len(args):
+      return args[i + 1]
+  return None
+
+
+def unknown_field(config, dotted: str):
+  """None when `dotted` names a field of `config`, else a message naming the closest fields."""
+  node, done = config, []
+  for name in dotted.split("."):
+    fields = list(node.keys()) if hasattr(node, "keys") else []
+    if name not in fields:
+      where = ".".join(done)
+      close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+      prefix = where + "." if where else ""
+      hint = (f"did you mean {', '.join(prefix + c for c in close)}?" if close else
+              f"{'the fields of ' + where if where else 'the top-level fields'}: {', '.join(sorted(fields))}")
+      return f"unknown config field {dotted!r} (--config.{dotted}); {hint}"
+    node, done = node[name], done + [name]
+  return None

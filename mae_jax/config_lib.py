@@ -197,8 +197,67 @@ def study_config(study_file: str, base: str, arg, *, title: str, axis: str, metr
   return c
 
 
-def validate(config) -> None:
-  """Checks the config before any work; raises ConfigError saying what is wrong and how to fix it."""
+# The range of every numeric field: '>= a', '> a', or an interval '[a, b)' (brackets as in maths).
+RANGES = {
+    "seed": ">= 0", "batch_size": ">= 1", "grad_accum_steps": ">= 1", "num_epochs": ">= 1",
+    "warmup_epochs": ">= 0", "max_steps": ">= 0", "log_every_steps": ">= 1",
+    "figure_every_steps": ">= 1", "num_figure_images": ">= 1", "checkpoint_every_steps": ">= 1",
+    "keep_checkpoints": ">= 1",
+    "dataset.image_size": ">= 1", "dataset.num_workers": ">= 0",
+    "model.patch_size": ">= 1", "model.encoder_width": ">= 1", "model.encoder_depth": ">= 1",
+    "model.encoder_heads": ">= 1", "model.decoder_width": ">= 1", "model.decoder_depth": ">= 1",
+    "model.decoder_heads": ">= 1", "model.mlp_ratio": "> 0", "model.mask_ratio": "[0, 1)",
+    "model.curriculum_epochs": "> 0", "model.curriculum_bucket": "[0, 1)",
+    "model.laplacian_weight": ">= 0", "model.uniformity_weight": ">= 0",
+    "optimizer.base_lr": "> 0", "optimizer.min_lr": ">= 0", "optimizer.weight_decay": ">= 0",
+    "optimizer.b1": "[0, 1)", "optimizer.b2": "[0, 1)",
+    "evaluate.batch_size": ">= 1", "evaluate.num_images": ">= 0", "evaluate.mask_ratio": "[-1, 1)",
+    "evaluate.figure_images": ">= 1", "evaluate.knn_k": ">= 1", "evaluate.knn_temperature": "> 0",
+    "evaluate.knn_every_steps": ">= 0", "evaluate.knn_train_examples": ">= 0",
+    **{f"{job}.{k}": v for job in ("probe", "finetune") for k, v in {
+        "num_epochs": ">= 1", "warmup_epochs": ">= 0", "batch_size": ">= 1", "base_lr": "> 0",
+        "min_lr": ">= 0", "weight_decay": ">= 0", "b1": "[0, 1)", "b2": "[0, 1)",
+        "log_every_steps": ">= 1", "checkpoint_every_steps": ">= 1", "eval_every_epochs": ">= 1"}.items()},
+    "probe.momentum": "[0, 1)",
+    "finetune.grad_accum_steps": ">= 1", "finetune.layer_decay": "(0, 1]", "finetune.drop_path": "[0, 1)",
+    "finetune.mixup": ">= 0", "finetune.cutmix": ">= 0", "finetune.label_smoothing": "[0, 1)",
+    "finetune.randaug_num_ops": ">= 0", "finetune.randaug_magnitude": ">= 0",
+    "finetune.randaug_magnitude_std": ">= 0", "finetune.random_erasing": "[0, 1]",
+    "finetune.trainable_blocks": ">= -1",
+}
+
+
+def in_range(value, spec: str) -> bool:
+  """Whether `value` satisfies a RANGES spec ('>= 1', '> 0', '[0, 1)', '(0, 1]')."""
+  if spec.startswith((">=", ">")):
+    bound = float(spec.lstrip(">= "))
+    return value >= bound if spec.startswith(">=") else value > bound
+  lo, hi = (float(x) for x in spec[1:-1].split(","))
+  return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+def field(config, dotted: str):
+  node = config
+  for name in dotted.split("."):
+    node = node[name]
+  return node
+
+
+def eval_batch_size(config) -> int:
+  """`evaluate.batch_size` rounded up to a multiple of the device count (evaluation pads its
+  batches, so any size works on any number of devices)."""
+  n = jax.device_count()
+  return -(-config.evaluate.batch_size // n) * n
+
+
+JOBS = ("pretrain", "probe", "finetune", "evaluate")
+
+
+def validate(config, jobs=("pretrain",)) -> None:
+  """Checks the config before any work; raises ConfigError saying what is wrong and how to fix it.
+
+  Every numeric field is checked against its range; the batch sizes against the devices only
+  for the `jobs` that will run (a probe's batch does not concern pretraining)."""
   m, d = config.model, config.dataset
   problems = []
 
@@ -206,32 +265,41 @@ def validate(config) -> None:
     if not ok:
       problems.append(msg)
 
-  need(d.image_size > 0 and d.image_size % m.patch_size == 0,
-       f"dataset.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
-       "pick sizes where image_size % patch_size == 0")
-  need(0.0 <= m.mask_ratio < 1.0,
-       f"model.mask_ratio={m.mask_ratio} is outside [0, 1); use e.g. 0.75")
-  if d.image_size % m.patch_size == 0 and 0.0 <= m.mask_ratio < 1.0:
+  out_of_range = set()
+  for name, spec in RANGES.items():
+    value = field(config, name)
+    if name == "model.curriculum_epochs" and m.curriculum_start_ratio < 0:
+      continue  # curriculum off
+    if not in_range(value, spec):
+      out_of_range.add(name)
+      need(False, f"{name}={value} must be {'in ' if spec[0] in '[(' else ''}{spec}")
+  good = lambda *names: not out_of_range.intersection(names)  # the checks below divide by these
+
+  sizes = good("dataset.image_size", "model.patch_size", "model.mask_ratio")
+  if sizes:
+    need(d.image_size % m.patch_size == 0,
+         f"dataset.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
+         "pick sizes where image_size % patch_size == 0")
     num_patches = (d.image_size // m.patch_size) ** 2
     need(int(num_patches * (1 - m.mask_ratio)) >= 1,
          f"model.mask_ratio={m.mask_ratio} keeps no patch of {num_patches}; lower it")
   for part in ("encoder", "decoder"):
     width, heads = m[f"{part}_width"], m[f"{part}_heads"]
-    need(width % heads == 0, f"model.{part}_width={width} is not divisible by model.{part}_heads={heads}")
-    need(width % 4 == 0, f"model.{part}_width={width} must be divisible by 4 (2D sin-cos position embedding)")
+    if good(f"model.{part}_width", f"model.{part}_heads"):
+      need(width % heads == 0, f"model.{part}_width={width} is not divisible by model.{part}_heads={heads}")
+      need(width % 4 == 0, f"model.{part}_width={width} must be divisible by 4 (2D sin-cos position embedding)")
   need(m.mask_sampling in masking.STRATEGIES,
        f"model.mask_sampling={m.mask_sampling!r} must be one of {', '.join(masking.STRATEGIES)}")
-  if m.mask_sampling == "grid":
+  if m.mask_sampling == "grid" and sizes:
     grid_side = d.image_size // m.patch_size
     need(m.mask_ratio == 0.75 and grid_side % 2 == 0,
          f"grid masking keeps 1 patch in every 2x2: it needs mask_ratio=0.75 (got {m.mask_ratio}) and an "
          f"even patch grid (got {grid_side})")
   if m.curriculum_start_ratio >= 0:
-    need(0.0 <= m.curriculum_start_ratio < 1.0 and m.curriculum_epochs > 0
-         and m.curriculum_shape in ("linear", "cosine") and m.curriculum_bucket >= 0,
-         "curriculum: start ratio in [0, 1), epochs > 0, shape 'linear' or 'cosine', bucket >= 0")
+    need(m.curriculum_start_ratio < 1.0 and m.curriculum_shape in ("linear", "cosine"),
+         "curriculum: model.curriculum_start_ratio in [0, 1) (negative: off), model.curriculum_shape "
+         "'linear' or 'cosine'")
     need(m.mask_sampling == "random", "curriculum masking works with mask_sampling='random'")
-  need(m.laplacian_weight >= 0 and m.uniformity_weight >= 0, "loss weights must be >= 0")
   need(m.dtype in ("float32", "bfloat16", "float16"),
        f"model.dtype={m.dtype!r} must be one of float32, bfloat16, float16")
   need(m.attention_impl in ("", "xla", "cudnn"), f"model.attention_impl={m.attention_impl!r} must be '', 'xla' or 'cudnn'")
@@ -247,51 +315,43 @@ def validate(config) -> None:
          "(DIR/<split>/<class>/*.jpg|png)")
     if d.folder:
       need(os.path.isdir(d.folder), f"dataset.folder={d.folder!r} does not exist")
-  need(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
-       f"dataset.crop_scale={tuple(d.crop_scale)} must satisfy 0 < low <= high <= 1")
+  need(len(d.mean) == 3 and len(d.std) == 3 and min(d.std) > 0,
+       f"dataset.mean={tuple(d.mean)} and dataset.std={tuple(d.std)} need 3 values each, std > 0")
+  for section in (d, config.probe, config.finetune):
+    lo, hi = section.crop_scale
+    name = "dataset" if section is d else ("probe" if section is config.probe else "finetune")
+    need(0.0 < lo <= hi <= 1.0, f"{name}.crop_scale={(lo, hi)} must satisfy 0 < low <= high <= 1")
   need(d.interpolation in ("bicubic", "bilinear", "nearest"),
        f"dataset.interpolation={d.interpolation!r} must be bicubic, bilinear or nearest")
 
-  need(config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
-  if config.grad_accum_steps >= 1:
-    need(config.batch_size % config.grad_accum_steps == 0,
-         f"batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}")
-    micro = config.batch_size // config.grad_accum_steps
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    need(micro % n_dev == 0,
-         f"the global micro-batch {micro} (batch_size / grad_accum_steps) is not divisible by the "
-         f"{n_dev} devices; change batch_size or grad_accum_steps so that it is")
-    need(micro % n_proc == 0, f"the global micro-batch {micro} is not divisible by {n_proc} processes")
-  need(config.num_epochs > 0, f"num_epochs={config.num_epochs} must be > 0")
-  need(0 <= config.warmup_epochs <= config.num_epochs,
+  need(config.warmup_epochs <= config.num_epochs,
        f"warmup_epochs={config.warmup_epochs} must be within [0, num_epochs={config.num_epochs}]")
-  need(config.optimizer.base_lr > 0, f"optimizer.base_lr={config.optimizer.base_lr} must be > 0")
-  need((config.probe.optimizer in ("lars", "adamw", "sgd")),
+  need(config.probe.optimizer in ("lars", "adamw", "sgd"),
        f"probe.optimizer={config.probe.optimizer!r} must be 'lars', 'adamw' or 'sgd'")
-  for job in ("probe", "finetune"):
-    sec = config[job]
-    need(sec.batch_size >= 1 and sec.num_epochs >= 1 and 0 <= sec.warmup_epochs <= sec.num_epochs,
-         f"{job}: batch_size, num_epochs must be >= 1 and warmup_epochs within [0, num_epochs]")
-    need(sec.batch_size % sec.get("grad_accum_steps", 1) == 0 and
-         (sec.batch_size // sec.get("grad_accum_steps", 1)) % jax.device_count() == 0,
-         f"{job}.batch_size={sec.batch_size} (per micro-batch) is not divisible by the "
-         f"{jax.device_count()} devices")
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  batches = {"pretrain": ("", config), "probe": ("probe.", config.probe), "finetune": ("finetune.", config.finetune)}
+  for job in jobs:
+    if job not in batches or not good(*(batches[job][0] + k for k in ("batch_size", "grad_accum_steps"))):
+      continue
+    prefix, sec = batches[job]
+    need(sec.warmup_epochs <= sec.num_epochs,
+         f"{prefix}warmup_epochs={sec.warmup_epochs} must be within [0, {prefix}num_epochs={sec.num_epochs}]")
+    accum = sec.get("grad_accum_steps", 1)
+    if sec.batch_size % accum:
+      need(False, f"{prefix}batch_size={sec.batch_size} is not divisible by {prefix}grad_accum_steps={accum}")
+      continue
+    micro = sec.batch_size // accum
+    what = "global micro-batch" if accum > 1 or job == "pretrain" else "batch"
+    need(micro % n_dev == 0,
+         f"{job}: the {what} {micro} ({prefix}batch_size" + (f" / {prefix}grad_accum_steps" if job != "probe" else "")
+         + f") is not divisible by the {n_dev} devices; change {prefix}batch_size so that it is")
+    need(micro % n_proc == 0, f"{job}: the {what} {micro} is not divisible by {n_proc} processes")
   ft = config.finetune
-  need(0.0 < ft.layer_decay <= 1.0, f"finetune.layer_decay={ft.layer_decay} must be in (0, 1]")
-  need(0.0 <= ft.drop_path < 1.0, f"finetune.drop_path={ft.drop_path} must be in [0, 1)")
   need(ft.trainable_blocks <= m.encoder_depth,
        f"finetune.trainable_blocks={ft.trainable_blocks} exceeds the encoder's {m.encoder_depth} blocks")
-  need(0.0 <= ft.label_smoothing < 1.0 and 0.0 <= ft.random_erasing <= 1.0 and ft.mixup >= 0
-       and ft.cutmix >= 0, "finetune: label_smoothing in [0, 1), random_erasing in [0, 1], mixup "
-       "and cutmix alphas >= 0")
-  need(config.evaluate.batch_size % jax.device_count() == 0,
-       f"evaluate.batch_size={config.evaluate.batch_size} is not divisible by the {jax.device_count()} devices")
-  need(-1.0 <= config.evaluate.mask_ratio < 1.0, f"evaluate.mask_ratio={config.evaluate.mask_ratio} "
-       "must be < 1 (negative: the model's)")
-  for name in ("log_every_steps", "figure_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-    need(config[name] >= 1, f"{name}={config[name]} must be >= 1")
   if problems:
-    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    raise ConfigError("invalid config: " + problems[0] if len(problems) == 1 else
+                      "invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def model_signature(config) -> dict:

@@ -12,7 +12,11 @@ an iterator restored from a checkpoint continues it exactly.
 import dataclasses
 import io
 import math
+import multiprocessing
 import os
+import signal
+import threading
+import time
 from typing import Any, Iterator, Optional, Sequence
 
 import grain
@@ -267,10 +271,37 @@ def center_crop_resize(img: np.ndarray, size: int, interpolation: str) -> np.nda
   return img
 
 
+_worker_ready = False
+
+
+def _prepare_worker_process() -> None:
+  """Once per grain worker process: leave Ctrl-C and SIGTERM to the main process (which saves a
+  checkpoint and then ends the workers; a terminal's Ctrl-C reaches the whole process group and
+  printed a KeyboardInterrupt traceback per worker), and exit as soon as the main process is gone
+  (after a kill -9 the workers lived on for minutes, holding memory)."""
+  global _worker_ready
+  _worker_ready = True
+  parent = multiprocessing.parent_process()
+  if parent is None:  # the main process itself (worker_count=0)
+    return
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+  def exit_with_parent():
+    while os.getppid() == parent.pid:
+      time.sleep(0.5)
+    os._exit(0)
+
+  threading.Thread(target=exit_with_parent, daemon=True, name="exit-with-parent").start()
+
+
 class DecodeImage(grain.transforms.Map):
-  """Decodes the image and keeps only the fields the model needs."""
+  """Decodes the image and keeps only the fields the model needs (the first transform of every
+  loader, so it also prepares each worker process)."""
 
   def map(self, element):
+    if not _worker_ready:
+      _prepare_worker_process()
     return {"image": decode_image(element["image"]), "label": np.int32(element["label"])}
 
 

@@ -21,10 +21,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 
-from mae_jax import checkpointing, cli, data, figures, lpips, masking
+from mae_jax import checkpointing, cli, config_lib, data, figures, lpips, masking
 from mae_jax import metrics as metrics_lib
+from mae_jax import workdir as workdir_lib
 from mae_jax.model import (Encoder, laplacian, mae_from_config, normalize_patches, patchify,
                            unnormalize_patches, unpatchify)
 from mae_jax.parallel import Mesh
@@ -146,7 +146,7 @@ def extract_features(config, mesh: Mesh, encoder: Encoder, encoder_params, sourc
     return f, batch["label"], batch["valid"]
 
   fn = jax.jit(feats, out_shardings=mesh.replicated)  # replicated: every process gets all rows
-  size = config.evaluate.batch_size
+  size = config_lib.eval_batch_size(config)
   out_f, out_y = [], []
   for local in data.eval_batches(config, source, size, ("image", "label")):
     batch = mesh.put_batch(local)
@@ -191,7 +191,7 @@ def knn_eval(config, mesh: Mesh, encoder_params, train_source, test_source) -> f
 # ----------------------------------------------------------------------------
 def load_mae_params(pretrained: str, config):
   """The full MAE parameters (encoder and decoder) of the newest checkpoint in `pretrained`."""
-  checkpointing.check_compatible(pretrained, config)
+  checkpointing.check_compatible(pretrained, config, flag="--pretrained")
   params, _, step = checkpointing.restore_params(pretrained)
   if "decoder" not in params:
     raise checkpointing.CheckpointMismatchError(
@@ -200,6 +200,7 @@ def load_mae_params(pretrained: str, config):
   return params, step
 
 
+@workdir_lib.holding_workdir
 def run(config, workdir: str, pretrained: str) -> dict:
   e = config.evaluate
   mesh = Mesh()
@@ -216,9 +217,10 @@ def run(config, workdir: str, pretrained: str) -> dict:
   sums_fn = jax.jit(functools.partial(reconstruction_sums, model, mean=mean, std=std,
                                       lpips_weights=lpips_weights), out_shardings=mesh.replicated)
   sampling = config.model.mask_sampling
-  noise_for = lambda i: masking.fixed_noise(sampling, config.seed + 2 + i, e.batch_size, model.grid, mask_ratio)
+  batch_size = config_lib.eval_batch_size(config)
+  noise_for = lambda i: masking.fixed_noise(sampling, config.seed + 2 + i, batch_size, model.grid, mask_ratio)
   totals = None
-  for i, local in enumerate(data.eval_batches(config, test_source, e.batch_size, ("image",))):
+  for i, local in enumerate(data.eval_batches(config, test_source, batch_size, ("image",))):
     batch = mesh.put_batch(local)
     sums = sums_fn(params, batch["image"], mesh.replicate(noise_for(i)), batch["valid"])
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -239,7 +241,7 @@ def run(config, workdir: str, pretrained: str) -> dict:
               "config": config.to_dict()}
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(record, f, indent=2)
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s != step)  # one row per step
     writer.write(step, {f"eval/{k}": v for k, v in results.items()})
     writer.close()
   metrics_lib.log("evaluate: " + " | ".join(
@@ -253,4 +255,4 @@ def _job(config, workdir, pretrained):
 
 if __name__ == "__main__":
   cli.define_job_flags(pretrained_required=True)
-  sys.exit(app.run(cli.job_main(_job)))
+  sys.exit(cli.run_app(cli.job_main(_job, "evaluate")))

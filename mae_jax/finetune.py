@@ -8,7 +8,6 @@ partial fine-tuning. Writes top-1 / top-5 on the test split to `workdir/results.
 
 import sys
 
-from absl import app
 
 from mae_jax import cli
 
@@ -21,4 +20,4 @@ def finetune(config, workdir, pretrained):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(cli.job_main(finetune)))
+  sys.exit(cli.run_app(cli.job_main(finetune, "finetune")))

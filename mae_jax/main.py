@@ -5,7 +5,7 @@ Run the same command again to resume from the last checkpoint in the workdir.
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mae_jax import cli
@@ -25,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(cli.run_app(main))

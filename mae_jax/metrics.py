@@ -8,22 +8,33 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 
 
 class MetricWriter:
+  """Appends to `workdir/metrics.jsonl` and `workdir/tb/`.
 
-  def __init__(self, workdir: str, enabled: Optional[bool] = None):
+  `keep_row(step)`, where given, filters the rows already in metrics.jsonl (a half-written last
+  line is dropped too), and `purge_step` hides TensorBoard's events from that step on: a run
+  resumed from its checkpoint at step S keeps the steps up to S and logs the later ones again,
+  so that every step appears once.
+  """
+
+  def __init__(self, workdir: str, enabled: Optional[bool] = None,
+               keep_row: Optional[Callable[[int], bool]] = None, purge_step: Optional[int] = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._jsonl = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      path = os.path.join(workdir, "metrics.jsonl")
+      if keep_row is not None and os.path.exists(path):
+        _filter_rows(path, keep_row)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
+      self._jsonl = open(path, "a")
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -39,6 +50,28 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _filter_rows(path: str, keep_row: Callable[[int], bool]) -> None:
+  """Rewrites metrics.jsonl (atomically) with the complete rows whose step `keep_row` keeps."""
+  with open(path) as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # cut off by a crash while writing
+      continue
+    if keep_row(int(row.get("step", 0))):
+      kept.append(line)
+  if len(kept) == len(lines):
+    return
+  log(f"metrics.jsonl: dropped {len(lines) - len(kept)} rows logged after the checkpoint this run "
+      "resumes from (they are logged again)")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("".join(line + "\n" for line in kept))
+  os.replace(tmp, path)
 
 
 class Progress:

@@ -11,6 +11,7 @@ import optax
 
 from mae_jax import data, figures, masking, optim
 from mae_jax import metrics as metrics_lib
+from mae_jax import workdir as workdir_lib
 from mae_jax.model import MAE, mae_from_config
 from mae_jax.parallel import Mesh
 from mae_jax.trainer import Hook, Task, TrainState, fit, steps_per_epoch
@@ -104,6 +105,7 @@ def knn_hook(config, mesh: Mesh) -> Hook:
       "knn_top1": evaluate.knn_eval(config, mesh, state.params["encoder"], memory, queries)})
 
 
+@workdir_lib.holding_workdir
 def run(config, workdir: str) -> TrainState:
   """Pretrains (or resumes) the MAE described by `config` in `workdir`."""
   mesh = Mesh()

@@ -8,7 +8,6 @@ reports top-1 / top-5 on the test split in `workdir/results.json`. Resumes like 
 
 import sys
 
-from absl import app
 
 from mae_jax import cli
 
@@ -21,4 +20,4 @@ def probe(config, workdir, pretrained):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(cli.job_main(probe)))
+  sys.exit(cli.run_app(cli.job_main(probe, "probe")))

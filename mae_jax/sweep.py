@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mae_jax import cli
@@ -183,7 +183,7 @@ def run(study, workdir: str, only: str = "", report_only: bool = False) -> list:
     raise config_lib.ConfigError(f"--run={only!r} is not a run of this study; runs: {', '.join(labels)}")
   for label, overrides in runs:  # every run's config is checked before any work starts
     try:
-      config_lib.validate(run_config(study, overrides))
+      config_lib.validate(run_config(study, overrides), study.sweep.jobs)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"run {label!r}: {e}") from None
   rows = []
@@ -208,9 +208,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  study = cli.prepare(flags.FLAGS.config)
+  study = cli.prepare(flags.FLAGS.config, jobs=flags.FLAGS.config.sweep.jobs)
   return cli.run_guarded(lambda: run(study, flags.FLAGS.workdir, flags.FLAGS.run, flags.FLAGS.report))
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(cli.run_app(main))

@@ -131,7 +131,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                                   out_shardings=(mesh.replicated, mesh.replicated), donate_argnums=(0,))
     return compiled[variant](state, batch)
 
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s <= start, purge_step=start + 1)
   progress = metrics_lib.Progress(total_steps, start)
   pending = []  # per-step metrics still on device; fetched once per log interval
   step = start

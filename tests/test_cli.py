@@ -59,18 +59,60 @@ def test_cli_end_to_end(cifar_folder, tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20", "30"]
 
 
+def _assert_user_error(out, message):
+  """A user mistake: exit 2, one line on stderr naming the problem, no traceback."""
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert message in out.stderr, out.stderr[-2000:]
+  assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.dataset.image_size=30", "not divisible by model.patch_size"),
-    ("--config.model.mask_ratio=1.0", "outside [0, 1)"),
+    ("--config.model.mask_ratio=1.0", "model.mask_ratio=1.0 must be in [0, 1)"),
     ("--config.grad_accum_steps=5", "batch_size=64 is not divisible by grad_accum_steps=5"),
     ("--config.dataset.name=mnist_typo", "unknown dataset.name='mnist_typo'"),
     ("--config.dataset.folder=/nonexistent/cifar", "does not exist"),
+    ("--config.batch_size=0", "batch_size=0 must be >= 1"),
+    ("--config.model.encoder_depth=0", "model.encoder_depth=0 must be >= 1"),
+    ("--config.model.decoder_depth=0", "model.decoder_depth=0 must be >= 1"),
+    ("--config.model.encoder_heads=0", "model.encoder_heads=0 must be >= 1"),
+    ("--config.finetune.drop_path=1.5", "finetune.drop_path=1.5 must be in [0, 1)"),
+    ("--config.max_steps=-1", "max_steps=-1 must be >= 0"),
+    ("--config.model.nonexistent=1", "unknown config field 'model.nonexistent'"),
+    ("--config.model.encoder_dept=3", "did you mean model.encoder_depth"),
+    ("--config.modl.mask_ratio=0.5", "unknown config field 'modl.mask_ratio' (--config.modl.mask_ratio); did you mean model?"),
+    ("--config.model.mask_ratio=abc", "--config.model.mask_ratio=abc: could not convert string to float"),
 ])
 def test_cli_bad_config_errors(tmp_path, override, message):
   out = _cli(tmp_path / "w", "--config.dataset.source=folder", "--config.dataset.folder=/tmp", override)
-  assert out.returncode == 2, out.stderr[-2000:]
-  assert message in out.stderr and "Traceback" not in out.stderr
-  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+  _assert_user_error(out, message)
+  assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("config, message", [
+    ("configs/nope.py", "config file"),
+    ("configs/cifar10_vit_t.py:huge", "unknown config argument 'huge'; use no argument or ':tiny'"),
+])
+def test_cli_bad_config_file_errors(tmp_path, config, message):
+  out = _cli(tmp_path / "w", config=config)
+  _assert_user_error(out, message)
+  if config == "configs/nope.py":
+    assert "nope.py' does not exist" in out.stderr
+
+
+def test_cli_unusable_workdir_errors(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("not a folder")
+  out = _cli(afile, "--config.dataset.source=folder", "--config.dataset.folder=/tmp")
+  _assert_user_error(out, "is a file, not a folder")
+  assert afile.read_text() == "not a folder"
+  # A folder this user cannot write to (root writes anywhere but in /sys).
+  read_only = "/sys/fs"
+  if os.geteuid() != 0:
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o555)
+  out = _cli(read_only, "--config.dataset.source=folder", "--config.dataset.folder=/tmp")
+  _assert_user_error(out, "is not writable")
 
 
 def test_cli_batch_not_divisible_by_devices(tmp_path, monkeypatch):
@@ -79,6 +121,28 @@ def test_cli_batch_not_divisible_by_devices(tmp_path, monkeypatch):
              "--config.batch_size=60")
   assert out.returncode == 2
   assert "global micro-batch 60 (batch_size / grad_accum_steps) is not divisible by the 8 devices" in out.stderr
+
+
+def test_batch_checks_concern_only_the_jobs_that_run():
+  """On 8 devices the tiny preset (evaluate.batch_size=100) is a valid pretraining config: the
+  evaluation batch is rounded up to 104 (evaluation pads); a probe batch of 60 is refused for the
+  probe job only, with a message naming it."""
+  code = (
+      "import sys; sys.path.insert(0, '.')\n"
+      "from configs import cifar10_vit_t\n"
+      "from mae_jax import config_lib\n"
+      "c = cifar10_vit_t.get_config('tiny'); c.probe.batch_size = 60\n"
+      "config_lib.validate(c, ('pretrain', 'finetune', 'evaluate'))\n"
+      "print(config_lib.eval_batch_size(c))\n"
+      "try:\n  config_lib.validate(c, ('probe',))\nexcept config_lib.ConfigError as e:\n  print(e)\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0] == "104"
+  assert lines[1] == ("invalid config: probe: the batch 60 (probe.batch_size) is not divisible by the 8 "
+                      "devices; change probe.batch_size so that it is")
 
 
 def test_cli_empty_image_folder(tmp_path):
@@ -130,3 +194,47 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(cifar_folder, tmp_path):
              folder=cifar_folder)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from" in out.stdout and f"step {saved[0] + 3}/{saved[0] + 3}" in out.stdout
+
+
+def _wait_for_rows(proc, metrics, n, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    time.sleep(0.2)
+
+
+def test_one_run_per_workdir_and_kill_9_resumes_with_every_step_once(cifar_folder, tmp_path):
+  import psutil
+  args = ("--config.max_steps=100000", "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
+          "--config.figure_every_steps=100000")
+  first = _cli(tmp_path, *args, folder=cifar_folder, wait=False)
+  metrics = tmp_path / "metrics.jsonl"
+  _wait_for_rows(first, metrics, 8)
+  # A second run on the same workdir (another learning rate) stops at once and names the first;
+  # it writes nothing (it used to resume from the first run's checkpoints and overwrite them).
+  config_json = (tmp_path / "config.json").read_text()
+  second = _cli(tmp_path, *args, "--config.optimizer.base_lr=0.01", folder=cifar_folder)
+  _assert_user_error(second, f"is in use by another run (pid {first.pid} on ")
+  assert (tmp_path / "config.json").read_text() == config_json
+
+  # kill -9: the data-loading worker processes end with the main process.
+  workers = psutil.Process(first.pid).children(recursive=True)
+  assert workers
+  first.kill()
+  first.wait(timeout=60)  # not communicate(): a surviving worker would hold the output pipe open
+  first.stdout.close()
+  _, alive = psutil.wait_procs(workers, timeout=20)
+  assert not alive, [p.cmdline() for p in alive]
+  logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+  saved = max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert max(logged) > saved  # steps logged after the last checkpoint, to be logged again
+
+  # The same command resumes: the lock the killed run left is recognised as stale and taken
+  # over, and the steps past the checkpoint are logged once, not twice.
+  total = max(logged) + 3
+  out = _cli(tmp_path, f"--config.max_steps={total}", *args[1:], folder=cifar_folder)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"resumed from {tmp_path / 'checkpoints'}/{saved}" in out.stdout
+  assert f"(pid {first.pid} on " in out.stdout and "ended without releasing it" in out.stdout
+  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert steps == list(range(1, total + 1))

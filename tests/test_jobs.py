@@ -103,6 +103,11 @@ def test_job_errors(cifar_folder, pretrained, tmp_path):
              f"--pretrained={pretrained}", folder=cifar_folder, module="mae_jax.evaluate")
   assert out.returncode == 2 and "/nowhere/alex.npz" in out.stderr
   assert not os.path.exists(tmp_path / "e" / "results.json")
+  # Evaluating a run of another model size: the message names --pretrained, the option to change.
+  out = _cli(tmp_path / "e2", "--config.model.decoder_depth=2", f"--pretrained={pretrained}",
+             folder=cifar_folder, module="mae_jax.evaluate")
+  assert out.returncode == 2 and f"--pretrained={pretrained} holds a checkpoint of a different model" in out.stderr
+  assert "decoder_depth: checkpoint 1 vs config 2" in out.stderr and "--workdir" not in out.stderr
 
 
 def test_knn_during_pretraining_is_logged(cifar_folder, tmp_path):
