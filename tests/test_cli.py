@@ -26,8 +26,9 @@ def _cli(workdir, *overrides, folder=None, wait=True, module="mae_jax.main",
   args += list(overrides)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   if not wait:
+    # A session of its own: signals can go to its whole process group, as a terminal sends them.
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=REPO)
+                            env=env, cwd=REPO, start_new_session=True)
   return subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
@@ -238,3 +239,16 @@ def test_one_run_per_workdir_and_kill_9_resumes_with_every_step_once(cifar_folde
   assert f"(pid {first.pid} on " in out.stdout and "ended without releasing it" in out.stdout
   steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert steps == list(range(1, total + 1))
+
+
+def test_ctrl_c_to_the_process_group_saves_quietly(cifar_folder, tmp_path):
+  """A terminal's Ctrl-C reaches every process of the group, the data workers too: they leave it
+  to the main process, which saves and exits 130, with no traceback from anyone."""
+  proc = _cli(tmp_path, "--config.max_steps=100000", "--config.log_every_steps=1",
+              "--config.checkpoint_every_steps=100000", folder=cifar_folder, wait=False)
+  _wait_for_rows(proc, tmp_path / "metrics.jsonl", 5)
+  os.killpg(proc.pid, signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 130, out[-3000:]
+  assert "checkpoint saved" in out
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
