@@ -5,20 +5,79 @@ position is saved per process by grain's handler, so a restored run reads exactl
 batches an uninterrupted run would have read.
 """
 
+import contextlib
+import gc
 import json
+import logging
 import os
+import sys
+import threading
+import time
 from typing import Any, Optional
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mae_jax import config_lib
+from mae_jax import metrics as metrics_lib
 
 
 class CheckpointMismatchError(ValueError):
   """The workdir holds a checkpoint of another model."""
+
+
+class CheckpointUnreadableError(ValueError):
+  """No checkpoint of a workdir can be read."""
+
+
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+def failure_reason(e: BaseException, limit: int = 300) -> str:
+  """The root cause of a failed read, in one line (orbax and tensorstore wrap it several times)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_background_failures():
+  """Mutes what a failed orbax read leaves behind besides its own exception: its other
+  concurrent reads fail in tensorstore's threads and in coroutines nobody awaits any more, and
+  print thousands of lines ('Event loop is closed', 'Task exception was never retrieved') that
+  say nothing the reported reason does not. The exception of the read itself is unaffected."""
+  hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+  asyncio_logger = logging.getLogger("asyncio")
+  level = asyncio_logger.level
+  sys.excepthook = lambda *a: None
+  sys.unraisablehook = threading.excepthook = lambda *a: None
+  asyncio_logger.setLevel(logging.CRITICAL + 1)
+  try:
+    yield
+  finally:
+    time.sleep(0.2)  # let the remaining reads of a failed restore settle
+    gc.collect()     # and their orphaned tasks be collected, here rather than later
+    sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
+    asyncio_logger.setLevel(level)
+
+
+def _steps(workdir: str) -> list[int]:
+  """The checkpoint steps in `workdir`, newest first."""
+  root = checkpoint_dir(workdir)
+  if not os.path.isdir(root):
+    return []
+  return sorted((int(s) for s in os.listdir(root) if s.isdigit()), reverse=True)
+
+
+def _unreadable(workdir: str, failures: list) -> str:
+  listed = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+  return (f"no checkpoint in {checkpoint_dir(workdir)} can be read ({listed}). Replace the folder with "
+          "a readable copy, or move it away to start over")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -30,8 +89,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, every_steps: int, keep: int):
     self.every_steps = every_steps
+    self.workdir, self.root = os.path.abspath(workdir), checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(
-        checkpoint_dir(workdir),
+        self.root,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                              create=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -56,11 +116,52 @@ class Checkpointer:
         force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
-    """Restores the train state (into `abstract_state`'s shardings) and the iterator in place."""
+    """Restores the train state (into `abstract_state`'s shardings) and the iterator in place;
+    reads the config too, so that a step any of whose parts is damaged fails as a whole."""
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=grain.checkpoint.CheckpointRestore(data_iter)))
+                                      data=grain.checkpoint.CheckpointRestore(data_iter),
+                                      config=ocp.args.JsonRestore()))
     return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Optional[int], Any]:
+    """(step, state) of the newest checkpoint that restores (the iterator set in place), or
+    (None, None) when there is none.
+
+    An unreadable checkpoint (a truncated or missing file) is reported with its reason and the
+    next older one tried. Once one restores, the unreadable newer ones are moved to
+    `workdir/checkpoints_unreadable/` (kept for inspection, out of the way of new saves). When
+    none restores, CheckpointUnreadableError lists each, and nothing is moved.
+    """
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        with _quiet_background_failures():
+          state = self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # orbax, tensorstore, json and OS errors alike
+        failures.append((step, failure_reason(e)))
+        metrics_lib.log(f"checkpoint {self.root}/{step} is unreadable ({failures[-1][1]}); "
+                        "trying the one before it")
+        continue
+      if failures:
+        self._move_aside([s for s, _ in failures])
+        metrics_lib.log(f"restored step {step}; the unreadable newer checkpoints are in "
+                        f"{os.path.join(self.workdir, UNREADABLE_DIR)}")
+      return step, state
+    if failures:
+      raise CheckpointUnreadableError(_unreadable(self.workdir, failures))
+    return None, None
+
+  def _move_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      aside = os.path.join(self.workdir, UNREADABLE_DIR)
+      os.makedirs(aside, exist_ok=True)
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        os.replace(os.path.join(self.root, str(step)), os.path.join(aside, f"{step}-{stamp}"))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mae_jax: unreadable checkpoints moved aside")
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -69,34 +170,44 @@ class Checkpointer:
     self.manager.close()
 
 
-def saved_config(workdir: str, step: Optional[int] = None) -> Optional[dict]:
-  """The config stored with a checkpoint in `workdir` (the latest, or `step`), or None."""
-  root = checkpoint_dir(workdir)
-  if not os.path.isdir(root):
-    return None
-  steps = sorted(int(s) for s in os.listdir(root) if s.isdigit())
-  if not steps:
-    return None
-  path = os.path.join(root, str(step if step is not None else steps[-1]), "config", "metadata")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
+def _read_config(workdir: str, step: int) -> dict:
+  with open(os.path.join(checkpoint_dir(workdir), str(step), "config", "metadata")) as f:
     return json.load(f)
 
 
+def saved_config(workdir: str) -> Optional[dict]:
+  """The config stored with the newest checkpoint in `workdir` whose config reads, or None."""
+  for step in _steps(workdir):
+    try:
+      return _read_config(workdir, step)
+    except (OSError, ValueError):
+      continue  # reported by the restore that falls back past this step
+  return None
+
+
 def restore_params(workdir: str) -> tuple[dict, dict, int]:
-  """(parameters as numpy, saved config, step) of the newest checkpoint in `workdir`, read
-  without knowing the rest of the train state (the optimizer of another job, say)."""
-  saved = saved_config(workdir)
-  if saved is None:
+  """(parameters as numpy, saved config, step) of the newest readable checkpoint in `workdir`,
+  read without knowing the rest of the train state (the optimizer of another job, say). An
+  unreadable checkpoint is reported and the one before it used; the folder is left as it is."""
+  steps = _steps(workdir)
+  if not steps:
     raise CheckpointMismatchError(
         f"no checkpoint found in {checkpoint_dir(workdir)}; pass the workdir of a pretraining run "
         "as --pretrained")
-  root = checkpoint_dir(workdir)
-  step = max(int(s) for s in os.listdir(root) if s.isdigit())
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(root, str(step), "state"))
-  return jax.tree.map(np.asarray, state["params"]), saved, step
+  failures = []
+  for step in steps:
+    try:
+      saved = _read_config(workdir, step)
+      with _quiet_background_failures(), ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(os.path.join(checkpoint_dir(workdir), str(step), "state"))
+      params = jax.tree.map(np.asarray, state["params"])
+    except Exception as e:  # orbax, tensorstore, json and OS errors alike
+      failures.append((step, failure_reason(e)))
+      metrics_lib.log(f"checkpoint {checkpoint_dir(workdir)}/{step} is unreadable ({failures[-1][1]}); "
+                      "trying the one before it")
+      continue
+    return params, saved, step
+  raise CheckpointUnreadableError(_unreadable(workdir, failures))
 
 
 def check_compatible(workdir: str, config, flag: str = "--workdir") -> None:

@@ -13,6 +13,7 @@ from mae_jax.trainer import StopRequested
 
 FLAGS = flags.FLAGS
 USER_ERRORS = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointMismatchError,
+               checkpointing.CheckpointUnreadableError,
                lpips.LPIPSWeightsError, workdir_lib.WorkdirError)
 
 

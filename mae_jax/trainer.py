@@ -109,9 +109,8 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   abstract = jax.eval_shape(task.init_state, *task.init_args)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=mesh.replicated),
                           abstract)
-  start = ckpt.latest_step()
+  start, state = ckpt.restore_latest(abstract, data_iter)
   if start is not None:
-    state = ckpt.restore(start, abstract, data_iter)
     metrics_lib.log(f"resumed from {checkpointing.checkpoint_dir(workdir)}/{start}")
   else:
     start = 0

@@ -252,3 +252,18 @@ def test_ctrl_c_to_the_process_group_saves_quietly(cifar_folder, tmp_path):
   assert proc.returncode == 130, out[-3000:]
   assert "checkpoint saved" in out
   assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+
+
+def test_an_unreadable_checkpoint_is_reported_in_a_line_not_thousands(cifar_folder, tmp_path):
+  """A truncated array file in the newest checkpoint: one line says which step and why, the run
+  goes on from the one before (orbax's failed concurrent reads printed thousands of lines)."""
+  from test_train import DAMAGE
+  args = ("--config.log_every_steps=4", "--config.checkpoint_every_steps=10")
+  out = _cli(tmp_path, "--config.max_steps=20", *args, folder=cifar_folder)
+  assert out.returncode == 0, out.stderr[-3000:]
+  DAMAGE["truncated array file"](tmp_path / "checkpoints" / "20")  # unmuted: ~3,400 lines
+  out = _cli(tmp_path, "--config.max_steps=24", *args, folder=cifar_folder)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"checkpoint {tmp_path}/checkpoints/20 is unreadable (ValueError: OUT_OF_RANGE" in out.stdout
+  assert f"resumed from {tmp_path}/checkpoints/10" in out.stdout and "step 24/24" in out.stdout
+  assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) <= 2, out.stderr[-3000:]

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from mae_jax import checkpointing, pretrain
 from conftest import tiny_config
@@ -129,3 +130,66 @@ def test_gradient_accumulation_updates_every_k_micro_steps():
            for x, y in zip(snapshots, snapshots[1:])]
   assert moved == [False, True, False, True]
   assert int(state.opt_state.gradient_step) == 2 and int(state.step) == 4
+
+
+def _truncate_largest_array_file(step_dir):
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  with open(biggest, "r+b") as f:
+    f.truncate(1000)
+
+
+DAMAGE = {
+    "truncated array file": _truncate_largest_array_file,
+    "deleted array index": lambda step_dir: (step_dir / "state" / "manifest.ocdbt").unlink(),
+    "empty config file": lambda step_dir: (step_dir / "config" / "metadata").write_text(""),
+}
+
+
+def _four_step_checkpoints(cifar_folder, steps):
+  return tiny_config(cifar_folder, max_steps=steps, log_every_steps=1, checkpoint_every_steps=4,
+                     figure_every_steps=1000)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(cifar_folder, tmp_path, capsys, damage):
+  pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))  # checkpoints 4 and 8
+  losses = _losses(tmp_path)
+  DAMAGE[damage](tmp_path / "checkpoints" / "8")
+  capsys.readouterr()
+  pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))
+  out = capsys.readouterr().out
+  assert f"checkpoint {tmp_path}/checkpoints/8 is unreadable (" in out
+  assert "restored step 4" in out and f"resumed from {tmp_path}/checkpoints/4" in out
+  # Steps 5..8 ran again from step 4's state and data position: the same losses, each step once.
+  assert _losses(tmp_path) == losses
+  assert len(open(tmp_path / "metrics.jsonl").readlines()) == 8
+  # The damaged checkpoint is kept aside, out of the way of the new step 8.
+  assert [d.split("-")[0] for d in os.listdir(tmp_path / "checkpoints_unreadable")] == ["8"]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+
+
+def test_no_readable_checkpoint_is_an_error_naming_each(cifar_folder, tmp_path):
+  pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))
+  for step in ("4", "8"):
+    DAMAGE["truncated array file"](tmp_path / "checkpoints" / step)
+  with pytest.raises(checkpointing.CheckpointUnreadableError, match=r"can be read \(step 8: .*; step 4: "):
+    pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]  # nothing moved or removed
+  assert not os.path.exists(tmp_path / "checkpoints_unreadable")
+
+
+def test_pretrained_weights_come_from_the_newest_readable_checkpoint(cifar_folder, tmp_path, capsys):
+  """What probe, fine-tune and evaluate read with --pretrained: an unreadable newest checkpoint
+  is reported and the one before it used; the other run's folder is left as it is."""
+  c = _four_step_checkpoints(cifar_folder, 8)
+  pretrain.run(c, str(tmp_path))
+  expected, _, _ = checkpointing.restore_params(str(tmp_path))
+  pretrain.run(_four_step_checkpoints(cifar_folder, 12), str(tmp_path))  # checkpoints 8, 12
+  DAMAGE["truncated array file"](tmp_path / "checkpoints" / "12")
+  params, saved, step = checkpointing.restore_params(str(tmp_path))
+  assert step == 8 and saved["model"]["encoder_width"] == 64
+  assert "checkpoints/12 is unreadable" in capsys.readouterr().out
+  for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(x, y)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "4", "8"]
