@@ -80,12 +80,12 @@ def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.
   kind = section.get("optimizer", "adamw")
   if kind == "adamw":
     base = optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay,
-                       mask=optim.decay_mask)
+                       mask=optim.finetune_decay_mask)
   elif kind == "lars":  # as the official util/lars.py: no decay or trust ratio on biases and norms
     base = optax.lars(schedule, weight_decay=section.weight_decay, momentum=section.momentum,
-                      weight_decay_mask=optim.decay_mask, trust_ratio_mask=optim.decay_mask)
+                      weight_decay_mask=optim.finetune_decay_mask, trust_ratio_mask=optim.finetune_decay_mask)
   elif kind == "sgd":
-    base = optax.chain(optax.add_decayed_weights(section.weight_decay, optim.decay_mask),
+    base = optax.chain(optax.add_decayed_weights(section.weight_decay, optim.finetune_decay_mask),
                        optax.sgd(schedule, momentum=section.momentum))
   else:
     raise config_lib.ConfigError(f"optimizer={kind!r} must be 'lars', 'adamw' or 'sgd'")

@@ -90,9 +90,16 @@ def random_masking(x: jax.Array, noise: jax.Array, mask_ratio: float):
 # ----------------------------------------------------------------------------
 # Transformer pieces.
 # ----------------------------------------------------------------------------
-def dense(features: int, dtype: Any, name: Optional[str] = None) -> nn.Dense:
+def dense(features: int, dtype: Any, name: Optional[str] = None, bias_init=nn.initializers.zeros) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=xavier,
-                  bias_init=nn.initializers.zeros, name=name)
+                  bias_init=bias_init, name=name)
+
+
+def conv_default_bias(fan_in: int):
+  """PyTorch's default Conv2d bias init, uniform(+-1 / sqrt(fan_in)): the official MAE keeps it for
+  the patch projection, since its init re-initialises only Linear and LayerNorm layers."""
+  bound = 1.0 / np.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def layer_norm(dtype: Any, name: Optional[str] = None) -> nn.LayerNorm:
@@ -168,9 +175,9 @@ class Encoder(nn.Module):
   def __call__(self, imgs, noise=None, mask_ratio: float = 0.0, deterministic: bool = True):
     """Returns (tokens (B, 1 + len_keep, D), after the final norm if any; mask; ids_restore)."""
     x = patchify(imgs, self.patch_size).astype(self.dtype)
-    # The patch projection is a Linear on flattened patches (= the official conv, xavier on its
-    # flattened weight).
-    x = dense(self.width, self.dtype, "patch_embed")(x)
+    # The patch projection is a Linear on flattened patches (= the official conv: xavier on its
+    # flattened weight, the conv's default bias).
+    x = dense(self.width, self.dtype, "patch_embed", conv_default_bias(x.shape[-1]))(x)
     pos = sincos_2d(self.width, self.grid)[None]
     if self.learned_pos_embed:
       pos = self.param("pos_embed", lambda *_: jnp.asarray(pos), pos.shape)

@@ -4,10 +4,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Parameters never decayed besides biases and norms (official `no_weight_decay`).
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
-
-
 def peak_lr(base_lr: float, batch_size: int) -> float:
   """The linear scaling rule: lr = base_lr * effective batch / 256."""
   return base_lr * batch_size / 256
@@ -24,18 +20,32 @@ def warmup_cosine(peak: float, min_lr: float, warmup_steps: int, total_steps: in
   return schedule
 
 
-def decay_mask(params):
-  """True where weight decay applies: matrices, but not biases, norms, tokens, position embeddings."""
-  def decays(path, p):
-    name = getattr(path[-1], "key", str(path[-1]))
-    return p.ndim > 1 and name not in NO_DECAY_NAMES
-  return jax.tree_util.tree_map_with_path(decays, params)
+def _leaf_name(path) -> str:
+  return getattr(path[-1], "key", str(path[-1]))
+
+
+def pretrain_decay_mask(params):
+  """True where pretraining decays: every parameter of two or more dimensions, the 3-D cls and
+  mask tokens included; not biases and norms (official main_pretrain.py, timm's add_weight_decay).
+  The position embeddings are fixed, not parameters."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+# Fine-tuning's exemptions besides biases and norms (official models_vit.no_weight_decay).
+FINETUNE_NO_DECAY = ("pos_embed", "cls_token")
+
+
+def finetune_decay_mask(params):
+  """True where fine-tuning and probing decay: matrices, but not biases, norms, the (learned)
+  position embedding and the cls token (official param_groups_lrd with no_weight_decay)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim > 1 and _leaf_name(path) not in FINETUNE_NO_DECAY, params)
 
 
 def make_optimizer(opt_cfg, schedule: optax.Schedule, grad_accum_steps: int = 1):
   """AdamW; with grad_accum_steps > 1, gradients of that many micro-batches are averaged first."""
   tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay,
-                   mask=decay_mask)
+                   mask=pretrain_decay_mask)
   if grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
   return tx

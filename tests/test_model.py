@@ -118,6 +118,12 @@ def test_init_follows_official_scheme():
   np.testing.assert_array_equal(ln["bias"], 0.0)
   assert float(jnp.std(params["decoder"]["mask_token"])) == pytest.approx(0.02, rel=0.25)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  # The patch projection's bias keeps PyTorch's Conv2d default, uniform(+-1/sqrt(C p p)) = +-1/sqrt(12)
+  # for 2x2 RGB patches: its 192 values lie within the bound, spread over it (std bound / sqrt(3)).
+  b = np.asarray(params["encoder"]["patch_embed"]["bias"])
+  bound = 1 / math.sqrt(3 * 2 * 2)
+  assert b.shape == (192,) and np.abs(b).max() <= bound and np.abs(b).max() > 0.9 * bound
+  assert b.std() == pytest.approx(bound / math.sqrt(3), rel=0.15) and abs(b.mean()) < 0.1 * bound
 
 
 def test_block_uses_exact_gelu_and_layernorm_eps():

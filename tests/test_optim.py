@@ -24,13 +24,27 @@ def test_warmup_cosine_values():
   assert float(s(500)) == pytest.approx(0.1)
 
 
-def test_decay_mask_excludes_biases_norms_and_tokens():
-  params = {"encoder": {"cls_token": jnp.zeros((1, 1, 8)), "patch_embed": {"kernel": jnp.zeros((4, 8)),
-                                                                           "bias": jnp.zeros(8)},
-                        "norm": {"scale": jnp.ones(8), "bias": jnp.zeros(8)}},
-            "decoder": {"mask_token": jnp.zeros((1, 1, 8)), "pred": {"kernel": jnp.zeros((8, 4))}}}
-  m = optim.decay_mask(params)
+def _params():
+  return {"encoder": {"cls_token": jnp.zeros((1, 1, 8)), "pos_embed": jnp.zeros((1, 4, 8)),
+                      "patch_embed": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)},
+                      "norm": {"scale": jnp.ones(8), "bias": jnp.zeros(8)}},
+          "decoder": {"mask_token": jnp.zeros((1, 1, 8)), "pred": {"kernel": jnp.zeros((8, 4))}}}
+
+
+def test_pretraining_decays_every_parameter_of_two_or_more_dimensions():
+  """As the official main_pretrain.py (timm's add_weight_decay): the 3-D cls and mask tokens
+  decay; biases and norms do not."""
+  m = optim.pretrain_decay_mask(_params())
   assert m["encoder"]["patch_embed"] == {"kernel": True, "bias": False}
   assert m["encoder"]["norm"] == {"scale": False, "bias": False}
-  assert m["encoder"]["cls_token"] is False and m["decoder"]["mask_token"] is False
+  assert m["encoder"]["cls_token"] is True and m["decoder"]["mask_token"] is True
+  assert m["decoder"]["pred"]["kernel"] is True
+
+
+def test_finetuning_exempts_the_position_embedding_and_cls_token():
+  """As the official models_vit.no_weight_decay: pos_embed and cls_token, biases and norms."""
+  m = optim.finetune_decay_mask(_params())
+  assert m["encoder"]["patch_embed"] == {"kernel": True, "bias": False}
+  assert m["encoder"]["norm"] == {"scale": False, "bias": False}
+  assert m["encoder"]["cls_token"] is False and m["encoder"]["pos_embed"] is False
   assert m["decoder"]["pred"]["kernel"] is True
