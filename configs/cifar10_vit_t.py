@@ -1,4 +1,4 @@
-"""CIFAR-10, ViT-T/2 MAE: the setting of seed 001 and IcarusWizard/MAE.
+"""CIFAR-10, ViT-T/2 MAE: the setting of the CIFAR-10 ViT-T/2 ablation study (Huang) and IcarusWizard/MAE.
 
 32 px, patch 2 (256 patches); encoder 12x192, 3 heads; decoder 4x192, 3 heads; mask 0.75, plain
 pixel MSE (no norm_pix_loss), images normalised with mean = std = 0.5, no augmentation (turn on
@@ -28,14 +28,14 @@ def get_config(arg=None):
   c.num_epochs, c.warmup_epochs = 2000, 200
   c.optimizer.update(base_lr=1.5e-4, weight_decay=0.05, b1=0.9, b2=0.95)
   c.log_every_steps, c.figure_every_steps, c.checkpoint_every_steps = 96, 9600, 4800  # micro-steps
-  # Fine-tuning and the from-scratch baseline as seed 001 / IcarusWizard/MAE: 100 epochs, batch 128,
+  # Fine-tuning and the from-scratch baseline as the ablation study / IcarusWizard/MAE: 100 epochs, batch 128,
   # AdamW (0.9, 0.999) base lr 1e-3 wd 0.05, 5 warmup epochs, cls token, no mixing or extra aug.
   c.finetune.update(num_epochs=100, warmup_epochs=5, batch_size=128, base_lr=1e-3, min_lr=0.0,
                     layer_decay=1.0, weight_decay=0.05, b1=0.9, b2=0.999, drop_path=0.0,
                     mixup=0.0, cutmix=0.0, label_smoothing=0.0, randaug_num_ops=0,
                     random_erasing=0.0, random_resized_crop=False, hflip=False, global_pool=False,
                     log_every_steps=100, checkpoint_every_steps=3900, eval_every_epochs=5)
-  # Linear probe at small scale (seed 003's recipe): AdamW (0.9, 0.95), 50 epochs, batch 128.
+  # Linear probe at small scale (the Tiny ImageNet ViT-Lite reproduction's recipe): AdamW (0.9, 0.95), 50 epochs, batch 128.
   c.probe.update(num_epochs=50, warmup_epochs=2, batch_size=128, optimizer="adamw", base_lr=1e-3,
                  weight_decay=0.0, b1=0.9, b2=0.95, random_resized_crop=False, hflip=True,
                  log_every_steps=100, checkpoint_every_steps=3900, eval_every_epochs=5)

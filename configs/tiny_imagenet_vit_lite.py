@@ -1,8 +1,8 @@
-"""Tiny ImageNet, ViT-Lite MAE (seed 003, after Charisoudis et al., ReScience C 9.2 #40).
+"""Tiny ImageNet, ViT-Lite MAE (Burgund's Tiny ImageNet reproduction, 2026, after Charisoudis et al., ReScience C 9.2 #40).
 
 64 px, patch 4 (256 patches); encoder 7x256 with 4 heads (about 3.7M parameters); decoder 2x128
 with 4 heads; mask 0.75, norm_pix_loss. Batch 256, AdamW (0.9, 0.95) wd 0.15, base lr 5e-4,
-1200 epochs with 20 warmup, RandomResizedCrop + flip. Seed 003 reports 62.2% fine-tuned and
+1200 epochs with 20 warmup, RandomResizedCrop + flip. Burgund reports 62.2% fine-tuned and
 23.78% linear-probe top-1.
 
 Tiny ImageNet is not in tfds: point the config at the unpacked tiny-imagenet-200 folder
@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.batch_size, c.num_epochs, c.warmup_epochs = 256, 1200, 20
   c.optimizer.update(base_lr=5e-4, weight_decay=0.15)
   c.log_every_steps, c.figure_every_steps, c.checkpoint_every_steps = 100, 3900, 3900
-  # Seed 003's Table 1: fine-tune 100 epochs, batch 128, base lr 1e-3, wd 0.05, warmup 5, AdamW
+  # Burgund's Table 1: fine-tune 100 epochs, batch 128, base lr 1e-3, wd 0.05, warmup 5, AdamW
   # (0.9, 0.999), RandAugment(2, 9); probe 50 epochs, batch 128, base lr 1e-3, wd 0, warmup 2,
   # AdamW (0.9, 0.95), flip.
   c.finetune.update(num_epochs=100, warmup_epochs=5, batch_size=128, base_lr=1e-3, weight_decay=0.05,

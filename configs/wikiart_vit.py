@@ -1,4 +1,5 @@
-"""WikiArt MAE (seed 000), read from an image folder: 224 px, patch 16, mask 0.75, batch 32,
+"""WikiArt MAE (Nguyen & Nguyen, "Adapting Masked Autoencoders for Artistic Image Generation"),
+read from an image folder: 224 px, patch 16, mask 0.75, batch 32,
 AdamW wd 0.05, cosine, 10 epochs, ImageNet mean/std.
 
 The seed's three models are the config argument (model2, its best, by default):

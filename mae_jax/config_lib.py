@@ -51,12 +51,12 @@ def pretrain_config() -> ml_collections.ConfigDict:
       mask_ratio=0.75,
       mask_sampling="random",    # 'random', 'block' (BEiT blockwise) or 'grid' (1 in every 2x2; ratio 0.75)
       mask_token_in_encoder=False,  # ablation: the encoder sees every patch, mask tokens in place
-      curriculum_start_ratio=-1.0,  # >= 0: seed 002's curriculum, mask ratio ramps from this to mask_ratio
+      curriculum_start_ratio=-1.0,  # >= 0: curriculum masking, the ratio ramps from this to mask_ratio
       curriculum_epochs=5.0,
       curriculum_shape="linear",    # 'linear' or 'cosine'
       curriculum_bucket=0.05,       # ratios rounded to this: one compilation per bucket
-      laplacian_weight=0.0,      # seed 002's lambda_freq (0.05): masked Laplacian L1
-      uniformity_weight=0.0,     # seed 002's lambda_unif (0.01): uniformity of pooled encoder features
+      laplacian_weight=0.0,      # masked Laplacian L1 (the STL-10 curriculum study: 0.05)
+      uniformity_weight=0.0,     # uniformity of pooled encoder features (the STL-10 study: 0.01)
       norm_pix_loss=True,
       dtype="float32",           # compute dtype; 'bfloat16' on GPU/TPU. Params stay float32.
       attention_impl="",         # '' lets JAX choose; 'cudnn' forces fused attention on GPU

@@ -3,7 +3,7 @@ the patches with the smallest noise are kept, so every strategy shares the same 
 shuffle / unshuffle code and keeps exactly `int(L * (1 - mask_ratio))` patches.
 
   * random: uniform noise (the paper's default), drawn on the device;
-  * grid: keep one patch in every 2x2 cell (the top-left), mask ratio 0.75 (seed 001), device;
+  * grid: keep one patch in every 2x2 cell (the top-left), mask ratio 0.75 (the CIFAR-10 ViT-T/2 ablation study), device;
   * block: BEiT's blockwise masking, drawn on the host in the data pipeline (it is a
     data-dependent loop), from grain's per-record generator, so it is reproducible and resumes.
 """
@@ -77,7 +77,7 @@ def block_mask(rng: np.random.Generator, grid: tuple[int, int], mask_ratio: floa
 
 def curriculum_ratio(step: int, steps_per_epoch: int, start: float, final: float, epochs: float,
                      shape: str = "linear", bucket: float = 0.05) -> float:
-  """Seed 002's curriculum: the mask ratio ramps from `start` to `final` over `epochs` (linear or
+  """Curriculum masking (the STL-10 study of Rana et al.): the mask ratio ramps from `start` to `final` over `epochs` (linear or
   cosine), rounded to a multiple of `bucket`.
 
   Why buckets: the ratio sets how many patches the encoder sees, which is a shape, and XLA

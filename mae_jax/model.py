@@ -1,10 +1,13 @@
 """The Masked Autoencoder: patchify, masking, ViT encoder, lightweight decoder, loss.
 
-Follows facebookresearch/mae `models_mae.py` numerically (see DESIGN.md):
+Follows facebookresearch/mae `models_mae.py` numerically (docs/numerics.md has the details and
+how they are checked):
   * patches flattened in (p, p, C) order, row-major over the patch grid;
   * fixed 2D sin-cos position embeddings, zeros for the cls token;
   * masking by argsort of uniform noise, cls token prepended after masking;
   * pre-norm blocks, LayerNorm eps 1e-6, exact (erf) GELU, qkv with bias;
+  * xavier-uniform Linear layers with zero biases, except the patch projection's bias, which keeps
+    PyTorch's conv default; normal(0.02) cls and mask tokens;
   * loss on masked patches only, optional per-patch normalised target
     with the unbiased variance.
 
@@ -259,7 +262,7 @@ def laplacian(images):
 
 
 def masked_laplacian_loss(pred_images, target_images, mask_images):
-  """Seed 002's frequency loss: mean |Lap(pred) - Lap(target)| over the masked pixels (x channels)."""
+  """The frequency loss of curriculum masking with Laplacian and uniformity losses (STL-10): mean |Lap(pred) - Lap(target)| over the masked pixels (x channels)."""
   err = jnp.abs(laplacian(pred_images) - laplacian(target_images)) * mask_images
   return err.sum() / jnp.maximum(mask_images.sum(), 1.0)
 
@@ -306,9 +309,9 @@ class MAE(nn.Module):
   channels: int = 3
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
-  mask_token_in_encoder: bool = False  # the paper's / seed 001's ablation
-  laplacian_weight: float = 0.0        # seed 002's lambda_freq (0.05)
-  uniformity_weight: float = 0.0       # seed 002's lambda_unif (0.01)
+  mask_token_in_encoder: bool = False  # the paper's and the CIFAR-10 ViT-T/2 study's ablation
+  laplacian_weight: float = 0.0        # lambda_freq of the STL-10 curriculum study (0.05)
+  uniformity_weight: float = 0.0       # lambda_unif of the STL-10 curriculum study (0.01)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -329,7 +332,7 @@ class MAE(nn.Module):
   def __call__(self, imgs, noise):
     """imgs (B, H, W, C) normalised; noise (B, L) uniform. Returns (loss, pred, mask).
 
-    The loss is the masked MSE plus, where weighted, seed 002's Laplacian and uniformity terms;
+    The loss is the masked MSE plus, where weighted, the Laplacian and uniformity terms of the STL-10 curriculum study;
     each term is also sown into the 'losses' collection for logging.
     """
     latent, mask, ids_restore = self.encoder(imgs, noise, self.mask_ratio)

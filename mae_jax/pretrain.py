@@ -125,7 +125,7 @@ def run(config, workdir: str) -> TrainState:
     augment.append(data.BlockMaskNoise(model.grid, model.mask_ratio))
   m = config.model
   step_variant = None
-  if m.curriculum_start_ratio >= 0:  # seed 002's curriculum masking, in compiled buckets
+  if m.curriculum_start_ratio >= 0:  # curriculum masking, in compiled buckets
     spe = len(b["train_source"]) // b["micro_batch"]
     step_variant = lambda step: masking.curriculum_ratio(
         step, spe, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs, m.curriculum_shape,

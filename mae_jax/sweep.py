@@ -88,7 +88,7 @@ def run_one(study, label: str, overrides: dict, workdir: str) -> dict:
 
 def pretrain_summary(job_dir: str) -> dict:
   """The last logged training loss, and its terms: `final_mse` is the reconstruction term alone,
-  comparable across runs whose total loss adds seed 002's Laplacian or uniformity terms."""
+  comparable across runs whose total loss adds the Laplacian or uniformity terms."""
   with open(os.path.join(job_dir, "metrics.jsonl")) as f:
     last = [r for r in map(json.loads, f) if "loss" in r][-1]
   summary = {"final_loss": last["loss"], "final_mse": last.get("loss_mse", last["loss"])}

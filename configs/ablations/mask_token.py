@@ -1,4 +1,4 @@
-"""Mask token in the encoder (seed 001's Table 1a, the paper's Table 1c): encoder w/o [M] 84.4 ft
+"""Mask token in the encoder (the CIFAR-10 ViT-T/2 ablation study's Table 1a, the paper's Table 1c): encoder w/o [M] 84.4 ft
 at 1x FLOPs vs w/ [M] 80.6 at 2.4x (the FLOPs column comes from XLA's cost analysis).
 CIFAR-10 ViT-T/2; ':tiny' for the CPU-sized study."""
 

@@ -1,4 +1,4 @@
-"""Patch size (seed 000's ablation, there on WikiArt at 224 px): here 2, 4 and 8 px patches on
+"""Patch size (the WikiArt study's ablation, there at 224 px): here 2, 4 and 8 px patches on
 32 px CIFAR-10 (256, 64, 16 patches). ':tiny' for the CPU-sized study."""
 
 from mae_jax import config_lib
