@@ -250,9 +250,6 @@ def eval_batch_size(config) -> int:
   return -(-config.evaluate.batch_size // n) * n
 
 
-JOBS = ("pretrain", "probe", "finetune", "evaluate")
-
-
 def validate(config, jobs=("pretrain",)) -> None:
   """Checks the config before any work; raises ConfigError saying what is wrong and how to fix it.
 

@@ -66,8 +66,8 @@ def _filter_rows(path: str, keep_row: Callable[[int], bool]) -> None:
       kept.append(line)
   if len(kept) == len(lines):
     return
-  log(f"metrics.jsonl: dropped {len(lines) - len(kept)} rows logged after the checkpoint this run "
-      "resumes from (they are logged again)")
+  log(f"metrics.jsonl: dropped {len(lines) - len(kept)} rows that this run logs again (from past "
+      "the checkpoint it resumes from, or an earlier evaluation of the same step)")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write("".join(line + "\n" for line in kept))

@@ -208,6 +208,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if "sweep" not in flags.FLAGS.config:
+    cli.fail("--config is not a study (it has no 'sweep' section); give one of configs/ablations/*.py")
   study = cli.prepare(flags.FLAGS.config, jobs=flags.FLAGS.config.sweep.jobs)
   return cli.run_guarded(lambda: run(study, flags.FLAGS.workdir, flags.FLAGS.run, flags.FLAGS.report))
 

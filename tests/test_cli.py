@@ -101,6 +101,11 @@ def test_cli_bad_config_file_errors(tmp_path, config, message):
     assert "nope.py' does not exist" in out.stderr
 
 
+def test_sweep_of_a_config_that_is_no_study(tmp_path):
+  out = _cli(tmp_path / "w", module="mae_jax.sweep")
+  _assert_user_error(out, "--config is not a study (it has no 'sweep' section)")
+
+
 def test_cli_unusable_workdir_errors(tmp_path):
   afile = tmp_path / "afile"
   afile.write_text("not a folder")
