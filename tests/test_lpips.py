@@ -1,40 +1,26 @@
 """The JAX LPIPS equals the lpips package (torch) with the same weights."""
 
+import importlib.util
+import sys
+
 import numpy as np
 import pytest
 
 from mae_jax import lpips
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import torch_cpu  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="torch is a test-only reference (pip install -e '.[dev]')")
 
 
 def _import_lpips_package():
-  """Imports `lpips` (and so torchvision). PyPI's torchvision wheels carry CUDA-only compiled ops,
-  which a CPU torch cannot load; its import then fails registering their fake kernels. LPIPS
-  needs only torchvision's pure-Python AlexNet/VGG definitions, so those registrations are
-  skipped where the op does not exist."""
-  real = torch.library.register_fake
-
-  def tolerant(op, *args, **kwargs):
-    if args and callable(args[0]):  # register_fake(op, fn)
-      try:
-        return real(op, *args, **kwargs)
-      except RuntimeError:
-        return args[0]
-    decorator = real(op, *args, **kwargs)
-
-    def apply(fn):
-      try:
-        return decorator(fn)
-      except RuntimeError:
-        return fn
-    return apply
-
-  torch.library.register_fake = tolerant
-  try:
-    return pytest.importorskip("lpips", reason="the lpips package is a test-only reference")
-  finally:
-    torch.library.register_fake = real
+  """Imports `lpips` (and so torchvision, whose PyPI wheels carry CUDA-only ops that a CPU torch
+  cannot load: see benchmarks/torch_cpu.py)."""
+  if importlib.util.find_spec("lpips") is None:
+    pytest.skip("the lpips package is a test-only reference (pip install -e '.[dev]')", allow_module_level=True)
+  return torch_cpu.tolerant_import("lpips")
 
 
 lpips_torch = _import_lpips_package()

@@ -1,0 +1,127 @@
+"""The MAE pretraining step of mae_jax against the PyTorch reference, side by side on this machine.
+
+  python benchmarks/step_vs_torch.py --config=configs/cifar10_vit_t.py [--batch=32] [--steps=5] [--reps=5]
+
+Both sides do the same work: one pretraining step (masking at the config's ratio, forward,
+backward, AdamW with b = (0.9, 0.95) and weight decay) on the same images, in float32. The PyTorch
+side is transformers' `ViTMAEForPreTraining` built with the config's shape (it implements the
+official architecture; fused or separate qkv does not change the math) and `torch.optim.AdamW`,
+with as many threads as the cores JAX uses. Compilation and warm-up are excluded. The
+repetitions alternate (mae_jax, PyTorch, mae_jax, ...) so that both sides see the same machine;
+the figures are medians over repetitions. The last line reads
+`step: mae_jax A img/s, PyTorch B img/s, ratio R.RRx`.
+
+torch and transformers come with the dev extra (pip install -e ".[dev]").
+"""
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def mae_jax_step(config, images):
+  """A function running one mae_jax pretraining step (compiled, state donated) on `images`."""
+  import jax
+  from mae_jax import optim, pretrain
+  from mae_jax.model import mae_from_config
+  model = mae_from_config(config.model, config.dataset.image_size)
+  schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size), 0.0, 0, 10**6)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  state = jax.jit(functools.partial(pretrain.create_train_state, model, tx, config.seed))()
+  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
+                                   mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
+                 donate_argnums=(0,))
+  batch = {"image": jax.device_put(images)}
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], batch)
+    jax.block_until_ready(metrics["loss"])
+  return run
+
+
+def pytorch_step(config, images, threads: int):
+  """A function running one step of transformers' ViTMAEForPreTraining with torch's AdamW."""
+  import numpy as np
+  import torch
+  import torch_cpu
+  # The modeling module itself: transformers imports it lazily, past the tolerant import.
+  vit_mae = torch_cpu.tolerant_import("transformers.models.vit_mae.modeling_vit_mae")
+  torch.set_num_threads(threads)
+  torch.manual_seed(config.seed)
+  m, size = config.model, config.dataset.image_size
+  hf_config = vit_mae.ViTMAEConfig(
+      image_size=size, patch_size=m.patch_size, num_channels=3, hidden_size=m.encoder_width,
+      num_hidden_layers=m.encoder_depth, num_attention_heads=m.encoder_heads,
+      intermediate_size=int(m.encoder_width * m.mlp_ratio), decoder_hidden_size=m.decoder_width,
+      decoder_num_hidden_layers=m.decoder_depth, decoder_num_attention_heads=m.decoder_heads,
+      decoder_intermediate_size=int(m.decoder_width * m.mlp_ratio), hidden_act="gelu",
+      layer_norm_eps=1e-6, qkv_bias=True, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  model = vit_mae.ViTMAEForPreTraining(hf_config).train()
+  o = config.optimizer
+  opt = torch.optim.AdamW(model.parameters(), lr=o.base_lr * config.batch_size / 256, betas=(o.b1, o.b2),
+                          weight_decay=o.weight_decay)
+  mean = np.asarray(config.dataset.mean, np.float32)
+  std = np.asarray(config.dataset.std, np.float32)
+  x = torch.from_numpy(((images / np.float32(255.0) - mean) / std).transpose(0, 3, 1, 2).copy())
+  length = (size // m.patch_size) ** 2
+
+  def run():
+    noise = torch.rand(x.shape[0], length)  # masking on this side too: fresh noise every step
+    loss = model(pixel_values=x, noise=noise).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+  return run
+
+
+def images_per_second(run, batch: int, steps: int) -> float:
+  t = time.perf_counter()
+  for _ in range(steps):
+    run()
+  return batch * steps / (time.perf_counter() - t)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", required=True, help="configs/*.py[:arg]")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--steps", type=int, default=5, help="steps per timed repetition")
+  p.add_argument("--reps", type=int, default=5, help="alternated repetitions per side")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+  a = p.parse_args()
+
+  import jax
+  import numpy as np
+  from mae_jax import config_lib
+  path, _, arg = a.config.partition(":")
+  config = config_lib.load_config_file(path, arg or None)
+  config.model.dtype = "float32"
+  size = config.dataset.image_size
+  images = np.random.default_rng(0).integers(0, 256, (a.batch, size, size, 3), dtype=np.uint8)
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  sides = {"mae_jax": mae_jax_step(config, images), "PyTorch": pytorch_step(config, images, threads)}
+  for run in sides.values():
+    for _ in range(a.warmup):
+      run()
+  print(f"{jax.devices()[0].platform} ({jax.device_count()} device(s)), {threads} threads | {a.config} | "
+        f"batch {a.batch} | {a.reps} alternated repetitions of {a.steps} steps, float32", flush=True)
+  rates = {name: [] for name in sides}
+  for rep in range(a.reps):
+    for name, run in sides.items():
+      rates[name].append(images_per_second(run, a.batch, a.steps))
+    print(f"rep {rep + 1}: " + ", ".join(f"{n} {r[-1]:.1f} img/s" for n, r in rates.items()), flush=True)
+  jax_rate, torch_rate = (statistics.median(rates[n]) for n in ("mae_jax", "PyTorch"))
+  print(f"step: mae_jax {jax_rate:.1f} img/s, PyTorch {torch_rate:.1f} img/s, ratio {jax_rate / torch_rate:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
