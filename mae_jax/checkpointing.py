@@ -60,6 +60,7 @@ def _quiet_background_failures():
   try:
     yield
   finally:
+    # Also after a read that succeeds: stragglers of an earlier failed read are collected here.
     time.sleep(0.2)  # let the remaining reads of a failed restore settle
     gc.collect()     # and their orphaned tasks be collected, here rather than later
     sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
@@ -74,10 +75,23 @@ def _steps(workdir: str) -> list[int]:
   return sorted((int(s) for s in os.listdir(root) if s.isdigit()), reverse=True)
 
 
-def _unreadable(workdir: str, failures: list) -> str:
+def _newest_readable(workdir: str, steps, read) -> tuple[int, Any, list[int]]:
+  """(step, read(step), the newer steps that failed) for the first of `steps` (newest first)
+  that `read` reads; each failure is logged with its reason. Raises CheckpointUnreadableError
+  listing every step when none reads."""
+  failures = []
+  for step in steps:
+    try:
+      with _quiet_background_failures():
+        return step, read(step), [s for s, _ in failures]
+    except Exception as e:  # orbax, tensorstore, json and OS errors alike
+      failures.append((step, failure_reason(e)))
+      metrics_lib.log(f"checkpoint {checkpoint_dir(workdir)}/{step} is unreadable ({failures[-1][1]}); "
+                      "trying the one before it")
   listed = "; ".join(f"step {step}: {reason}" for step, reason in failures)
-  return (f"no checkpoint in {checkpoint_dir(workdir)} can be read ({listed}). Replace the folder with "
-          "a readable copy, or move it away to start over")
+  raise CheckpointUnreadableError(
+      f"no checkpoint in {checkpoint_dir(workdir)} can be read ({listed}). Replace the folder with "
+      "a readable copy, or move it away to start over")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -133,24 +147,16 @@ class Checkpointer:
     `workdir/checkpoints_unreadable/` (kept for inspection, out of the way of new saves). When
     none restores, CheckpointUnreadableError lists each, and nothing is moved.
     """
-    failures = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        with _quiet_background_failures():
-          state = self.restore(step, abstract_state, data_iter)
-      except Exception as e:  # orbax, tensorstore, json and OS errors alike
-        failures.append((step, failure_reason(e)))
-        metrics_lib.log(f"checkpoint {self.root}/{step} is unreadable ({failures[-1][1]}); "
-                        "trying the one before it")
-        continue
-      if failures:
-        self._move_aside([s for s, _ in failures])
-        metrics_lib.log(f"restored step {step}; the unreadable newer checkpoints are in "
-                        f"{os.path.join(self.workdir, UNREADABLE_DIR)}")
-      return step, state
-    if failures:
-      raise CheckpointUnreadableError(_unreadable(self.workdir, failures))
-    return None, None
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      return None, None
+    step, state, unreadable = _newest_readable(
+        self.workdir, steps, lambda s: self.restore(s, abstract_state, data_iter))
+    if unreadable:
+      self._move_aside(unreadable)
+      metrics_lib.log(f"restored step {step}; the unreadable newer checkpoints are in "
+                      f"{os.path.join(self.workdir, UNREADABLE_DIR)}")
+    return step, state
 
   def _move_aside(self, steps) -> None:
     if jax.process_index() == 0:
@@ -194,20 +200,15 @@ def restore_params(workdir: str) -> tuple[dict, dict, int]:
     raise CheckpointMismatchError(
         f"no checkpoint found in {checkpoint_dir(workdir)}; pass the workdir of a pretraining run "
         "as --pretrained")
-  failures = []
-  for step in steps:
-    try:
-      saved = _read_config(workdir, step)
-      with _quiet_background_failures(), ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(os.path.join(checkpoint_dir(workdir), str(step), "state"))
-      params = jax.tree.map(np.asarray, state["params"])
-    except Exception as e:  # orbax, tensorstore, json and OS errors alike
-      failures.append((step, failure_reason(e)))
-      metrics_lib.log(f"checkpoint {checkpoint_dir(workdir)}/{step} is unreadable ({failures[-1][1]}); "
-                      "trying the one before it")
-      continue
-    return params, saved, step
-  raise CheckpointUnreadableError(_unreadable(workdir, failures))
+
+  def read(step):
+    saved = _read_config(workdir, step)
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(os.path.join(checkpoint_dir(workdir), str(step), "state"))
+    return jax.tree.map(np.asarray, state["params"]), saved
+
+  step, (params, saved), _ = _newest_readable(workdir, steps, read)
+  return params, saved, step
 
 
 def check_compatible(workdir: str, config, flag: str = "--workdir") -> None:

@@ -132,7 +132,8 @@ def make_source(dataset_cfg, split: str, labels_from: str = ""):
   whose classes define the labels (the labelled training split): an image folder's split must
   then hold the same classes. tfds data sets carry their own label map."""
   if dataset_cfg.source == "folder":
-    classes = folder_classes(dataset_cfg.folder, labels_from) if labels_from else None
+    # The label map's own split is numbered by its own classes; another split is checked against them.
+    classes = folder_classes(dataset_cfg.folder, labels_from) if labels_from not in ("", split) else None
     return ImageFolderSource(dataset_cfg.folder, split, classes, labels_from)
   import tensorflow_datasets as tfds  # imported late: it is slow to import
   info = DATASETS[dataset_cfg.name]
@@ -203,8 +204,7 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
   """
   mode = im.mode
   if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-    x = np.asarray(im)
-    x = x.astype(np.float64)
+    x = np.asarray(im).astype(np.float64)
     lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
     if mode == "F":
       top = 1.0
