@@ -99,6 +99,8 @@ def main():
   p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
   a = p.parse_args()
 
+  from mae_jax import host
+  malloc_kept = host.keep_freed_memory()  # as the mae_jax entry points do, before JAX starts
   import jax
   import numpy as np
   from mae_jax import config_lib
@@ -113,7 +115,8 @@ def main():
     for _ in range(a.warmup):
       run()
   print(f"{jax.devices()[0].platform} ({jax.device_count()} device(s)), {threads} threads | {a.config} | "
-        f"batch {a.batch} | {a.reps} alternated repetitions of {a.steps} steps, float32", flush=True)
+        f"batch {a.batch} | {a.reps} alternated repetitions of {a.steps} steps, float32 | "
+        f"host malloc keeps freed memory: {'yes' if malloc_kept else 'no'}", flush=True)
   rates = {name: [] for name in sides}
   for rep in range(a.reps):
     for name, run in sides.items():

@@ -7,7 +7,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import checkpointing, config_lib, data, lpips, parallel
+from mae_jax import checkpointing, config_lib, data, host, lpips, parallel
 from mae_jax import workdir as workdir_lib
 from mae_jax.trainer import StopRequested
 
@@ -80,7 +80,9 @@ def run_guarded(fn):
 
 def run_app(main):
   """`absl.app.run(main)` with flag mistakes (an unknown config field, a missing config file, an
-  unknown config argument, a value of the wrong type) reported as one line, exit 2."""
+  unknown config argument, a value of the wrong type) reported as one line, exit 2. First, before
+  JAX starts, the host allocator is set to reuse XLA's freed CPU memory (mae_jax/host.py)."""
+  host.keep_freed_memory()
   return app.run(main, flags_parser=parse_flags)
 
 

@@ -109,6 +109,22 @@ def layer_norm(dtype: Any, name: Optional[str] = None) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def gelu(x):
+  """Exact GELU as torch.nn.GELU() computes it: x/2 * (1 + erf(x/sqrt 2)). (jax.nn.gelu's exact
+  form uses erfc, which XLA lowers to a costlier select of two approximations.)"""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
+
+
+def attention(q, k, v):
+  """softmax(q k^T / sqrt(d)) v over (B, heads, N, head_dim) inputs, the softmax in float32.
+
+  Heads-first operands make both products plain batched matmuls (no per-head transposes inside
+  the backward pass). q is scaled before the product, as timm's Attention does."""
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q * np.asarray(q.shape[-1] ** -0.5, q.dtype), k)
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (as timm's, which MAE uses)."""
   num_heads: int
@@ -119,8 +135,12 @@ class Attention(nn.Module):
   def __call__(self, x):
     b, n, d = x.shape
     qkv = dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, N, heads, head_dim)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    if self.implementation == "cudnn":  # the fused kernel takes (B, N, heads, head_dim)
+      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                         implementation="cudnn")
+    else:
+      q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+      out = attention(q, k, v).transpose(0, 2, 1, 3)
     return dense(d, self.dtype, "proj")(out.reshape(b, n, d))
 
 
@@ -154,7 +174,7 @@ class Block(nn.Module):
     x = x + DropPath(self.drop_path)(y, deterministic)
     y = layer_norm(self.dtype, "norm2")(x)
     y = dense(int(d * self.mlp_ratio), self.dtype, "fc1")(y)
-    y = nn.gelu(y, approximate=False)  # exact erf GELU, as torch.nn.GELU()
+    y = gelu(y)
     y = dense(d, self.dtype, "fc2")(y)
     return x + DropPath(self.drop_path)(y, deterministic)
 

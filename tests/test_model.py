@@ -148,6 +148,36 @@ def test_block_uses_exact_gelu_and_layernorm_eps():
   np.testing.assert_allclose(blk.apply({"params": p}, x)[0], want, rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_is_torchs_exact_erf_formula():
+  x = np.linspace(-12, 12, 4001).astype(np.float32)
+  want = 0.5 * x.astype(np.float64) * (1 + np.vectorize(math.erf)(x.astype(np.float64) / math.sqrt(2)))
+  np.testing.assert_allclose(mae.gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)
+  grad = jax.vmap(jax.grad(mae.gelu))(jnp.asarray(x))
+  cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+  np.testing.assert_allclose(grad, cdf + x * np.exp(-0.5 * x.astype(np.float64) ** 2) / math.sqrt(2 * math.pi),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_multi_head_attention_against_per_head_softmax():
+  """3 heads of width 4: the qkv output is split (q|k|v) then (head, head_dim), as timm's reshape
+  (B, N, 3, heads, head_dim); each head is softmax(q k^T / sqrt(4)) v on its own slice."""
+  heads, hd, n = 3, 4, 5
+  attn = mae.Attention(num_heads=heads)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, n, heads * hd))
+  p = attn.init(jax.random.PRNGKey(1), x)["params"]
+  got = attn.apply({"params": p}, x)
+  for b in range(2):
+    qkv = np.asarray(x[b], np.float64) @ np.asarray(p["qkv"]["kernel"]) + np.asarray(p["qkv"]["bias"])
+    q, k, v = (qkv[:, i * heads * hd:(i + 1) * heads * hd].reshape(n, heads, hd) for i in range(3))
+    out = np.zeros((n, heads, hd))
+    for h in range(heads):
+      s = q[:, h] @ k[:, h].T / math.sqrt(hd)
+      a = np.exp(s - s.max(-1, keepdims=True))
+      out[:, h] = (a / a.sum(-1, keepdims=True)) @ v[:, h]
+    want = out.reshape(n, heads * hd) @ np.asarray(p["proj"]["kernel"]) + np.asarray(p["proj"]["bias"])
+    np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)
+
+
 def test_mae_forward_shapes_and_bfloat16_policy():
   m = mae.MAE(image_size=(16, 16), patch_size=4, encoder_width=32, encoder_depth=1,
               encoder_heads=2, decoder_width=16, decoder_depth=1, decoder_heads=2,

@@ -1,0 +1,57 @@
+"""The host allocator setting of mae_jax/host.py: XLA's freed CPU scratch memory is reused."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mae_jax import host
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A jitted function whose scratch memory (exp(x) and the product, 64 MB each) is larger than
+# glibc's largest mmap threshold (32 MB), run a few times; prints page faults per call.
+SCRIPT = textwrap.dedent("""
+    import resource, sys
+    from mae_jax import host
+    kept = host.keep_freed_memory() if sys.argv[1] == "keep" else False
+    import jax, jax.numpy as jnp
+    f = jax.jit(lambda x: (jnp.exp(x) @ jnp.exp(x).T).sum())
+    x = jnp.full((4096, 4096), 0.001)
+    for _ in range(2):
+      f(x).block_until_ready()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+      f(x).block_until_ready()
+    print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // 4)
+""")
+
+
+def _faults_per_call(mode: str):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop("MAE_JAX_SYSTEM_MALLOC", None)
+  out = subprocess.run([sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+  return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_scratch_memory_is_reused_instead_of_faulted_in_again():
+  kept, faults_kept = _faults_per_call("keep")
+  _, faults_default = _faults_per_call("default")
+  assert kept
+  # By default every call maps its 64 MB blocks afresh: one fault per 4 KiB page.
+  assert faults_default > 16_000
+  assert faults_kept < faults_default / 20
+
+
+def test_applied_only_where_jax_runs_on_the_cpu(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert not host.cpu_backend_expected()
+  assert not host.keep_freed_memory()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host.cpu_backend_expected()
+  monkeypatch.setenv("MAE_JAX_SYSTEM_MALLOC", "1")
+  assert not host.keep_freed_memory()
