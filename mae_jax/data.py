@@ -171,13 +171,21 @@ def labelled_sources(dataset_cfg):
 # ----------------------------------------------------------------------------
 # Per-example transforms (run in grain worker processes).
 # ----------------------------------------------------------------------------
-def decode_image(image: Any) -> np.ndarray:
-  """A file path (str), encoded bytes or an array -> uint8 (H, W, 3)."""
-  if isinstance(image, (str, bytes)):
+def is_encoded(image: Any) -> bool:
+  return isinstance(image, (str, bytes))
+
+
+def decode_image(image: Any, crop=None) -> np.ndarray:
+  """A file path (str), encoded bytes or an array -> uint8 (H, W, 3).
+
+  With `crop`, a function (opened PIL image) -> uint8 array that decodes only what it needs
+  (`decode_random_crop`), an encoded image is handed to it instead of being decoded whole.
+  """
+  if is_encoded(image):
     what = f"image file {image!r}" if isinstance(image, str) else "encoded image bytes"
     try:
       with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as im:
-        return to_rgb8(im)
+        return crop(im) if crop is not None else to_rgb8(im)
     except DataError as e:
       raise DataError(f"{what}: {e}") from None
     except Exception as e:
@@ -259,6 +267,28 @@ def random_resized_crop_box(h, w, rng: np.random.Generator, scale, ratio=(3 / 4,
   return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
+def decode_random_crop(im: Image.Image, rng: np.random.Generator, size: int, scale,
+                       interpolation: str) -> np.ndarray:
+  """RandomResizedCrop straight from an opened (not yet decoded) image, as fast as the file allows.
+
+  The box is drawn from the image's header size by `random_resized_crop_box` (torchvision's rule),
+  so boxes are those of decoding first. A JPEG is then decoded at the coarsest DCT scale (1/2, 1/4
+  or 1/8) that still leaves the box at least `size` pixels each way, and only the box is resampled
+  (PIL's resize with a source box). Other formats and modes decode whole, then crop and resize.
+  """
+  w, h = im.size
+  top, left, ch, cw = random_resized_crop_box(h, w, rng, scale)
+  if im.format == "JPEG" and im.mode in ("RGB", "L"):
+    shrink = max(size / cw, size / ch)  # the box may shrink by this much and keep `size` pixels
+    if shrink < 1:
+      im.draft(im.mode, (math.ceil(w * shrink), math.ceil(h * shrink)))
+    sx, sy = im.size[0] / w, im.size[1] / h  # the scale the decoder chose (1, 1/2, 1/4 or 1/8)
+    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    return np.asarray(im.convert("RGB").resize((size, size), _RESAMPLE[interpolation], box=box))
+  img = to_rgb8(im)
+  return resize(img[top:top + ch, left:left + cw], (size, size), interpolation)
+
+
 def center_crop_resize(img: np.ndarray, size: int, interpolation: str) -> np.ndarray:
   """Resize the shorter side to `size`, then take the central size x size crop."""
   h, w = img.shape[:2]
@@ -295,14 +325,20 @@ def _prepare_worker_process() -> None:
   threading.Thread(target=exit_with_parent, daemon=True, name="exit-with-parent").start()
 
 
+@dataclasses.dataclass
 class DecodeImage(grain.transforms.Map):
   """Decodes the image and keeps only the fields the model needs (the first transform of every
-  loader, so it also prepares each worker process)."""
+  loader, so it also prepares each worker process). With `defer`, an encoded image is left for a
+  transform that decodes only its random crop (TrainAugment)."""
+  defer: bool = False
 
   def map(self, element):
     if not _worker_ready:
       _prepare_worker_process()
-    return {"image": decode_image(element["image"]), "label": np.int32(element["label"])}
+    image = element["image"]
+    if not (self.defer and is_encoded(image)):
+      image = decode_image(image)
+    return {"image": image, "label": np.int32(element["label"])}
 
 
 @dataclasses.dataclass
@@ -320,8 +356,8 @@ class TrainAugment(grain.transforms.RandomMap):
   def random_map(self, element, rng: np.random.Generator):
     img = element["image"]
     if self.random_resized_crop:
-      top, left, ch, cw = random_resized_crop_box(img.shape[0], img.shape[1], rng, self.crop_scale)
-      img = resize(img[top:top + ch, left:left + cw], (self.size, self.size), self.interpolation)
+      crop = lambda im: decode_random_crop(im, rng, self.size, self.crop_scale, self.interpolation)
+      img = decode_image(img, crop) if is_encoded(img) else crop(Image.fromarray(img))
     else:
       img = center_crop_resize(img, self.size, self.interpolation)
     if self.hflip and rng.random() < 0.5:
@@ -397,7 +433,9 @@ def make_loader(config, source, *, train: bool, global_batch_size: int, seed: in
     transforms = EvalResize(d.image_size, d.interpolation)
   if not isinstance(transforms, (list, tuple)):
     transforms = [transforms]
-  ops = [DecodeImage(), *transforms,
+  # The train crop decodes the image itself (only what its box needs) when it comes first.
+  defer = isinstance(transforms[0], TrainAugment) and transforms[0].random_resized_crop
+  ops = [DecodeImage(defer), *transforms,
          grain.transforms.Batch(global_batch_size // num_processes, drop_remainder=train)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=d.num_workers if worker_count is None else worker_count)

@@ -1,5 +1,8 @@
 """Sources, decoding, augmentation and the grain loader: determinism and exact resume."""
 
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -48,6 +51,82 @@ def test_random_resized_crop_box_in_bounds_and_seeded():
     assert 0.2 * 32 * 48 * 0.8 <= h * w  # area within the scale range (rounding aside)
   a = data.random_resized_crop_box(32, 32, np.random.default_rng(7), (0.2, 1.0))
   assert a == data.random_resized_crop_box(32, 32, np.random.default_rng(7), (0.2, 1.0))
+
+
+def _torchvision_transforms():
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+  import torch_cpu
+  return torch_cpu.tolerant_import("torchvision.transforms")
+
+
+def _ks(a, b):
+  """Two-sample Kolmogorov-Smirnov statistic."""
+  grid = np.sort(np.concatenate([a, b]))
+  return np.abs(np.searchsorted(np.sort(a), grid, "right") / len(a)
+                - np.searchsorted(np.sort(b), grid, "right") / len(b)).max()
+
+
+@pytest.mark.parametrize("h, w", [(375, 500), (60, 600)])  # a photo; a strip that often falls back
+def test_random_resized_crop_boxes_follow_torchvisions_rule(h, w):
+  """Boxes drawn with fixed seeds have torchvision's RandomResizedCrop.get_params distribution
+  (area fraction, log aspect ratio, position, the central fallback)."""
+  import torch
+  transforms = _torchvision_transforms()
+  n = 20000
+  ours = np.array([data.random_resized_crop_box(h, w, np.random.default_rng(s), (0.2, 1.0))
+                   for s in range(n)], np.float64)
+  torch.manual_seed(0)
+  image = torch.zeros(1, h, w)
+  theirs = np.array([transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
+                     for _ in range(n)], np.float64)
+  for box in (ours, theirs):
+    assert (box[:, 0] >= 0).all() and (box[:, 0] + box[:, 2] <= h).all()
+    assert (box[:, 1] >= 0).all() and (box[:, 1] + box[:, 3] <= w).all()
+  stats = lambda b: {"area": b[:, 2] * b[:, 3] / (h * w), "log_aspect": np.log(b[:, 3] / b[:, 2]),
+                     "top": b[:, 0] / np.maximum(h - b[:, 2], 1), "left": b[:, 1] / np.maximum(w - b[:, 3], 1)}
+  for name, a in stats(ours).items():
+    assert _ks(a, stats(theirs)[name]) < 0.02, name  # 20,000 draws a side: noise is about 0.01
+  fallback = lambda b: np.mean((b[:, 2] == b[:, 2].max()) & (b[:, 0] == (h - b[:, 2]) // 2))
+  assert abs(fallback(ours) - fallback(theirs)) < 0.02
+
+
+def _photo_jpeg(path, w, h):
+  """A smooth synthetic photograph (gradients and a disc), saved as a quality-90 JPEG."""
+  yy, xx = np.mgrid[0:h, 0:w]
+  img = np.stack([xx * 255 // w, yy * 255 // h, 128 + 100 * np.sin(xx / 37.0) * np.cos(yy / 23.0)], -1)
+  img[(yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (h / 4) ** 2] = (250, 30, 60)
+  Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
+  return str(path)
+
+
+def test_random_crop_decodes_only_what_the_box_needs(tmp_path):
+  """A big crop of a big JPEG decodes at a reduced DCT scale, draws the same box as decoding
+  first, and gives nearly the same pixels; other formats go the decode-first way, bit for bit."""
+  jpeg = _photo_jpeg(tmp_path / "big.jpg", 1600, 1200)
+  png = tmp_path / "big.png"
+  Image.open(jpeg).save(png)
+  full = data.decode_image(jpeg)
+  for seed in range(8):
+    crop = lambda im: data.decode_random_crop(im, np.random.default_rng(seed), 64, (0.5, 1.0), "bicubic")
+    with Image.open(jpeg) as im:
+      fast = crop(im)
+      assert im.size[0] <= 1600 // 4  # the box is >= 800 px wide: 1/4 scale or less still gives 64
+    top, left, ch, cw = data.random_resized_crop_box(1200, 1600, np.random.default_rng(seed), (0.5, 1.0))
+    slow = data.resize(full[top:top + ch, left:left + cw], (64, 64), "bicubic")
+    assert fast.shape == (64, 64, 3) and fast.dtype == np.uint8
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0  # of 255
+    np.testing.assert_array_equal(data.decode_image(str(png), crop), slow)
+
+
+def test_a_corrupt_jpeg_is_named_when_the_crop_decodes_it(tmp_path):
+  path = _photo_jpeg(tmp_path / "cut.jpg", 400, 300)
+  with open(path, "rb") as f:
+    head = f.read(300)
+  with open(path, "wb") as f:
+    f.write(head)
+  crop = lambda im: data.decode_random_crop(im, np.random.default_rng(0), 32, (0.2, 1.0), "bicubic")
+  with pytest.raises(data.DataError, match="cut.jpg"):
+    data.decode_image(path, crop)
 
 
 def test_center_crop_resize():
