@@ -7,9 +7,10 @@ augmentation: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic), horizontal flip
 mae_jax: its grain loader (`data.make_loader`), uint8 batches as they go to the device (where
 the normalisation happens). torchvision: `ImageFolder` + `RandomResizedCrop` + `RandomHorizontalFlip`
 + `ToTensor` + `Normalize` in a `DataLoader`, as the official MAE's main_pretrain.py. Each side
-runs `--workers` worker processes, started and warmed up before timing; the repetitions alternate
-and the figures are medians, in images per second per worker. The last line reads
-`feed: mae_jax A img/s/worker, torchvision B img/s/worker, ratio R.RRx`.
+runs `--workers` worker processes; the repetitions alternate and the figures are medians, in
+images per second per worker. The last line reads
+`feed: mae_jax A img/s/worker, torchvision B img/s/worker, ratio R.RRx`. Each repetition starts
+its side's workers afresh and ends them before the other side runs.
 
 Without --folder, the script writes 2,000 ImageNet-sized JPEGs (random crops of about 500x375 of
 the photographs that ship with scikit-image, quality 90) to a temporary folder first.
@@ -17,6 +18,7 @@ torch, torchvision and scikit-image come with the dev extra (pip install -e ".[d
 """
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -82,8 +84,21 @@ def torchvision_feed(folder: str, workers: int, batch: int):
 
   def forever():
     while True:
-      yield from loader
+      it = iter(loader)
+      try:
+        yield from it
+      finally:
+        if hasattr(it, "_shutdown_workers"):  # on close(): stop this iterator's workers now
+          it._shutdown_workers()
   return forever()
+
+
+def stop(batches) -> None:
+  """Ends the worker processes of a side's iterator: the torch side's generator shuts its
+  loader's workers down on close(); grain's iterator stops its workers once collected."""
+  close = getattr(batches, "close", None)
+  if close is not None:
+    close()
 
 
 def images_per_second(batches, batch: int, count: int) -> float:
@@ -99,7 +114,8 @@ def main():
   p.add_argument("--images", type=int, default=2000, help="images to write when --folder is not given")
   p.add_argument("--workers", type=int, default=2, help="worker processes per side")
   p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--batches", type=int, default=8, help="batches per timed repetition")
+  p.add_argument("--batches", type=int, default=24, help="batches per timed repetition")
+  p.add_argument("--warmup", type=int, default=2, help="untimed batches after the workers start")
   p.add_argument("--reps", type=int, default=5, help="alternated repetitions per side")
   a = p.parse_args()
   folder = a.folder
@@ -107,24 +123,29 @@ def main():
     folder = tempfile.mkdtemp(prefix="mae_jax_feed_")
     print(f"writing {a.images} JPEGs of about 500x375 to {folder} ...", flush=True)
     write_folder(folder, a.images)
-  sides = {"mae_jax": mae_jax_feed(folder, a.workers, a.batch),
-           "torchvision": torchvision_feed(folder, a.workers, a.batch)}
-  for batches in sides.values():  # start the workers and fill their buffers
-    images_per_second(batches, a.batch, 2)
+  sides = {"mae_jax": lambda: mae_jax_feed(folder, a.workers, a.batch),
+           "torchvision": lambda: torchvision_feed(folder, a.workers, a.batch)}
   per_worker = max(a.workers, 1)
   print(f"{a.workers} worker(s) per side | folder {folder} | batch {a.batch} | {a.reps} alternated "
         f"repetitions of {a.batches} batches | RandomResizedCrop({SIZE}, scale=(0.2, 1.0), bicubic) + flip",
         flush=True)
   rates = {name: [] for name in sides}
   for rep in range(a.reps):
-    for name, batches in sides.items():
+    for name, start in sides.items():
+      # Fresh workers each time, and gone before the other side runs: neither side's workers fill
+      # their buffers (or take the cores) while the other is timed. The first batches (worker
+      # start-up) are not timed.
+      batches = start()
+      images_per_second(batches, a.batch, a.warmup)
       rates[name].append(images_per_second(batches, a.batch, a.batches) / per_worker)
+      stop(batches)
+      del batches
+      gc.collect()
     print(f"rep {rep + 1}: " + ", ".join(f"{n} {r[-1]:.1f} img/s/worker" for n, r in rates.items()),
           flush=True)
   ours, theirs = (statistics.median(rates[n]) for n in ("mae_jax", "torchvision"))
   print(f"feed: mae_jax {ours:.1f} img/s/worker, torchvision {theirs:.1f} img/s/worker, "
         f"ratio {ours / theirs:.2f}x")
-  os._exit(0)  # both sides' worker processes end with this process
 
 
 if __name__ == "__main__":

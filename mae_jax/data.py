@@ -284,7 +284,8 @@ def decode_random_crop(im: Image.Image, rng: np.random.Generator, size: int, sca
       im.draft(im.mode, (math.ceil(w * shrink), math.ceil(h * shrink)))
     sx, sy = im.size[0] / w, im.size[1] / h  # the scale the decoder chose (1, 1/2, 1/4 or 1/8)
     box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-    return np.asarray(im.convert("RGB").resize((size, size), _RESAMPLE[interpolation], box=box))
+    rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() copies even an RGB image
+    return np.asarray(rgb.resize((size, size), _RESAMPLE[interpolation], box=box))
   img = to_rgb8(im)
   return resize(img[top:top + ch, left:left + cw], (size, size), interpolation)
 
