@@ -56,11 +56,11 @@ def write_folder(root: str, count: int, seed: int = 0) -> str:
   return root
 
 
-def mae_jax_feed(folder: str, workers: int, batch: int):
-  """An endless iterator of mae_jax's training batches from `folder`."""
+def mae_jax_feed(folder: str, workers: int, batch: int, prepared: str = ""):
+  """An endless iterator of mae_jax's training batches from `folder` (or the `prepared` one)."""
   from mae_jax import config_lib, data
   config = config_lib.load_config_file(os.path.join(REPO, "configs", "imagenet_vit_b.py"), None)
-  config.dataset.update(source="folder", folder=folder, image_size=SIZE, random_resized_crop=True,
+  config.dataset.update(source="prepared" if prepared else "folder", folder=prepared or folder, image_size=SIZE, random_resized_crop=True,
                         crop_scale=(0.2, 1.0), hflip=True, interpolation="bicubic",
                         num_workers=workers)
   source = data.make_source(config.dataset, "train")
@@ -111,6 +111,8 @@ def images_per_second(batches, batch: int, count: int) -> float:
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--folder", default="", help="image folder with a train/ split (default: write one)")
+  p.add_argument("--prepared", default="", help="mae_jax reads this folder written by "
+                 "python -m mae_jax.prepare from --folder instead of the image folder")
   p.add_argument("--images", type=int, default=2000, help="images to write when --folder is not given")
   p.add_argument("--workers", type=int, default=2, help="worker processes per side")
   p.add_argument("--batch", type=int, default=64)
@@ -123,10 +125,11 @@ def main():
     folder = tempfile.mkdtemp(prefix="mae_jax_feed_")
     print(f"writing {a.images} JPEGs of about 500x375 to {folder} ...", flush=True)
     write_folder(folder, a.images)
-  sides = {"mae_jax": lambda: mae_jax_feed(folder, a.workers, a.batch),
+  sides = {"mae_jax": lambda: mae_jax_feed(folder, a.workers, a.batch, a.prepared),
            "torchvision": lambda: torchvision_feed(folder, a.workers, a.batch)}
   per_worker = max(a.workers, 1)
-  print(f"{a.workers} worker(s) per side | folder {folder} | batch {a.batch} | {a.reps} alternated "
+  print(f"{a.workers} worker(s) per side | folder {folder}"
+        + (f" (mae_jax: prepared {a.prepared})" if a.prepared else "") + f" | batch {a.batch} | {a.reps} alternated "
         f"repetitions of {a.batches} batches | RandomResizedCrop({SIZE}, scale=(0.2, 1.0), bicubic) + flip",
         flush=True)
   rates = {name: [] for name in sides}

@@ -26,7 +26,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
 
   c.dataset = ml_collections.ConfigDict(dict(
       name="cifar10",            # a key of mae_jax.data.DATASETS
-      source="tfds",             # 'tfds' (tfds.data_source) or 'folder' (root/<split>/<class>/*.jpg)
+      source="tfds",             # 'tfds' (tfds.data_source), 'folder' (root/<split>/<class>/*.jpg)
+                                 # or 'prepared' (written by python -m mae_jax.prepare)
       tfds_data_dir=ml_collections.FieldReference(None, field_type=str),
       download=True,             # let tfds download and prepare on first use
       folder=ml_collections.FieldReference(None, field_type=str),
@@ -303,13 +304,15 @@ def validate(config, jobs=("pretrain",)) -> None:
 
   need(d.name in data.DATASETS,
        f"unknown dataset.name={d.name!r}; known: {', '.join(sorted(data.DATASETS))}")
-  need(d.source in ("tfds", "folder"), f"dataset.source={d.source!r} must be 'tfds' or 'folder'")
+  need(d.source in ("tfds", "folder", "prepared"),
+       f"dataset.source={d.source!r} must be 'tfds', 'folder' or 'prepared'")
   if d.name in data.DATASETS and d.source == "tfds":
     need(data.DATASETS[d.name].tfds_name is not None,
          f"dataset {d.name!r} is not in tfds; use --config.dataset.source=folder --config.dataset.folder=DIR")
-  if d.source == "folder":
-    need(bool(d.folder), "dataset.source='folder' needs --config.dataset.folder=DIR "
-         "(DIR/<split>/<class>/*.jpg|png)")
+  if d.source in ("folder", "prepared"):
+    need(bool(d.folder), f"dataset.source={d.source!r} needs --config.dataset.folder=DIR "
+         + ("(DIR/<split>/<class>/*.jpg|png)" if d.source == "folder" else
+            "(a folder written by python -m mae_jax.prepare)"))
     if d.folder:
       need(os.path.isdir(d.folder), f"dataset.folder={d.folder!r} does not exist")
   need(len(d.mean) == 3 and len(d.std) == 3 and min(d.std) > 0,

@@ -1,4 +1,5 @@
-"""Data: tfds ArrayRecord sources or image folders, fed through grain.
+"""Data: tfds ArrayRecord sources, image folders or folders written by mae_jax.prepare, fed
+through grain.
 
 An example flows as: source[i] -> DecodeImage (uint8 HxWx3) -> crop/flip (train) or
 resize + center crop (eval) -> Batch. Images stay uint8 until they reach the device;
@@ -11,10 +12,12 @@ an iterator restored from a checkpoint continues it exactly.
 
 import dataclasses
 import io
+import json
 import math
 import multiprocessing
 import os
 import signal
+import struct
 import threading
 import time
 from typing import Any, Iterator, Optional, Sequence
@@ -127,10 +130,55 @@ class ImageFolderSource:
     return f"ImageFolderSource({len(self)} images, {len(self.classes)} classes)"
 
 
+PREPARED_METADATA = "metadata.json"
+
+
+def encode_record(label: int, image_bytes: bytes) -> bytes:
+  """One record of a prepared folder: the label (int32, little-endian), then the encoded image."""
+  return struct.pack("<i", label) + image_bytes
+
+
+class PreparedSource:
+  """A folder written by `python -m mae_jax.prepare`: ArrayRecord shards per split holding each
+  image's encoded bytes and label, and metadata.json with the class names (one label map for
+  every split) and the shard files."""
+
+  def __init__(self, root: str, split: str):
+    meta_path = os.path.join(root, PREPARED_METADATA)
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+    except (OSError, ValueError) as e:
+      raise DataError(f"{root!r} is not a folder written by mae_jax.prepare ({meta_path}: {e}); "
+                      f"write one with python -m mae_jax.prepare --folder=IMAGES --out={root}") from None
+    if split not in meta["splits"]:
+      raise DataError(f"prepared folder {root!r} has no split {split!r} (it has "
+                      f"{', '.join(sorted(meta['splits']))})")
+    self.classes = list(meta["classes"])
+    self.shards = [os.path.join(root, name) for name in meta["splits"][split]["shards"]]
+    self._records = grain.sources.ArrayRecordDataSource(self.shards)
+    if len(self._records) != meta["splits"][split]["count"]:
+      raise DataError(f"prepared folder {root!r}, split {split!r}: the shards hold "
+                      f"{len(self._records)} records, metadata.json says {meta['splits'][split]['count']}; "
+                      "write the folder again")
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, i):
+    record = self._records[i]
+    return {"image": record[4:], "label": struct.unpack("<i", record[:4])[0]}
+
+  def __repr__(self):
+    return f"PreparedSource({len(self)} images, {len(self.classes)} classes)"
+
+
 def make_source(dataset_cfg, split: str, labels_from: str = ""):
   """The random-access source for one split of `config.dataset`. `labels_from` names the split
   whose classes define the labels (the labelled training split): an image folder's split must
   then hold the same classes. tfds data sets carry their own label map."""
+  if dataset_cfg.source == "prepared":  # labels fixed when it was written, alike in every split
+    return PreparedSource(dataset_cfg.folder, split)
   if dataset_cfg.source == "folder":
     # The label map's own split is numbered by its own classes; another split is checked against them.
     classes = folder_classes(dataset_cfg.folder, labels_from) if labels_from not in ("", split) else None
@@ -184,7 +232,10 @@ def decode_image(image: Any, crop=None) -> np.ndarray:
   if is_encoded(image):
     what = f"image file {image!r}" if isinstance(image, str) else "encoded image bytes"
     try:
-      with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as im:
+      if isinstance(image, str):
+        with open(image, "rb") as f:  # one read: PIL reads a file in many small pieces
+          image = f.read()
+      with Image.open(io.BytesIO(image)) as im:
         return crop(im) if crop is not None else to_rgb8(im)
     except DataError as e:
       raise DataError(f"{what}: {e}") from None
