@@ -4,7 +4,7 @@ Follows facebookresearch/mae `models_mae.py` numerically (docs/numerics.md has t
 how they are checked):
   * patches flattened in (p, p, C) order, row-major over the patch grid;
   * fixed 2D sin-cos position embeddings, zeros for the cls token;
-  * masking by argsort of uniform noise, cls token prepended after masking;
+  * masking by the ranks (argsort) of uniform noise, cls token prepended after masking;
   * pre-norm blocks, LayerNorm eps 1e-6, exact (erf) GELU, qkv with bias;
   * xavier-uniform Linear layers with zero biases, except the patch projection's bias, which keeps
     PyTorch's conv default; normal(0.02) cls and mask tokens;
@@ -72,21 +72,32 @@ def sincos_2d(embed_dim: int, grid: tuple[int, int], cls_token: bool = False) ->
   return emb.astype(np.float32)
 
 
+def noise_ranks(noise: jax.Array) -> jax.Array:
+  """(B, L) -> each patch's position when its row is sorted ascending, ties by index: the
+  official `argsort(argsort(noise))`, counted by comparisons (B x L x L) instead of two sorts,
+  which XLA runs slowly on CPU and TPU."""
+  length = noise.shape[1]
+  idx = jnp.arange(length)
+  before = (noise[:, :, None] < noise[:, None, :]) | (
+      (noise[:, :, None] == noise[:, None, :]) & (idx[:, None] < idx[None, :]))
+  return before.sum(axis=1, dtype=jnp.int32)
+
+
 def random_masking(x: jax.Array, noise: jax.Array, mask_ratio: float):
   """Keeps the `int(L * (1 - mask_ratio))` patches with the smallest noise.
 
-  Returns (x_kept (B, len_keep, D), mask (B, L) with 1 on removed patches,
-  ids_restore (B, L) such that gathering the [kept, removed] order with it
-  gives back the original order). Static-shaped: len_keep is a Python int.
+  Returns (x_kept (B, len_keep, D) in ascending noise order, mask (B, L) with 1 on removed
+  patches, ids_restore (B, L) such that gathering the [kept, removed] order with it gives back
+  the original order). Static-shaped: len_keep is a Python int.
   """
-  b, length, _ = x.shape
+  length = x.shape[1]
   len_keep = int(length * (1 - mask_ratio))
-  ids_shuffle = jnp.argsort(noise, axis=1)  # ascending: small noise is kept
-  ids_restore = jnp.argsort(ids_shuffle, axis=1)
-  ids_keep = ids_shuffle[:, :len_keep]
+  ids_restore = noise_ranks(noise)  # = argsort(ids_shuffle), ids_shuffle = argsort(noise)
+  # ids_keep[:, r] = the patch of rank r, for the len_keep smallest ranks.
+  is_rank = ids_restore[:, None, :] == jnp.arange(len_keep)[None, :, None]  # (B, len_keep, L)
+  ids_keep = jnp.sum(jnp.where(is_rank, jnp.arange(length), 0), axis=-1)
   x_kept = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
-  mask = jnp.concatenate([jnp.zeros((b, len_keep)), jnp.ones((b, length - len_keep))], axis=1)
-  mask = jnp.take_along_axis(mask, ids_restore, axis=1)
+  mask = (ids_restore >= len_keep).astype(jnp.float32)
   return x_kept, mask, ids_restore
 
 

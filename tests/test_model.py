@@ -63,6 +63,20 @@ def test_random_masking_keeps_len_keep_and_restores_order():
   assert not np.array_equal(mask, mask3)
 
 
+def test_random_masking_with_tied_noise_matches_two_stable_argsorts():
+  """Ties (block masks and grid masks make them) are broken by patch index, as torch.argsort's
+  and numpy's stable sorts do."""
+  b, length, d = 4, 49, 3
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, length, d))
+  noise = jax.random.randint(jax.random.PRNGKey(1), (b, length), 0, 4).astype(jnp.float32) / 4
+  kept, mask, ids_restore = mae.random_masking(x, noise, 0.6)
+  for i in range(b):
+    shuffle = np.argsort(np.asarray(noise[i]), kind="stable")
+    np.testing.assert_array_equal(ids_restore[i], np.argsort(shuffle, kind="stable"))
+    np.testing.assert_array_equal(kept[i], x[i, shuffle[:19]])  # int(49 * 0.4) = 19 kept
+    np.testing.assert_array_equal(mask[i], np.isin(np.arange(length), shuffle[19:]).astype(np.float32))
+
+
 def test_loss_counts_masked_patches_only():
   target = jnp.zeros((1, 4, 2))
   pred = jnp.array([[[1.0, 1.0], [2.0, 0.0], [3.0, 3.0], [0.0, 4.0]]])
