@@ -327,17 +327,23 @@ def decode_random_crop(im: Image.Image, rng: np.random.Generator, size: int, sca
   or 1/8) that still leaves the box at least `size` pixels each way, and only the box is resampled
   (PIL's resize with a source box). Other formats and modes decode whole, then crop and resize.
   """
+  if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+    return random_resized_crop(to_rgb8(im), rng, size, scale, interpolation)
   w, h = im.size
   top, left, ch, cw = random_resized_crop_box(h, w, rng, scale)
-  if im.format == "JPEG" and im.mode in ("RGB", "L"):
-    shrink = max(size / cw, size / ch)  # the box may shrink by this much and keep `size` pixels
-    if shrink < 1:
-      im.draft(im.mode, (math.ceil(w * shrink), math.ceil(h * shrink)))
-    sx, sy = im.size[0] / w, im.size[1] / h  # the scale the decoder chose (1, 1/2, 1/4 or 1/8)
-    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-    rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() copies even an RGB image
-    return np.asarray(rgb.resize((size, size), _RESAMPLE[interpolation], box=box))
-  img = to_rgb8(im)
+  shrink = max(size / cw, size / ch)  # the box may shrink by this much and keep `size` pixels
+  if shrink < 1:
+    im.draft(im.mode, (math.ceil(w * shrink), math.ceil(h * shrink)))
+  sx, sy = im.size[0] / w, im.size[1] / h  # the scale the decoder chose (1, 1/2, 1/4 or 1/8)
+  box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+  rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() copies even an RGB image
+  return np.asarray(rgb.resize((size, size), _RESAMPLE[interpolation], box=box))
+
+
+def random_resized_crop(img: np.ndarray, rng: np.random.Generator, size: int, scale,
+                        interpolation: str) -> np.ndarray:
+  """RandomResizedCrop of a decoded uint8 image."""
+  top, left, ch, cw = random_resized_crop_box(img.shape[0], img.shape[1], rng, scale)
   return resize(img[top:top + ch, left:left + cw], (size, size), interpolation)
 
 
@@ -408,8 +414,11 @@ class TrainAugment(grain.transforms.RandomMap):
   def random_map(self, element, rng: np.random.Generator):
     img = element["image"]
     if self.random_resized_crop:
-      crop = lambda im: decode_random_crop(im, rng, self.size, self.crop_scale, self.interpolation)
-      img = decode_image(img, crop) if is_encoded(img) else crop(Image.fromarray(img))
+      if is_encoded(img):  # decoded here, only as much as the crop needs
+        img = decode_image(img, lambda im: decode_random_crop(im, rng, self.size, self.crop_scale,
+                                                              self.interpolation))
+      else:
+        img = random_resized_crop(img, rng, self.size, self.crop_scale, self.interpolation)
     else:
       img = center_crop_resize(img, self.size, self.interpolation)
     if self.hflip and rng.random() < 0.5:
