@@ -101,7 +101,7 @@ def bench_pipeline(config, batches: int) -> dict:
     next(it)
   seconds = time.perf_counter() - t
   return {"pipeline_images_per_s": batches * micro / seconds,
-          "pipeline_workers": config.dataset.num_workers}
+          "pipeline_workers": data.resolve_workers(config.dataset.num_workers)}
 
 
 def _fmt_bytes(n):

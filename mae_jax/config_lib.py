@@ -41,7 +41,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
       crop_scale=(0.2, 1.0),
       hflip=True,
       interpolation="bicubic",
-      num_workers=4,             # grain worker processes (0: decode in the main process)
+      num_workers=-1,            # grain worker processes (-1: from the cores, data.resolve_workers;
+                                 # 0: decode in the main process)
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -160,7 +161,7 @@ def imagenet_config(size: str, arg=None) -> ml_collections.ConfigDict:
   c = pretrain_config()
   patch, width, depth, heads = VIT_SIZES[size]
   c.dataset.update(name="imagenet2012", image_size=224, random_resized_crop=True,
-                   crop_scale=(0.2, 1.0), hflip=True, interpolation="bicubic", num_workers=16)
+                   crop_scale=(0.2, 1.0), hflip=True, interpolation="bicubic")
   c.model.update(patch_size=patch, encoder_width=width, encoder_depth=depth, encoder_heads=heads,
                  decoder_width=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
                  norm_pix_loss=True, dtype="bfloat16")
@@ -204,7 +205,7 @@ RANGES = {
     "warmup_epochs": ">= 0", "max_steps": ">= 0", "log_every_steps": ">= 1",
     "figure_every_steps": ">= 1", "num_figure_images": ">= 1", "checkpoint_every_steps": ">= 1",
     "keep_checkpoints": ">= 1",
-    "dataset.image_size": ">= 1", "dataset.num_workers": ">= 0",
+    "dataset.image_size": ">= 1", "dataset.num_workers": ">= -1",
     "model.patch_size": ">= 1", "model.encoder_width": ">= 1", "model.encoder_depth": ">= 1",
     "model.encoder_heads": ">= 1", "model.decoder_width": ">= 1", "model.decoder_depth": ">= 1",
     "model.decoder_heads": ">= 1", "model.mlp_ratio": "> 0", "model.mask_ratio": "[0, 1)",

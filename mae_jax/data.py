@@ -462,6 +462,19 @@ class EvalResize(grain.transforms.Map):
 # ----------------------------------------------------------------------------
 # Loaders.
 # ----------------------------------------------------------------------------
+MAX_AUTO_WORKERS = 32
+
+
+def resolve_workers(num_workers: int, cores: Optional[int] = None) -> int:
+  """`dataset.num_workers`, with -1 resolved from the cores this process may use: one per core
+  but one (left to the training loop), at least 1 and at most 32."""
+  if num_workers >= 0:
+    return num_workers
+  if cores is None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return max(1, min(cores - 1, MAX_AUTO_WORKERS))
+
+
 def make_loader(config, source, *, train: bool, global_batch_size: int, seed: int,
                 augment=None,
                 worker_count: Optional[int] = None) -> grain.DataLoader:
@@ -499,7 +512,7 @@ def make_loader(config, source, *, train: bool, global_batch_size: int, seed: in
   ops = [DecodeImage(defer), *transforms,
          grain.transforms.Batch(global_batch_size // num_processes, drop_remainder=train)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
-                          worker_count=d.num_workers if worker_count is None else worker_count)
+                          worker_count=resolve_workers(d.num_workers) if worker_count is None else worker_count)
 
 
 class ProcessSlice:

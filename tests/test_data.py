@@ -129,6 +129,11 @@ def test_a_corrupt_jpeg_is_named_when_the_crop_decodes_it(tmp_path):
     data.decode_image(path, crop)
 
 
+def test_worker_count_from_the_cores():
+  assert [data.resolve_workers(-1, cores) for cores in (1, 2, 8, 96)] == [1, 1, 7, 32]
+  assert data.resolve_workers(0, 8) == 0 and data.resolve_workers(5, 2) == 5
+
+
 def test_center_crop_resize():
   img = np.zeros((20, 40, 3), np.uint8)
   img[:, 10:30] = 255  # the central 20 x 20 square
