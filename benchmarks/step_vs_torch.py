@@ -103,13 +103,13 @@ def main():
   malloc_kept = host.keep_freed_memory()  # as the mae_jax entry points do, before JAX starts
   import jax
   import numpy as np
-  from mae_jax import config_lib
+  from mae_jax import config_lib, data
   path, _, arg = a.config.partition(":")
   config = config_lib.load_config_file(path, arg or None)
   config.model.dtype = "float32"
   size = config.dataset.image_size
   images = np.random.default_rng(0).integers(0, 256, (a.batch, size, size, 3), dtype=np.uint8)
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  threads = data.available_cores()
   sides = {"mae_jax": mae_jax_step(config, images), "PyTorch": pytorch_step(config, images, threads)}
   for run in sides.values():
     for _ in range(a.warmup):

@@ -465,14 +465,17 @@ class EvalResize(grain.transforms.Map):
 MAX_AUTO_WORKERS = 32
 
 
+def available_cores() -> int:
+  """The cores this process may run on (its CPU affinity where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_workers(num_workers: int, cores: Optional[int] = None) -> int:
   """`dataset.num_workers`, with -1 resolved from the cores this process may use: one per core
   but one (left to the training loop), at least 1 and at most 32."""
   if num_workers >= 0:
     return num_workers
-  if cores is None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-  return max(1, min(cores - 1, MAX_AUTO_WORKERS))
+  return max(1, min((cores or available_cores()) - 1, MAX_AUTO_WORKERS))
 
 
 def make_loader(config, source, *, train: bool, global_batch_size: int, seed: int,

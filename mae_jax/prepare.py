@@ -21,10 +21,10 @@ import multiprocessing
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
-from mae_jax import data
+from mae_jax import cli, data
 
 flags.DEFINE_string("folder", None, "Image folder: <folder>/<split>/<class>/<images>.")
 flags.DEFINE_string("out", None, "Where the shards and metadata.json go (a new or empty folder).")
@@ -41,18 +41,12 @@ def encoded_image(path: str, max_side: int, quality: int) -> bytes:
   side as a JPEG. Unreadable files raise DataError naming them."""
   with open(path, "rb") as f:
     raw = f.read()
-  if max_side <= 0:
-    try:
-      data.decode_image(raw)  # fail now, naming the file, rather than in the middle of training
-    except data.DataError as e:
-      raise data.DataError(f"image file {path!r}: {e}") from None
-    return raw
-  try:
+  try:  # every file decoded once now: a bad one stops this, not a training run later
     pixels = data.decode_image(raw)
   except data.DataError as e:
     raise data.DataError(f"image file {path!r}: {e}") from None
-  if max(pixels.shape[:2]) <= max_side:
-    return raw  # small enough: stored as it is
+  if max_side <= 0 or max(pixels.shape[:2]) <= max_side:
+    return raw  # stored as it is
   img = Image.fromarray(pixels)
   s = max_side / max(img.size)
   img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)
@@ -84,7 +78,7 @@ def prepare(folder: str, out: str, splits=(), max_side: int = 0, quality: int = 
   os.makedirs(out, exist_ok=True)
   meta = {"classes": classes, "source": os.path.abspath(folder), "max_side": max_side, "splits": {}}
   # spawn, not fork: this process has imported JAX, whose threads a fork would copy mid-flight.
-  pool = concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count() or 1,
+  pool = concurrent.futures.ProcessPoolExecutor(workers or data.available_cores(),
                                                 mp_context=multiprocessing.get_context("spawn"))
   try:
     for split, source in sources.items():
@@ -110,15 +104,13 @@ def prepare(folder: str, out: str, splits=(), max_side: int = 0, quality: int = 
 def main(argv):
   del argv
   f = flags.FLAGS
-  try:
-    prepare(f.folder, f.out, [s for s in f.splits.split(",") if s], f.max_side, f.quality,
-            f.shard_images, f.workers)
-  except data.DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"done: {f.out}; train on it with --config.dataset.source=prepared --config.dataset.folder={f.out}")
-  return 0
+  splits = [s for s in f.splits.split(",") if s]
+  code = cli.run_guarded(lambda: prepare(f.folder, f.out, splits, f.max_side, f.quality,
+                                         f.shard_images, f.workers))
+  if code == 0:
+    print(f"done: {f.out}; train on it with --config.dataset.source=prepared --config.dataset.folder={f.out}")
+  return code
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(cli.run_app(main))
