@@ -43,6 +43,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
       interpolation="bicubic",
       num_workers=-1,            # grain worker processes (-1: from the cores, data.resolve_workers;
                                  # 0: decode in the main process)
+      read_threads=2,            # threads per loader process reading records ahead (raise for
+                                 # remote storage: GCS, NFS); 0 reads in the decoding thread
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -205,7 +207,7 @@ RANGES = {
     "warmup_epochs": ">= 0", "max_steps": ">= 0", "log_every_steps": ">= 1",
     "figure_every_steps": ">= 1", "num_figure_images": ">= 1", "checkpoint_every_steps": ">= 1",
     "keep_checkpoints": ">= 1",
-    "dataset.image_size": ">= 1", "dataset.num_workers": ">= -1",
+    "dataset.image_size": ">= 1", "dataset.num_workers": ">= -1", "dataset.read_threads": ">= 0",
     "model.patch_size": ">= 1", "model.encoder_width": ">= 1", "model.encoder_depth": ">= 1",
     "model.encoder_heads": ">= 1", "model.decoder_width": ">= 1", "model.decoder_depth": ">= 1",
     "model.decoder_heads": ">= 1", "model.mlp_ratio": "> 0", "model.mask_ratio": "[0, 1)",

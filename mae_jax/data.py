@@ -463,6 +463,18 @@ class EvalResize(grain.transforms.Map):
 # Loaders.
 # ----------------------------------------------------------------------------
 MAX_AUTO_WORKERS = 32
+READ_AHEAD_PER_THREAD = 4
+
+
+def read_options(read_threads: int) -> grain.ReadOptions:
+  """grain's record reading: `read_threads` threads and 4 records ahead per thread.
+
+  Not grain's default (16 threads, 500 records ahead): its reader walks the whole read-ahead
+  buffer on every record to measure it, 0.6 ms per record with 500 (as long as a 224 px crop's
+  resample), and image records are decoded much more slowly than they are read.
+  """
+  return grain.ReadOptions(num_threads=read_threads,
+                           prefetch_buffer_size=READ_AHEAD_PER_THREAD * read_threads)
 
 
 def available_cores() -> int:
@@ -515,6 +527,7 @@ def make_loader(config, source, *, train: bool, global_batch_size: int, seed: in
   ops = [DecodeImage(defer), *transforms,
          grain.transforms.Batch(global_batch_size // num_processes, drop_remainder=train)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                          read_options=read_options(d.read_threads),
                           worker_count=resolve_workers(d.num_workers) if worker_count is None else worker_count)
 
 

@@ -168,6 +168,20 @@ def test_loader_is_deterministic_and_resumes_exactly(cifar_folder):
   assert not np.array_equal(other_seed, run_a[0])
 
 
+def test_the_stream_does_not_depend_on_the_read_threads(cifar_folder):
+  c = tiny_config(cifar_folder)
+  src = data.ImageFolderSource(cifar_folder, "test")
+  streams = []
+  for threads in (0, 1, 3):
+    c.dataset.read_threads = threads
+    streams.append(_first_batches(iter(data.make_loader(c, src, train=True, global_batch_size=8,
+                                                        seed=3)), 3))
+  for other in streams[1:]:
+    for a, b in zip(streams[0], other):
+      np.testing.assert_array_equal(a, b)
+  assert data.read_options(3).prefetch_buffer_size == 12  # not grain's 500 (see read_options)
+
+
 def test_eval_batches_cover_every_example_once_in_order(cifar_folder):
   c = tiny_config(cifar_folder)
   c.dataset.num_workers = 0
