@@ -66,6 +66,11 @@ def pretrain_config() -> ml_collections.ConfigDict:
       attention_impl="",         # '' lets JAX choose; 'cudnn' forces fused attention on GPU
   ))
 
+  c.sharding = ml_collections.ConfigDict(dict(
+      fsdp=False,                # split parameters and optimizer state over the devices (large
+                                 # models: each device holds 1/N of them); False: replicated
+  ))
+
   c.batch_size = 4096            # effective (global) batch per optimizer update
   c.grad_accum_steps = 1         # micro-batches per update: each is batch_size / grad_accum_steps
   c.num_epochs = 800
@@ -168,6 +173,7 @@ def imagenet_config(size: str, arg=None) -> ml_collections.ConfigDict:
                  decoder_width=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
                  norm_pix_loss=True, dtype="bfloat16")
   c.batch_size, c.num_epochs, c.warmup_epochs = 4096, 800, 40
+  c.sharding.fsdp = size in ("l", "h")  # 1.2 GB (L) and 2.5 GB (H) of float32 params, x4 with AdamW
   c.optimizer.update(base_lr=1.5e-4, weight_decay=0.05, b1=0.9, b2=0.95)
   # The paper's fine-tuning (B: 100 epochs, lr 5e-4, decay 0.65, drop path 0.1; L/H: 50 epochs,
   # lr 1e-3, decay 0.75, drop path 0.2/0.3) and linear probe (LARS, batch 16384, 90/50 epochs).

@@ -1,4 +1,5 @@
-"""Devices: one 1-D `data` mesh over all devices of all processes; batch sharded, state replicated."""
+"""Devices: one 1-D `data` mesh over all devices of all processes. The batch is sharded along it;
+the train state is replicated, or with FSDP each large tensor is split along it too."""
 
 import os
 
@@ -22,8 +23,24 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
   jax.distributed.initialize(**kwargs)
 
 
+# Tensors of fewer elements stay replicated under FSDP: splitting them saves little memory and
+# costs a gather each (big_vision's rule uses the same kind of floor).
+FSDP_MIN_ELEMENTS = 2**14
+
+
+def fsdp_spec(shape: tuple, devices: int) -> P:
+  """Where FSDP splits a tensor of `shape` over `devices`: along its largest dimension divisible
+  by the device count (the first of equal ones); replicated when small or when none divides."""
+  if devices <= 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_ELEMENTS:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % devices == 0:
+      return P(*[("data" if d == dim else None) for d in range(len(shape))])
+  return P()
+
+
 class Mesh:
-  """The data-parallel mesh and the two shardings the trainers use."""
+  """The data-parallel mesh and the shardings the trainers use."""
 
   def __init__(self):
     # Auto axes: the compiler propagates shardings from the inputs (GSPMD), no annotations needed.
@@ -31,6 +48,14 @@ class Mesh:
                               axis_types=(jax.sharding.AxisType.Auto,))
     self.batch = NamedSharding(self.mesh, P("data"))
     self.replicated = NamedSharding(self.mesh, P())
+
+  def state_shardings(self, abstract_state, fsdp: bool):
+    """Shardings of a train state (a pytree of arrays or ShapeDtypeStructs): every leaf
+    replicated, or with `fsdp` split by `fsdp_spec` (parameters and the optimizer moments alike)."""
+    if not fsdp:
+      return jax.tree.map(lambda _: self.replicated, abstract_state)
+    n = self.mesh.size
+    return jax.tree.map(lambda a: NamedSharding(self.mesh, fsdp_spec(a.shape, n)), abstract_state)
 
   def put_batch(self, local_batch: dict) -> dict:
     """This process's rows (numpy) -> global arrays sharded along the batch axis."""

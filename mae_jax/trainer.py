@@ -107,17 +107,19 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   config_dict = config.to_dict()
 
   abstract = jax.eval_shape(task.init_state, *task.init_args)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=mesh.replicated),
-                          abstract)
+  state_sharding = mesh.state_shardings(abstract, config.sharding.fsdp)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sharding)
   start, state = ckpt.restore_latest(abstract, data_iter)
   if start is not None:
     metrics_lib.log(f"resumed from {checkpointing.checkpoint_dir(workdir)}/{start}")
   else:
     start = 0
-    state = jax.jit(task.init_state, out_shardings=mesh.replicated)(*task.init_args)
+    state = jax.jit(task.init_state, out_shardings=state_sharding)(*task.init_args)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   metrics_lib.log(f"{n_params:,} parameters | {jax.device_count()} devices, {jax.process_count()} "
-                  f"processes | {len(train_source):,} training examples | micro-batch {micro_batch} | "
+                  f"processes{', state sharded (FSDP)' if config.sharding.fsdp else ''} | "
+                  f"{len(train_source):,} training examples | micro-batch {micro_batch} | "
                   f"steps {start}->{total_steps}")
 
   compiled = {}  # variant -> jitted train step
@@ -126,8 +128,8 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
     variant = task.step_variant(step) if task.step_variant else None
     if variant not in compiled:
       fn = functools.partial(task.train_step, variant=variant) if task.step_variant else task.train_step
-      compiled[variant] = jax.jit(fn, in_shardings=(mesh.replicated, mesh.batch),
-                                  out_shardings=(mesh.replicated, mesh.replicated), donate_argnums=(0,))
+      compiled[variant] = jax.jit(fn, in_shardings=(state_sharding, mesh.batch),
+                                  out_shardings=(state_sharding, mesh.replicated), donate_argnums=(0,))
     return compiled[variant](state, batch)
 
   writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s <= start, purge_step=start + 1)

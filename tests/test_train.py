@@ -86,6 +86,70 @@ def test_eight_devices_match_one_device(cifar_folder):
   np.testing.assert_allclose(eight["eval_feature_sum"], one["eval_feature_sum"], rtol=1e-4)
 
 
+def test_fsdp_on_eight_devices_matches_one_device_and_splits_the_state(cifar_folder):
+  from mae_jax import parallel
+  one = _run_script(cifar_folder)
+  fsdp = _run_script(cifar_folder, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                     ["--fsdp"])
+  np.testing.assert_allclose(fsdp["losses"], one["losses"], rtol=2e-5)
+  split = 0
+  for name, (shape, local) in fsdp["shards"].items():
+    spec = parallel.fsdp_spec(tuple(shape), 8)
+    expected = [n // 8 if axis == "data" else n for n, axis in zip(shape, tuple(spec) + (None,) * 8)]
+    assert local == expected, (name, shape, local)
+    split += local != shape
+  # The tiny model's MLP kernels (16,384 elements) are split; smaller tensors are not.
+  assert split == 4 and fsdp["shards"]["['encoder']['block0']['fc1']['kernel']"] == [[64, 256], [64, 32]]
+  assert fsdp["shards"]["['encoder']['block0']['fc1']['bias']"] == [[256], [256]]
+  np.testing.assert_allclose(fsdp["eval_feature_sum"], one["eval_feature_sum"], rtol=1e-4)
+
+
+def _pretrain_on(devices: int, folder: str, workdir, steps: int, fsdp: bool):
+  """pretrain.run of the tiny preset to `steps` in a fresh interpreter with `devices` CPU devices."""
+  code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+          "from conftest import tiny_config\nfrom mae_jax import pretrain\n"
+          "c = tiny_config(sys.argv[2], max_steps=int(sys.argv[4]), log_every_steps=1,\n"
+          "                checkpoint_every_steps=4, figure_every_steps=1000)\n"
+          "c.sharding.fsdp = sys.argv[5] == '1'\npretrain.run(c, sys.argv[3])\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  out = subprocess.run([sys.executable, "-c", code, str(HERE), folder, str(workdir), str(steps),
+                        str(int(fsdp))], capture_output=True, text=True, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_an_fsdp_checkpoint_restores_on_other_device_counts(cifar_folder, tmp_path):
+  """Saved sharded over 8 devices, resumed on 1 (and saved on 1, resumed sharded over 4): the
+  later losses are the uninterrupted 8-device run's; resumed on 8 they are bit-identical."""
+  import shutil
+  _pretrain_on(8, cifar_folder, tmp_path / "full", 8, fsdp=True)
+  _pretrain_on(8, cifar_folder, tmp_path / "eight", 4, fsdp=True)
+  shutil.copytree(tmp_path / "eight", tmp_path / "eight_then_eight")
+  _pretrain_on(1, cifar_folder, tmp_path / "eight", 8, fsdp=False)
+  _pretrain_on(8, cifar_folder, tmp_path / "eight_then_eight", 8, fsdp=True)
+  _pretrain_on(1, cifar_folder, tmp_path / "one", 4, fsdp=False)
+  _pretrain_on(4, cifar_folder, tmp_path / "one", 8, fsdp=True)
+  full = _losses(tmp_path / "full")
+  assert sorted(full) == list(range(1, 9))
+  for resumed in ("eight", "one"):
+    losses = _losses(tmp_path / resumed)
+    assert sorted(losses) == list(range(1, 9))
+    np.testing.assert_allclose([losses[s] for s in range(5, 9)], [full[s] for s in range(5, 9)],
+                               rtol=2e-5)
+  assert _losses(tmp_path / "eight_then_eight") == full
+
+
+def test_fsdp_splits_the_largest_divisible_dimension_of_large_tensors():
+  from mae_jax.parallel import P, fsdp_spec
+  assert fsdp_spec((768, 3072), 8) == P(None, "data")
+  assert fsdp_spec((3072, 768), 8) == P("data", None)
+  assert fsdp_spec((1000, 768), 16) == P(None, "data")   # 1000 is not divisible by 16
+  assert fsdp_spec((1, 197, 768), 8) == P(None, None, "data")
+  assert fsdp_spec((768,), 8) == P()                      # small: replicated
+  assert fsdp_spec((999, 999), 8) == P()                  # nothing divides
+  assert fsdp_spec((768, 3072), 1) == P()
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))

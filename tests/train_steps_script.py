@@ -25,6 +25,7 @@ def main():
   p.add_argument("--num_processes", type=int, default=1)
   p.add_argument("--process_id", type=int, default=0)
   p.add_argument("--port", type=int, default=0)
+  p.add_argument("--fsdp", action="store_true", help="shard the train state (FSDP)")
   a = p.parse_args()
 
   from mae_jax import parallel
@@ -39,11 +40,16 @@ def main():
   mesh = parallel.Mesh()
   model = mae_from_config(c.model, c.dataset.image_size)
   tx = optim.make_optimizer(c.optimizer, optim.warmup_cosine(1e-3, 0.0, 2, a.steps))
-  state = jax.jit(functools.partial(pretrain.create_train_state, model, tx, 0),
-                  out_shardings=mesh.replicated)()
+  init = functools.partial(pretrain.create_train_state, model, tx, 0)
+  sharding = mesh.state_shardings(jax.eval_shape(init), a.fsdp)
+  state = jax.jit(init, out_shardings=sharding)()
   step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
                                    mean=tuple(c.dataset.mean), std=tuple(c.dataset.std)),
-                 in_shardings=(mesh.replicated, mesh.batch), donate_argnums=(0,))
+                 in_shardings=(sharding, mesh.batch), out_shardings=(sharding, mesh.replicated),
+                 donate_argnums=(0,))
+  # Per parameter: its global shape and the shape one device holds.
+  shards = {jax.tree_util.keystr(path): [list(x.shape), list(x.addressable_shards[0].data.shape)]
+            for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
   src = data.ImageFolderSource(a.folder, "test")
   rows = a.batch // jax.process_count()
   losses = []
@@ -61,7 +67,7 @@ def main():
                                             state.params["encoder"], evaluate.Subset(src, 9), True)
   if jax.process_index() == 0:
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
-                      "losses": losses, "eval_labels": sorted(labels.tolist()),
+                      "losses": losses, "shards": shards, "eval_labels": sorted(labels.tolist()),
                       "eval_feature_sum": float(feats.sum())}))
 
 
