@@ -4,10 +4,18 @@ Prints the compiled pretraining step's images/s (compile excluded; median of sev
 steps on a synthetic batch of the config's micro-batch), its FLOPs from XLA's cost analysis
 and the FLOP/s achieved, the peak device memory where the backend reports it, and the input
 pipeline's images/s on its own (decode + augment + batch, no model).
+
+With `--aot --devices=N` nothing runs: the train step is compiled ahead of time for N devices
+(simulated CPU devices when no accelerator is installed) from abstract inputs, and the compiled
+program's cost is reported: compile time, FLOPs per image, argument and temporary bytes per
+device, and the cross-device gradient reductions per optimizer update. Any config, ViT-H
+included, compiles on a laptop this way.
 """
 
 import functools
 import json
+import os
+import re
 import statistics
 import sys
 import time
@@ -21,6 +29,9 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]
 flags.DEFINE_integer("steps", 10, "Timed train steps (after 2 untimed warm-up steps).")
 flags.DEFINE_integer("pipeline_batches", 20, "Batches timed for the input pipeline (0: skip it).")
 flags.DEFINE_string("output", "", "Also write the figures as JSON to this file.")
+flags.DEFINE_bool("aot", False, "Compile the train step ahead of time and report its cost; run nothing.")
+flags.DEFINE_integer("devices", 0, "With --aot: the devices to compile for (0: those present). "
+                     "Without an accelerator, this many simulated CPU devices.")
 cli.define_distributed_flags()
 flags.mark_flags_as_required(["config"])
 
@@ -32,9 +43,21 @@ def _flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def bench_train_step(config, steps: int) -> dict:
+def simulate_devices(n: int) -> bool:
+  """Before JAX starts: `n` simulated CPU devices when JAX will run on the CPU. Returns whether
+  the devices are simulated."""
+  from mae_jax import host
+  if not host.cpu_backend_expected():
+    return False
+  xla_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={n}".strip()
+  return True
+
+
+def train_step_program(config):
+  """The pretraining step as the trainer compiles it: (jitted step, init function, state
+  shardings, mesh), the state replicated or split by `config.sharding.fsdp`."""
   import jax
-  import numpy as np
   from mae_jax import optim, pretrain
   from mae_jax.model import mae_from_config
   from mae_jax.parallel import Mesh
@@ -43,17 +66,78 @@ def bench_train_step(config, steps: int) -> dict:
   model = mae_from_config(config.model, config.dataset.image_size)
   tx = optim.make_optimizer(config.optimizer, optim.warmup_cosine(1e-4, 0.0, 10, 1000),
                             config.grad_accum_steps)
+  init = functools.partial(pretrain.create_train_state, model, tx, config.seed)
+  sharding = mesh.state_shardings(jax.eval_shape(init), config.sharding.fsdp)
+  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
+                                   mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
+                 in_shardings=(sharding, mesh.batch),
+                 out_shardings=(sharding, mesh.replicated), donate_argnums=(0,))
+  return step, init, sharding, mesh
+
+
+# Cross-device reductions in compiled HLO: all-reduce (also as an async -start) and reduce-scatter.
+_REDUCTION = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-reduce-start|all-reduce|reduce-scatter)\(")
+
+
+def gradient_reductions(hlo_text: str) -> int:
+  """Cross-device reductions of non-scalar values in a compiled program: the gradients' (the
+  loss and metrics are scalars). XLA may combine several tensors into one reduction."""
+  count = 0
+  for m in _REDUCTION.finditer(hlo_text):
+    shapes = re.findall(r"[a-z0-9]+\[([0-9,]*)\]", m.group(1))
+    count += any(dims for dims in shapes)
+  return count
+
+
+def aot_train_step(config) -> dict:
+  """Compiles the train step from abstract inputs (nothing allocated, nothing run)."""
+  import jax
+  step, init, sharding, mesh = train_step_program(config)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          jax.eval_shape(init), sharding)
   micro = config.batch_size // config.grad_accum_steps
-  state = jax.jit(functools.partial(pretrain.create_train_state, model, tx, config.seed),
-                  out_shardings=mesh.replicated)()
+  size = config.dataset.image_size
+  batch = {"image": jax.ShapeDtypeStruct((micro, size, size, 3), jax.numpy.uint8, sharding=mesh.batch)}
+  t0 = time.perf_counter()
+  compiled = step.lower(abstract, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  devices = jax.device_count()
+  # One call is one micro-batch; an update takes grad_accum_steps calls (optax.MultiSteps).
+  calls_per_update = config.grad_accum_steps
+  m = config.model
+  return {
+      "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind,
+      "devices": devices,
+      "compile_s": compile_s,
+      # XLA's cost analysis counts one device's program; the devices share the micro-batch.
+      "flops_per_image": _flops(compiled) * devices / micro,
+      "argument_bytes_per_device": mem.argument_size_in_bytes,
+      "temp_bytes_per_device": mem.temp_size_in_bytes,
+      "gradient_reductions_per_update": gradient_reductions(compiled.as_text()) * calls_per_update,
+      "config": {
+          "model": f"ViT {m.encoder_depth}x{m.encoder_width} /{m.patch_size}, decoder "
+                   f"{m.decoder_depth}x{m.decoder_width}",
+          "image_size": size, "batch_size": config.batch_size,
+          "grad_accum_steps": config.grad_accum_steps, "micro_batch": micro,
+          "micro_batch_per_device": micro // devices, "dtype": m.dtype,
+          "fsdp": bool(config.sharding.fsdp),
+      },
+  }
+
+
+def bench_train_step(config, steps: int) -> dict:
+  import jax
+  import numpy as np
+
+  step, init, sharding, mesh = train_step_program(config)
+  state = jax.jit(init, out_shardings=sharding)()
+  micro = config.batch_size // config.grad_accum_steps
   size = config.dataset.image_size
   images = np.random.default_rng(0).integers(0, 256, (micro // jax.process_count(), size, size, 3),
                                              dtype=np.uint8)
   batch = mesh.put_batch({"image": images})
-  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
-                                   mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
-                 in_shardings=(mesh.replicated, mesh.batch),
-                 out_shardings=(mesh.replicated, mesh.replicated), donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -108,9 +192,36 @@ def _fmt_bytes(n):
   return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
+def _aot_main(config, simulated: bool) -> int:
+  r = {**aot_train_step(config), "simulated": simulated}
+  c = r["config"]
+  print(f"ahead-of-time compile for {r['devices']} x {r['device_kind']} ({r['backend']}"
+        f"{', simulated' if r['simulated'] else ''}) | {c['model']} | {c['image_size']} px | batch "
+        f"{c['batch_size']} = {c['grad_accum_steps']} x micro-batch {c['micro_batch']} "
+        f"({c['micro_batch_per_device']} per device) | {c['dtype']} | fsdp {c['fsdp']}")
+  print(f"compile_s: {r['compile_s']:.1f}")
+  print(f"flops_per_image: {r['flops_per_image'] / 1e9:.4g} GFLOP")
+  print(f"argument_bytes_per_device: {_fmt_bytes(r['argument_bytes_per_device'])}")
+  print(f"temp_bytes_per_device: {_fmt_bytes(r['temp_bytes_per_device'])}")
+  print(f"gradient_reductions_per_update: {r['gradient_reductions_per_update']}")
+  if flags.FLAGS.output:
+    with open(flags.FLAGS.output, "w") as f:
+      json.dump(r, f, indent=2)
+  return 0
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if flags.FLAGS.aot:
+    simulated = flags.FLAGS.devices > 0 and simulate_devices(flags.FLAGS.devices)
+    config = cli.prepare(flags.FLAGS.config)
+    import jax
+    if flags.FLAGS.devices > 0 and jax.device_count() != flags.FLAGS.devices:
+      cli.fail(f"--devices={flags.FLAGS.devices}, but JAX sees {jax.device_count()} "
+               f"{jax.default_backend()} devices; on an accelerator, compile for the devices "
+               f"present (--devices=0), or set JAX_PLATFORMS=cpu to simulate {flags.FLAGS.devices}")
+    return _aot_main(config, simulated)
   config = cli.prepare(flags.FLAGS.config)
   r = bench_train_step(config, flags.FLAGS.steps)
   m = config.model

@@ -38,6 +38,7 @@ class Classifier(nn.Module):
   learned_pos_embed: bool = True
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  remat: str = "none"
 
   @property
   def grid(self):
@@ -46,7 +47,8 @@ class Classifier(nn.Module):
   def setup(self):
     self.encoder = Encoder(self.patch_size, self.grid, self.width, self.depth, self.num_heads,
                            self.mlp_ratio, self.drop_path, self.dtype, self.attention_impl,
-                           learned_pos_embed=self.learned_pos_embed, final_norm=not self.global_pool)
+                           learned_pos_embed=self.learned_pos_embed, final_norm=not self.global_pool,
+                           remat="none" if self.probe else self.remat)  # a probe has no encoder gradients
     if self.global_pool:
       self.fc_norm = layer_norm(self.dtype, "fc_norm")
     if self.probe:
@@ -77,7 +79,7 @@ def classifier_from_config(config, num_classes: int, *, probe: bool, drop_path: 
                     width=m.encoder_width, depth=m.encoder_depth, num_heads=m.encoder_heads,
                     mlp_ratio=m.mlp_ratio, drop_path=drop_path, global_pool=global_pool,
                     probe=probe, learned_pos_embed=not probe, dtype=jnp.dtype(m.dtype),
-                    attention_impl=m.attention_impl or None)
+                    attention_impl=m.attention_impl or None, remat=m.remat)
 
 
 # ----------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
       norm_pix_loss=True,
       dtype="float32",           # compute dtype; 'bfloat16' on GPU/TPU. Params stay float32.
       attention_impl="",         # '' lets JAX choose; 'cudnn' forces fused attention on GPU
+      remat="none",              # 'block': recompute each block's activations in the backward
+                                 # pass (memory for about 1/3 more compute); 'dots': keep matmuls
   ))
 
   c.sharding = ml_collections.ConfigDict(dict(
@@ -307,9 +309,13 @@ def validate(config, jobs=("pretrain",)) -> None:
          "curriculum: model.curriculum_start_ratio in [0, 1) (negative: off), model.curriculum_shape "
          "'linear' or 'cosine'")
     need(m.mask_sampling == "random", "curriculum masking works with mask_sampling='random'")
+  need(m.dtype != "float16", "model.dtype='float16' would train without loss scaling, which "
+       "mae_jax does not do: small gradients underflow to zero. Use model.dtype='bfloat16' (same "
+       "speed on GPUs since Ampere and on TPUs, float32's range) or 'float32'")
   need(m.dtype in ("float32", "bfloat16", "float16"),
-       f"model.dtype={m.dtype!r} must be one of float32, bfloat16, float16")
+       f"model.dtype={m.dtype!r} must be 'float32' or 'bfloat16'")
   need(m.attention_impl in ("", "xla", "cudnn"), f"model.attention_impl={m.attention_impl!r} must be '', 'xla' or 'cudnn'")
+  need(m.remat in ("none", "block", "dots"), f"model.remat={m.remat!r} must be 'none', 'block' or 'dots'")
 
   need(d.name in data.DATASETS,
        f"unknown dataset.name={d.name!r}; known: {', '.join(sorted(data.DATASETS))}")

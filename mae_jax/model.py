@@ -190,6 +190,22 @@ class Block(nn.Module):
     return x + DropPath(self.drop_path)(y, deterministic)
 
 
+# What a rematerialised block keeps for the backward pass ('none': everything, no remat).
+REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,  # only the block's input; all recomputed
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the matmul outputs too
+}
+
+
+def block_type(remat: str = "none"):
+  """`Block`, or with `remat` 'block' / 'dots' a rematerialised Block (same parameters), whose
+  activations are recomputed in the backward pass instead of kept: memory for compute."""
+  if remat == "none":
+    return Block
+  # static_argnums counts self: argument 2 is `deterministic`, a Python bool.
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2,))
+
+
 class Encoder(nn.Module):
   """ViT encoder. With `noise`, only the visible patches go through the blocks."""
   patch_size: int
@@ -204,6 +220,7 @@ class Encoder(nn.Module):
   learned_pos_embed: bool = False  # fine-tuning learns it (from the sin-cos values), as timm's ViT
   final_norm: bool = True          # off when a classifier pools patch tokens into its own fc_norm
   mask_token: bool = False         # ablation: keep all patches, removed ones replaced by a mask token
+  remat: str = "none"              # 'none', 'block' or 'dots' (see REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, imgs, noise=None, mask_ratio: float = 0.0, deterministic: bool = True):
@@ -229,8 +246,8 @@ class Encoder(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], 1)
     rates = np.linspace(0, self.drop_path, self.depth)  # stochastic depth decay rule
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype, self.attention_impl,
-                name=f"block{i}")(x, deterministic)
+      x = block_type(self.remat)(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
+                                 self.attention_impl, name=f"block{i}")(x, deterministic)
     if self.final_norm:
       x = layer_norm(self.dtype, "norm")(x)
     return x, mask, ids_restore
@@ -247,6 +264,7 @@ class Decoder(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, latent, ids_restore):
@@ -262,8 +280,8 @@ class Decoder(nn.Module):
       x = jnp.concatenate([x[:, :1], x_], axis=1)
     x = x + sincos_2d(self.width, self.grid, cls_token=True).astype(self.dtype)[None]
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl,
-                name=f"block{i}")(x)
+      x = block_type(self.remat)(self.num_heads, self.mlp_ratio, 0.0, self.dtype,
+                                 self.attention_impl, name=f"block{i}")(x, True)
     x = layer_norm(self.dtype, "norm")(x)
     x = dense(self.patch_size**2 * self.channels, self.dtype, "pred")(x)
     return x[:, 1:]  # drop the cls position
@@ -343,6 +361,7 @@ class MAE(nn.Module):
   mask_token_in_encoder: bool = False  # the paper's and the CIFAR-10 ViT-T/2 study's ablation
   laplacian_weight: float = 0.0        # lambda_freq of the STL-10 curriculum study (0.05)
   uniformity_weight: float = 0.0       # lambda_unif of the STL-10 curriculum study (0.01)
+  remat: str = "none"                  # rematerialised blocks: 'none', 'block' or 'dots'
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -355,10 +374,10 @@ class MAE(nn.Module):
   def setup(self):
     self.encoder = Encoder(self.patch_size, self.grid, self.encoder_width, self.encoder_depth,
                            self.encoder_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl,
-                           mask_token=self.mask_token_in_encoder)
+                           mask_token=self.mask_token_in_encoder, remat=self.remat)
     self.decoder = Decoder(self.patch_size, self.grid, self.decoder_width, self.decoder_depth,
                            self.decoder_heads, self.channels, self.mlp_ratio, self.dtype,
-                           self.attention_impl)
+                           self.attention_impl, self.remat)
 
   def __call__(self, imgs, noise):
     """imgs (B, H, W, C) normalised; noise (B, L) uniform. Returns (loss, pred, mask).
@@ -410,4 +429,5 @@ def mae_from_config(model_cfg, image_size: int) -> MAE:
       mask_token_in_encoder=model_cfg.get("mask_token_in_encoder", False),
       laplacian_weight=model_cfg.get("laplacian_weight", 0.0),
       uniformity_weight=model_cfg.get("uniformity_weight", 0.0),
+      remat=model_cfg.get("remat", "none"),
   )

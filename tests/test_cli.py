@@ -165,6 +165,12 @@ def test_validate_rejects_more(tmp_path):
     config_lib.validate(c)
   assert "encoder_width=64 is not divisible by model.encoder_heads=3" in str(e.value)
   assert "grad_accum_steps=0 must be >= 1" in str(e.value)
+  c.model.encoder_heads, c.grad_accum_steps = 2, 1
+  c.model.dtype, c.model.remat = "float16", "all"
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  assert "without loss scaling" in str(e.value) and "Use model.dtype='bfloat16'" in str(e.value)
+  assert "model.remat='all' must be 'none', 'block' or 'dots'" in str(e.value)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
