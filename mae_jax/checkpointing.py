@@ -20,9 +20,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mae_jax import config_lib
 from mae_jax import metrics as metrics_lib
+from mae_jax import model as model_lib
 
 
 class CheckpointMismatchError(ValueError):
@@ -131,12 +133,36 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
     """Restores the train state (into `abstract_state`'s shardings) and the iterator in place;
-    reads the config too, so that a step any of whose parts is damaged fails as a whole."""
+    reads the config too, so that a step any of whose parts is damaged fails as a whole.
+
+    A state saved with the other layer layout (scanned vs unrolled blocks) is read in its own
+    layout and converted (`model.stack_layers` / `unstack_layers`)."""
+    saved_scanned = self._params_scanned(step)
+    want_scanned = model_lib.is_scanned(abstract_state.params)
+    target = abstract_state
+    if saved_scanned != want_scanned:
+      convert = model_lib.stack_layers if saved_scanned else model_lib.unstack_layers
+      replicated = NamedSharding(jax.tree.leaves(abstract_state)[0].sharding.mesh, P())
+      target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                            convert(abstract_state))
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                       data=grain.checkpoint.CheckpointRestore(data_iter),
                                       config=ocp.args.JsonRestore()))
-    return restored["state"]
+    state = restored["state"]
+    if saved_scanned != want_scanned:
+      convert = model_lib.unstack_layers if saved_scanned else model_lib.stack_layers
+      state = jax.device_put(convert(state), jax.tree.map(lambda a: a.sharding, abstract_state))
+      metrics_lib.log(f"checkpoint {step}: converted its {'scanned' if saved_scanned else 'unrolled'} "
+                      f"layers to the config's {'scanned' if want_scanned else 'unrolled'} layout")
+    return state
+
+  def _params_scanned(self, step: int) -> bool:
+    """Whether the parameters saved at `step` hold scanned (stacked) layers, from the metadata."""
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(os.path.join(self.root, str(step), "state"))
+    params = getattr(meta, "item_metadata", meta)["params"]
+    return any(hasattr(v, "keys") and "blocks" in v.keys() for v in params.values())
 
   def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Optional[int], Any]:
     """(step, state) of the newest checkpoint that restores (the iterator set in place), or
@@ -205,7 +231,8 @@ def restore_params(workdir: str) -> tuple[dict, dict, int]:
     saved = _read_config(workdir, step)
     with ocp.StandardCheckpointer() as ckptr:
       state = ckptr.restore(os.path.join(checkpoint_dir(workdir), str(step), "state"))
-    return jax.tree.map(np.asarray, state["params"]), saved
+    # Scanned pretraining layers come back unrolled: the layout every consumer builds.
+    return model_lib.unstack_layers(jax.tree.map(np.asarray, state["params"])), saved
 
   step, (params, saved), _ = _newest_readable(workdir, steps, read)
   return params, saved, step

@@ -66,6 +66,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
       attention_impl="",         # '' lets JAX choose; 'cudnn' forces fused attention on GPU
       remat="none",              # 'block': recompute each block's activations in the backward
                                  # pass (memory for about 1/3 more compute); 'dots': keep matmuls
+      scan_layers=False,         # pretraining: the encoder and decoder blocks as one nn.scan each
+                                 # (compiles one block, not depth of them; parameters stacked)
   ))
 
   c.sharding = ml_collections.ConfigDict(dict(

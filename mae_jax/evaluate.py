@@ -205,7 +205,9 @@ def run(config, workdir: str, pretrained: str) -> dict:
   e = config.evaluate
   mesh = Mesh()
   mask_ratio = e.mask_ratio if e.mask_ratio >= 0 else config.model.mask_ratio
-  model = mae_from_config(config.model, config.dataset.image_size).clone(mask_ratio=mask_ratio)
+  # Evaluation runs unrolled (restore_params gives that layout, whichever pretraining used).
+  model = mae_from_config(config.model, config.dataset.image_size, scan_layers=False).clone(
+      mask_ratio=mask_ratio)
   lpips_weights = {net: lpips.load_weights(path, net)
                    for net, path in (("alex", e.lpips_alex), ("vgg", e.lpips_vgg)) if path}
   params, step = load_mae_params(pretrained, config)

@@ -156,17 +156,19 @@ class Attention(nn.Module):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example."""
-  rate: float
+  """Stochastic depth: drops the whole residual branch per example. The rate may also come at
+  call time (a traced per-layer rate, inside scanned blocks)."""
+  rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
+  def __call__(self, x, deterministic: bool, rate=None):
+    rate = self.rate if rate is None else rate
+    if deterministic or (isinstance(rate, float) and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return x * mask.astype(x.dtype) / keep
+    return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
 
 
 class Block(nn.Module):
@@ -178,16 +180,93 @@ class Block(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, drop_rate=None):
     d = x.shape[-1]
     y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
         layer_norm(self.dtype, "norm1")(x))
-    x = x + DropPath(self.drop_path)(y, deterministic)
+    x = x + DropPath(self.drop_path)(y, deterministic, drop_rate)
     y = layer_norm(self.dtype, "norm2")(x)
     y = dense(int(d * self.mlp_ratio), self.dtype, "fc1")(y)
     y = gelu(y)
     y = dense(d, self.dtype, "fc2")(y)
-    return x + DropPath(self.drop_path)(y, deterministic)
+    return x + DropPath(self.drop_path)(y, deterministic, drop_rate)
+
+
+class ScanBlock(Block):
+  """A Block as one step of `nn.scan`: (x, this layer's drop-path rate) -> (x, None)."""
+  deterministic: bool = True
+
+  def __call__(self, x, drop_rate):
+    return super().__call__(x, self.deterministic, drop_rate), None
+
+
+def block_stack(x, depth: int, drop_rates, *, num_heads: int, mlp_ratio: float, dtype,
+                attention_impl, remat: str, scan: bool, deterministic: bool = True):
+  """`depth` pre-norm blocks over x (called inside a compact module). Unrolled, their parameters
+  are `block0` ... `block{depth-1}`; with `scan`, one `nn.scan` whose parameters are stacked
+  along a leading layer axis under `blocks` (one block to compile instead of `depth`;
+  `stack_layers` / `unstack_layers` convert between the two)."""
+  if not scan:
+    for i in range(depth):
+      x = block_type(remat)(num_heads, mlp_ratio, float(drop_rates[i]), dtype, attention_impl,
+                            name=f"block{i}")(x, deterministic)
+    return x
+  step = ScanBlock if remat == "none" else nn.remat(ScanBlock, policy=REMAT_POLICIES[remat])
+  scanned = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=0, length=depth)
+  x, _ = scanned(num_heads, mlp_ratio, 0.0, dtype, attention_impl, deterministic=deterministic,
+                 name="blocks")(x, jnp.asarray(drop_rates, jnp.float32))
+  return x
+
+
+def _is_block_name(key) -> bool:
+  return isinstance(key, str) and key.startswith("block") and key[5:].isdigit()
+
+
+def _stack(leaves):
+  if isinstance(leaves[0], jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(leaves),) + leaves[0].shape, leaves[0].dtype)
+  stack = np.stack if isinstance(leaves[0], np.ndarray) else jnp.stack
+  return stack(leaves)
+
+
+def stack_layers(tree):
+  """Unrolled -> scanned layout: every dict holding `block0` ... `block{n-1}` gets them stacked
+  leaf by leaf into `blocks`. Works on any pytree holding parameter-shaped dicts (parameters,
+  optimizer moments) whose leaves are arrays or ShapeDtypeStructs."""
+  def convert(node):
+    if not isinstance(node, dict):
+      return node
+    blocks = sorted((k for k in node if _is_block_name(k)), key=lambda k: int(k[5:]))
+    out = {k: convert(v) for k, v in node.items() if not _is_block_name(k)}
+    if blocks:
+      out["blocks"] = jax.tree.map(lambda *xs: _stack(xs), *[node[k] for k in blocks])
+    return out
+  return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, dict))
+
+
+def unstack_layers(tree):
+  """Scanned -> unrolled layout: the inverse of `stack_layers`."""
+  def take(x, i):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[i]
+
+  def convert(node):
+    if not isinstance(node, dict):
+      return node
+    out = {k: convert(v) for k, v in node.items() if k != "blocks"}
+    if "blocks" in node:
+      depth = jax.tree.leaves(node["blocks"])[0].shape[0]
+      for i in range(depth):
+        out[f"block{i}"] = jax.tree.map(lambda x: take(x, i), node["blocks"])
+    return out
+  return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, dict))
+
+
+def is_scanned(params) -> bool:
+  """Whether a parameter tree holds scanned (`blocks`) layers."""
+  return any(isinstance(v, dict) and "blocks" in v for v in params.values())
 
 
 # What a rematerialised block keeps for the backward pass ('none': everything, no remat).
@@ -221,6 +300,7 @@ class Encoder(nn.Module):
   final_norm: bool = True          # off when a classifier pools patch tokens into its own fc_norm
   mask_token: bool = False         # ablation: keep all patches, removed ones replaced by a mask token
   remat: str = "none"              # 'none', 'block' or 'dots' (see REMAT_POLICIES)
+  scan: bool = False               # the blocks as one nn.scan (see block_stack)
 
   @nn.compact
   def __call__(self, imgs, noise=None, mask_ratio: float = 0.0, deterministic: bool = True):
@@ -245,9 +325,9 @@ class Encoder(nn.Module):
     # The cls position embedding is zeros, so the cls token goes in as it is.
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], 1)
     rates = np.linspace(0, self.drop_path, self.depth)  # stochastic depth decay rule
-    for i in range(self.depth):
-      x = block_type(self.remat)(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
-                                 self.attention_impl, name=f"block{i}")(x, deterministic)
+    x = block_stack(x, self.depth, rates, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    dtype=self.dtype, attention_impl=self.attention_impl, remat=self.remat,
+                    scan=self.scan, deterministic=deterministic)
     if self.final_norm:
       x = layer_norm(self.dtype, "norm")(x)
     return x, mask, ids_restore
@@ -265,6 +345,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
   remat: str = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, latent, ids_restore):
@@ -279,9 +360,9 @@ class Decoder(nn.Module):
       x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)  # back to patch order
       x = jnp.concatenate([x[:, :1], x_], axis=1)
     x = x + sincos_2d(self.width, self.grid, cls_token=True).astype(self.dtype)[None]
-    for i in range(self.depth):
-      x = block_type(self.remat)(self.num_heads, self.mlp_ratio, 0.0, self.dtype,
-                                 self.attention_impl, name=f"block{i}")(x, True)
+    x = block_stack(x, self.depth, np.zeros(self.depth), num_heads=self.num_heads,
+                    mlp_ratio=self.mlp_ratio, dtype=self.dtype, attention_impl=self.attention_impl,
+                    remat=self.remat, scan=self.scan)
     x = layer_norm(self.dtype, "norm")(x)
     x = dense(self.patch_size**2 * self.channels, self.dtype, "pred")(x)
     return x[:, 1:]  # drop the cls position
@@ -362,6 +443,7 @@ class MAE(nn.Module):
   laplacian_weight: float = 0.0        # lambda_freq of the STL-10 curriculum study (0.05)
   uniformity_weight: float = 0.0       # lambda_unif of the STL-10 curriculum study (0.01)
   remat: str = "none"                  # rematerialised blocks: 'none', 'block' or 'dots'
+  scan_layers: bool = False            # encoder and decoder blocks as one nn.scan each
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -374,10 +456,11 @@ class MAE(nn.Module):
   def setup(self):
     self.encoder = Encoder(self.patch_size, self.grid, self.encoder_width, self.encoder_depth,
                            self.encoder_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl,
-                           mask_token=self.mask_token_in_encoder, remat=self.remat)
+                           mask_token=self.mask_token_in_encoder, remat=self.remat,
+                           scan=self.scan_layers)
     self.decoder = Decoder(self.patch_size, self.grid, self.decoder_width, self.decoder_depth,
                            self.decoder_heads, self.channels, self.mlp_ratio, self.dtype,
-                           self.attention_impl, self.remat)
+                           self.attention_impl, self.remat, self.scan_layers)
 
   def __call__(self, imgs, noise):
     """imgs (B, H, W, C) normalised; noise (B, L) uniform. Returns (loss, pred, mask).
@@ -410,8 +493,9 @@ class MAE(nn.Module):
     return loss, pred, mask
 
 
-def mae_from_config(model_cfg, image_size: int) -> MAE:
-  """Builds the MAE module from a `config.model` ConfigDict."""
+def mae_from_config(model_cfg, image_size: int, scan_layers: Optional[bool] = None) -> MAE:
+  """Builds the MAE module from a `config.model` ConfigDict (`scan_layers` overrides the
+  config's layer layout)."""
   return MAE(
       image_size=(image_size, image_size),
       patch_size=model_cfg.patch_size,
@@ -430,4 +514,5 @@ def mae_from_config(model_cfg, image_size: int) -> MAE:
       laplacian_weight=model_cfg.get("laplacian_weight", 0.0),
       uniformity_weight=model_cfg.get("uniformity_weight", 0.0),
       remat=model_cfg.get("remat", "none"),
+      scan_layers=model_cfg.get("scan_layers", False) if scan_layers is None else scan_layers,
   )

@@ -27,8 +27,12 @@ def _leaf_name(path) -> str:
 def pretrain_decay_mask(params):
   """True where pretraining decays: every parameter of two or more dimensions, the 3-D cls and
   mask tokens included; not biases and norms (official main_pretrain.py, timm's add_weight_decay).
-  The position embeddings are fixed, not parameters."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  The position embeddings are fixed, not parameters. Scanned layers (under `blocks`) carry one
+  leading layer axis more, which does not count."""
+  def decays(path, p):
+    stacked = any(getattr(k, "key", None) == "blocks" for k in path)
+    return p.ndim - stacked > 1
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 # Fine-tuning's exemptions besides biases and norms (official models_vit.no_weight_decay).

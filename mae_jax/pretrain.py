@@ -101,8 +101,10 @@ def knn_hook(config, mesh: Mesh) -> Hook:
   """Every `evaluate.knn_every_steps`: kNN top-1 of the current encoder's frozen features."""
   from mae_jax import evaluate  # evaluation code is only needed when asked for
   memory, queries = data.labelled_sources(config.dataset)
+  from mae_jax.model import unstack_layers  # kNN's encoder is unrolled
   return Hook(config.evaluate.knn_every_steps, lambda step, state: {
-      "knn_top1": evaluate.knn_eval(config, mesh, state.params["encoder"], memory, queries)})
+      "knn_top1": evaluate.knn_eval(config, mesh, unstack_layers(state.params["encoder"]), memory,
+                                    queries)})
 
 
 @workdir_lib.holding_workdir

@@ -110,6 +110,24 @@ def test_job_errors(cifar_folder, pretrained, tmp_path):
   assert "decoder_depth: checkpoint 1 vs config 2" in out.stderr and "--workdir" not in out.stderr
 
 
+def test_probe_finetune_and_evaluate_read_a_scanned_pretraining_checkpoint(cifar_folder, tmp_path):
+  import numpy as np
+  from mae_jax import checkpointing, classifier
+  c = tiny_config(cifar_folder, max_steps=2, log_every_steps=1, figure_every_steps=1000,
+                  **{"model.scan_layers": True})
+  state = pretrain.run(c, str(tmp_path / "pre"))
+  assert "blocks" in state.params["encoder"]
+  encoder, _, _ = classifier.load_encoder(str(tmp_path / "pre"), c)
+  np.testing.assert_array_equal(encoder["block1"]["fc1"]["kernel"],
+                                np.asarray(state.params["encoder"]["blocks"]["fc1"]["kernel"][1]))
+  c.update_from_flattened_dict({"max_steps": 2, "evaluate.num_images": 16})
+  for job in ("probe", "finetune"):
+    metrics = classify.run(c, str(tmp_path / job), str(tmp_path / "pre"), job)["metrics"]
+    assert 0.0 <= metrics["top1"] <= 100.0
+  params, _ = evaluate.load_mae_params(str(tmp_path / "pre"), c)
+  assert "block0" in params["decoder"] and not checkpointing.model_lib.is_scanned(params)
+
+
 def test_knn_during_pretraining_is_logged(cifar_folder, tmp_path):
   c = tiny_config(cifar_folder, max_steps=10, log_every_steps=5, figure_every_steps=1000)
   c.evaluate.update(knn_every_steps=5, knn_train_examples=300, num_images=100, batch_size=50)

@@ -257,3 +257,18 @@ def test_pretrained_weights_come_from_the_newest_readable_checkpoint(cifar_folde
   for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(params)):
     np.testing.assert_array_equal(x, y)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "4", "8"]
+
+
+@pytest.mark.parametrize("first,then", [(False, True), (True, False)], ids=["unrolled_to_scanned", "scanned_to_unrolled"])
+def test_a_checkpoint_resumes_in_the_other_layer_layout(cifar_folder, tmp_path, first, then):
+  make = lambda steps, scan: tiny_config(cifar_folder, max_steps=steps, log_every_steps=1,
+                                         checkpoint_every_steps=4, figure_every_steps=1000,
+                                         **{"model.scan_layers": scan})
+  pretrain.run(make(8, first), str(tmp_path / "full"))
+  pretrain.run(make(4, first), str(tmp_path / "split"))
+  resumed = pretrain.run(make(8, then), str(tmp_path / "split"))
+  from mae_jax.model import is_scanned
+  assert is_scanned(resumed.params) == then
+  a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+  assert sorted(b) == list(range(1, 9))
+  np.testing.assert_allclose([b[s] for s in range(5, 9)], [a[s] for s in range(5, 9)], rtol=2e-5)
