@@ -77,16 +77,38 @@ def train_step_program(config):
 
 # Cross-device reductions in compiled HLO: all-reduce (also as an async -start) and reduce-scatter.
 _REDUCTION = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-reduce-start|all-reduce|reduce-scatter)\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s+\(")
+_CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 def gradient_reductions(hlo_text: str) -> int:
-  """Cross-device reductions of non-scalar values in a compiled program: the gradients' (the
-  loss and metrics are scalars). XLA may combine several tensors into one reduction."""
-  count = 0
-  for m in _REDUCTION.finditer(hlo_text):
-    shapes = re.findall(r"[a-z0-9]+\[([0-9,]*)\]", m.group(1))
-    count += any(dims for dims in shapes)
-  return count
+  """Cross-device reductions of non-scalar values (the gradients'; the loss and metrics are
+  scalars) that one run of a compiled program executes: one inside a loop body (scanned layers)
+  counts once per iteration. XLA may combine several tensors into one reduction."""
+  own, calls, entry, name = {}, {}, None, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      name = m.group(1)
+      own[name], calls[name] = 0, []
+      entry = name if line.startswith("ENTRY") else entry
+      continue
+    if name is None:
+      continue
+    r = _REDUCTION.search(line)
+    if r and any(re.findall(r"[a-z0-9]+\[([0-9,]+)\]", r.group(1))):
+      own[name] += 1
+    trips = _TRIP_COUNT.search(line)
+    for callee in _CALLEE.findall(line):
+      body = " while(" in line and f"body=%{callee}" in line
+      calls[name].append((callee, int(trips.group(1)) if body and trips else 1))
+
+  def total(comp, seen=()):
+    if comp not in own or comp in seen:
+      return 0
+    return own[comp] + sum(n * total(c, seen + (comp,)) for c, n in calls[comp])
+  return total(entry)
 
 
 def aot_train_step(config) -> dict:
@@ -99,8 +121,15 @@ def aot_train_step(config) -> dict:
   size = config.dataset.image_size
   batch = {"image": jax.ShapeDtypeStruct((micro, size, size, 3), jax.numpy.uint8, sharding=mesh.batch)}
   t0 = time.perf_counter()
-  compiled = step.lower(abstract, batch).compile()
+  lowered = step.lower(abstract, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  if config.model.scan_layers:  # XLA's cost analysis counts a loop body once: count unrolled
+    unrolled = config.copy_and_resolve_references()
+    unrolled.model.scan_layers = False
+    step_u, init_u, sharding_u, _ = train_step_program(unrolled)
+    lowered = step_u.lower(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        jax.eval_shape(init_u), sharding_u), batch)
   mem = compiled.memory_analysis()
   devices = jax.device_count()
   # One call is one micro-batch; an update takes grad_accum_steps calls (optax.MultiSteps).
@@ -111,8 +140,8 @@ def aot_train_step(config) -> dict:
       "device_kind": jax.devices()[0].device_kind,
       "devices": devices,
       "compile_s": compile_s,
-      # XLA's cost analysis counts one device's program; the devices share the micro-batch.
-      "flops_per_image": _flops(compiled) * devices / micro,
+      # Of the whole program before partitioning (the compiled one is one device's share).
+      "flops_per_image": _flops(lowered) / micro,
       "argument_bytes_per_device": mem.argument_size_in_bytes,
       "temp_bytes_per_device": mem.temp_size_in_bytes,
       "gradient_reductions_per_update": gradient_reductions(compiled.as_text()) * calls_per_update,
@@ -122,7 +151,8 @@ def aot_train_step(config) -> dict:
           "image_size": size, "batch_size": config.batch_size,
           "grad_accum_steps": config.grad_accum_steps, "micro_batch": micro,
           "micro_batch_per_device": micro // devices, "dtype": m.dtype,
-          "fsdp": bool(config.sharding.fsdp),
+          "fsdp": bool(config.sharding.fsdp), "scan_layers": bool(config.model.scan_layers),
+          "remat": config.model.remat,
       },
   }
 
@@ -198,7 +228,8 @@ def _aot_main(config, simulated: bool) -> int:
   print(f"ahead-of-time compile for {r['devices']} x {r['device_kind']} ({r['backend']}"
         f"{', simulated' if r['simulated'] else ''}) | {c['model']} | {c['image_size']} px | batch "
         f"{c['batch_size']} = {c['grad_accum_steps']} x micro-batch {c['micro_batch']} "
-        f"({c['micro_batch_per_device']} per device) | {c['dtype']} | fsdp {c['fsdp']}")
+        f"({c['micro_batch_per_device']} per device) | {c['dtype']} | fsdp {c['fsdp']}, scan_layers "
+        f"{c['scan_layers']}, remat {c['remat']}")
   print(f"compile_s: {r['compile_s']:.1f}")
   print(f"flops_per_image: {r['flops_per_image'] / 1e9:.4g} GFLOP")
   print(f"argument_bytes_per_device: {_fmt_bytes(r['argument_bytes_per_device'])}")

@@ -118,11 +118,13 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether `save` would write `step`."""
+    return (force or step % self.every_steps == 0) and self.manager.latest_step() != step
+
   def save(self, step: int, state: Any, data_iter: Any, config_dict: dict, force: bool = False) -> bool:
     """Starts an async save when `step` is due (or `force`); returns whether it saved."""
-    if not force and step % self.every_steps:
-      return False
-    if self.manager.latest_step() == step:
+    if not self.due(step, force):
       return False
     return self.manager.save(
         step,

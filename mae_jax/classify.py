@@ -17,8 +17,10 @@ import optax
 from mae_jax import augment, classifier, config_lib, data, optim
 from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
+from mae_jax.model import describe
 from mae_jax.parallel import Mesh
-from mae_jax.trainer import Hook, Task, TrainState, evaluate, fit, steps_per_epoch
+from mae_jax.trainer import (Hook, Task, TrainState, evaluate, fit, skip_if_nonfinite,
+                             steps_per_epoch)
 
 MODES = ("probe", "finetune")
 
@@ -52,8 +54,9 @@ def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_c
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state, model_state=new_model_state)
+  new_state, nonfinite = skip_if_nonfinite(state, new_state, loss, optax.tree.norm(grads))
   top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"])  # on the (mixed) training images
-  return new_state, {"loss": loss, "train_top1": top1}
+  return new_state, {"loss": loss, "train_top1": top1, "nonfinite": nonfinite}
 
 
 def eval_step(state: TrainState, batch: dict, *, model, mean, std) -> dict:
@@ -152,6 +155,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
   aug = {} if probe else dict(label_smoothing=section.label_smoothing, mixup=section.mixup,
                               cutmix=section.cutmix, random_erasing=section.random_erasing)
   task = Task(
+      summary=describe(model),
       init_state=functools.partial(create_train_state, tx, config.seed),
       init_args=(variables,),
       train_step=functools.partial(classify_step, model=model, tx=tx, mean=mean, std=std,

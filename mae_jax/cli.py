@@ -9,12 +9,12 @@ from ml_collections import config_flags
 
 from mae_jax import checkpointing, config_lib, data, host, lpips, parallel
 from mae_jax import workdir as workdir_lib
-from mae_jax.trainer import StopRequested
+from mae_jax.trainer import NonFiniteError, StopRequested
 
 FLAGS = flags.FLAGS
 USER_ERRORS = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointMismatchError,
                checkpointing.CheckpointUnreadableError,
-               lpips.LPIPSWeightsError, workdir_lib.WorkdirError)
+               lpips.LPIPSWeightsError, workdir_lib.WorkdirError, NonFiniteError)
 
 
 def define_distributed_flags():

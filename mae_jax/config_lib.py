@@ -80,6 +80,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.num_epochs = 800
   c.warmup_epochs = 40
   c.max_steps = 0                # > 0: stop after this many micro-steps (smoke runs, benchmarks)
+  c.skip_nonfinite = False       # a non-finite loss or gradient: False stops the run with an error
+                                 # (the last good checkpoint kept); True skips that update, counted
 
   c.optimizer = ml_collections.ConfigDict(dict(
       base_lr=1.5e-4,            # lr = base_lr * batch_size / 256

@@ -43,7 +43,7 @@ def save_grid(path: str, columns: Sequence[np.ndarray], titles: Sequence[str], m
     draw.text((pad + j * (cw + pad), 1), title, fill="black")
   for j, col in enumerate(cols):
     for i in range(n):
-      tile = Image.fromarray((np.clip(col[i], 0, 1) * 255).round().astype(np.uint8))
+      tile = Image.fromarray((np.clip(np.nan_to_num(col[i]), 0, 1) * 255).round().astype(np.uint8))
       tile = tile.resize((cw, ch), Image.NEAREST)
       canvas.paste(tile, (pad + j * (cw + pad), header + pad + i * (ch + pad)))
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

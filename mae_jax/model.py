@@ -136,6 +136,30 @@ def attention(q, k, v):
   return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
+def attention_backend(requested: str, dtype, head_dims) -> str:
+  """The attention implementation a model uses: `requested` ('xla' or 'cudnn') if given; else
+  cuDNN's fused kernel where JAX supports it (a GPU of compute capability 8.0 or more, bfloat16 or
+  float16 compute, head dimensions multiples of 8 up to 128) and XLA's einsums elsewhere."""
+  if requested:
+    return requested
+  if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return "xla"
+  if any(d % 8 or d > 128 for d in head_dims):
+    return "xla"
+  try:
+    capability = float(getattr(jax.devices()[0], "compute_capability", 0))
+  except ValueError:
+    capability = 0.0
+  return "cudnn" if capability >= 8.0 else "xla"
+
+
+def describe(model) -> str:
+  """How a model (MAE or classifier) computes, for the first log line of a job."""
+  layout = "scanned" if getattr(model, "scan_layers", False) else "unrolled"
+  return (f"attention {model.attention_impl or 'xla'} | {jnp.dtype(model.dtype).name} compute | "
+          f"{layout} layers, remat {getattr(model, 'remat', 'none')}")
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (as timm's, which MAE uses)."""
   num_heads: int
@@ -509,7 +533,10 @@ def mae_from_config(model_cfg, image_size: int, scan_layers: Optional[bool] = No
       mask_ratio=model_cfg.mask_ratio,
       norm_pix_loss=model_cfg.norm_pix_loss,
       dtype=jnp.dtype(model_cfg.dtype),
-      attention_impl=model_cfg.get("attention_impl") or None,
+      attention_impl=attention_backend(
+          model_cfg.get("attention_impl", ""), model_cfg.dtype,
+          (model_cfg.encoder_width // model_cfg.encoder_heads,
+           model_cfg.decoder_width // model_cfg.decoder_heads)),
       mask_token_in_encoder=model_cfg.get("mask_token_in_encoder", False),
       laplacian_weight=model_cfg.get("laplacian_weight", 0.0),
       uniformity_weight=model_cfg.get("uniformity_weight", 0.0),

@@ -12,9 +12,9 @@ import optax
 from mae_jax import data, figures, masking, optim
 from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
-from mae_jax.model import MAE, mae_from_config
+from mae_jax.model import MAE, describe, mae_from_config
 from mae_jax.parallel import Mesh
-from mae_jax.trainer import Hook, Task, TrainState, fit, steps_per_epoch
+from mae_jax.trainer import Hook, Task, TrainState, fit, skip_if_nonfinite, steps_per_epoch
 
 
 def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -50,7 +50,9 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  grad_norm = optax.tree.norm(grads)
+  new_state, nonfinite = skip_if_nonfinite(state, new_state, loss, grad_norm)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite}
   if len(parts) > 1:  # extra loss terms: log each
     metrics.update({f"loss_{k}": v for k, v in parts.items()})
   if variant is not None:
@@ -133,6 +135,7 @@ def run(config, workdir: str) -> TrainState:
         step, spe, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs, m.curriculum_shape,
         m.curriculum_bucket)
   task = Task(
+      summary=describe(model),
       step_variant=step_variant,
       init_state=functools.partial(create_train_state, model, tx, config.seed),
       train_step=functools.partial(pretrain_step, model=model, tx=tx, mean=tuple(config.dataset.mean),

@@ -5,6 +5,7 @@ A job (pretraining; later probing and fine-tuning) describes itself as a `Task`:
 `fit` does the rest the same way for all of them.
 """
 
+import collections
 import dataclasses
 import functools
 import signal
@@ -47,6 +48,23 @@ class Task:
   # step -> a hashable passed to train_step as `variant=` (static: one compilation per value),
   # e.g. the bucketed mask ratio of curriculum masking. None: train_step takes no variant.
   step_variant: Optional[Callable[[int], Any]] = None
+  summary: str = ""                    # appended to the first log line (e.g. the attention used)
+
+
+def skip_if_nonfinite(state: TrainState, new_state: TrainState, loss, grad_norm):
+  """`new_state`, or where the loss or the gradient norm is not finite, `state` with only the step
+  advanced (the update skipped: nothing non-finite enters the state, so none can be saved).
+  Returns (state, 1.0 where skipped else 0.0) for the step's metrics as 'nonfinite'."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  guarded = new_state.replace(params=keep(new_state.params, state.params),
+                              opt_state=keep(new_state.opt_state, state.opt_state),
+                              model_state=keep(new_state.model_state, state.model_state))
+  return guarded, 1.0 - finite.astype(jnp.float32)
+
+
+class NonFiniteError(Exception):
+  """A step's loss or gradient was not finite (and config.skip_nonfinite is off)."""
 
 
 class StopRequested(Exception):
@@ -83,6 +101,40 @@ class _SignalFlag:
       signal.signal(s, old)
 
 
+class DeviceFeed:
+  """The training batches, put on the devices `depth` ahead of the step that takes them.
+
+  `fill()`, called once the step is dispatched, reads and sends the next batches while the step
+  runs. The loader's position is remembered before each batch, so that a checkpoint (grain's
+  handler calls get_state) records the next batch the step will take, not the last one fetched:
+  resuming neither skips nor repeats a batch.
+  """
+
+  def __init__(self, loader_iter, put, depth: int = 2):
+    self.loader_iter, self.put, self.depth = loader_iter, put, depth
+    self.queue = collections.deque()  # (loader state before the batch, batch on device)
+
+  def fill(self):
+    while len(self.queue) < self.depth:
+      position = self.loader_iter.get_state()
+      self.queue.append((position, self.put(next(self.loader_iter))))
+
+  def __next__(self):
+    if not self.queue:
+      self.fill()
+    return self.queue.popleft()[1]
+
+  def get_state(self):
+    return self.queue[0][0] if self.queue else self.loader_iter.get_state()
+
+  def set_state(self, state):
+    self.queue.clear()
+    self.loader_iter.set_state(state)
+
+  def __getattr__(self, name):  # the rest of the loader iterator's interface (start_prefetch, ...)
+    return getattr(self.loader_iter, name)
+
+
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
   if num_examples < global_batch:
     raise data.DataError(f"the dataset has {num_examples} examples, fewer than one global batch "
@@ -101,7 +153,8 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   log_every = log_every or config.log_every_steps
   loader = data.make_loader(config, train_source, train=True, global_batch_size=micro_batch,
                             seed=config.seed, augment=augment)
-  data_iter = iter(loader)
+  data_iter = DeviceFeed(iter(loader), lambda local: mesh.put_batch(
+      {k: local[k] for k in task.batch_fields}), depth=2)
   ckpt = checkpointing.Checkpointer(workdir, checkpoint_every or config.checkpoint_every_steps,
                                     config.keep_checkpoints)
   config_dict = config.to_dict()
@@ -120,7 +173,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   metrics_lib.log(f"{n_params:,} parameters | {jax.device_count()} devices, {jax.process_count()} "
                   f"processes{', state sharded (FSDP)' if config.sharding.fsdp else ''} | "
                   f"{len(train_source):,} training examples | micro-batch {micro_batch} | "
-                  f"steps {start}->{total_steps}")
+                  f"steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else ""))
 
   compiled = {}  # variant -> jitted train step
 
@@ -135,19 +188,44 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s <= start, purge_step=start + 1)
   progress = metrics_lib.Progress(total_steps, start)
   pending = []  # per-step metrics still on device; fetched once per log interval
+  flags = []    # (step, per-step 'nonfinite' flag on device) since the last check
+  skipped = 0   # updates skipped as non-finite (config.skip_nonfinite)
   step = start
+
+  def check_finite():
+    """Fetches the pending non-finite flags: raises NonFiniteError at the first (unless skipping),
+    else counts them. Called at log steps and before every checkpoint save."""
+    nonlocal flags, skipped
+    if not flags:
+      return
+    values = jax.device_get([f for _, f in flags])
+    bad = [s for (s, _), v in zip(flags, values) if v > 0]
+    flags = []
+    if bad and not config.skip_nonfinite:
+      ckpt.wait()
+      last = ckpt.latest_step()
+      where = (f"the last good checkpoint is step {last} in {checkpointing.checkpoint_dir(workdir)}, "
+               "where the same command resumes" if last is not None else "no checkpoint was written")
+      raise NonFiniteError(
+          f"step {bad[0]}: the loss or the gradient is not finite; the run stopped and {where}. "
+          "Lower the learning rate (or raise warmup_epochs), or set --config.skip_nonfinite=True "
+          "to skip such updates")
+    skipped += len(bad)
   try:
     with _SignalFlag() as flag:
       while step < total_steps:
-        local = next(data_iter)
-        batch = mesh.put_batch({k: local[k] for k in task.batch_fields})
-        state, step_metrics = train_step(state, batch, step)
-        pending.append(step_metrics)
+        state, step_metrics = train_step(state, next(data_iter), step)
+        data_iter.fill()  # the next batches go to the devices while this step runs
         step += 1
+        flags.append((step, step_metrics.pop("nonfinite")))
+        pending.append(step_metrics)
         last = step == total_steps
         if step % log_every == 0 or last:
+          check_finite()
           fetched = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
           means = {k: float(fetched[k]) for k in sorted(fetched, key=lambda k: (k != "loss", k))}
+          if skipped:  # the mean over a skipped step's non-finite loss is not a number: say why
+            means["skipped_nonfinite"] = float(skipped)
           pending = []
           rate = progress.rate(step)
           extra = {"lr": float(lr_fn(step)) if lr_fn else None}
@@ -161,8 +239,11 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
             if hook_metrics:
               writer.write(step, hook_metrics)
               metrics_lib.log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in hook_metrics.items()))
-        ckpt.save(step, state, data_iter, config_dict, force=last)
+        if ckpt.due(step, force=last):
+          check_finite()
+          ckpt.save(step, state, data_iter, config_dict, force=last)
         if _stop_requested(flag, step, log_every):
+          check_finite()
           ckpt.save(step, state, data_iter, config_dict, force=True)
           ckpt.wait()
           raise StopRequested(flag.signum or signal.SIGTERM, step)

@@ -284,3 +284,20 @@ def test_scanned_biases_and_norms_are_not_decayed():
     assert scanned_mask[part]["blocks"] == unrolled_mask[part]["block0"]
     rest = lambda m: {k: v for k, v in m.items() if not k.startswith("block")}
     assert rest(scanned_mask[part]) == rest(unrolled_mask[part])
+
+
+def test_attention_backend_is_cudnn_only_where_the_fused_kernel_applies(monkeypatch):
+  import types
+  bf16 = jnp.bfloat16
+  assert mae.attention_backend("", bf16, (64, 32)) == "xla"         # this CPU
+  assert mae.attention_backend("cudnn", jnp.float32, (64,)) == "cudnn"  # forced
+  monkeypatch.setattr(mae.jax, "default_backend", lambda: "gpu")
+  gpu = lambda cc: monkeypatch.setattr(mae.jax, "devices", lambda: [types.SimpleNamespace(compute_capability=cc)])
+  gpu("9.0")
+  assert mae.attention_backend("", bf16, (64, 32)) == "cudnn"       # ViT-B/L encoder, decoder
+  assert mae.attention_backend("", bf16, (80, 32)) == "cudnn"       # ViT-H/14
+  assert mae.attention_backend("", jnp.float32, (64, 32)) == "xla"  # float32: XLA
+  assert mae.attention_backend("", bf16, (64, 20)) == "xla"         # a head dim cuDNN does not take
+  assert mae.attention_backend("xla", bf16, (64, 32)) == "xla"
+  gpu("7.0")
+  assert mae.attention_backend("", bf16, (64, 32)) == "xla"         # before Ampere

@@ -272,3 +272,62 @@ def test_a_checkpoint_resumes_in_the_other_layer_layout(cifar_folder, tmp_path, 
   a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
   assert sorted(b) == list(range(1, 9))
   np.testing.assert_allclose([b[s] for s in range(5, 9)], [a[s] for s in range(5, 9)], rtol=2e-5)
+
+
+def _exploding(cifar_folder, **overrides):
+  """The tiny preset with a learning rate that overflows float32 by the third step (the warmup's
+  first step has lr 0, its second lr ~1e33)."""
+  c = tiny_config(cifar_folder, log_every_steps=1, checkpoint_every_steps=2, figure_every_steps=1000,
+                  **overrides)
+  c.optimizer.base_lr, c.warmup_epochs = 1e36, 1
+  return c
+
+
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_folder, tmp_path):
+  from mae_jax import trainer
+  with pytest.raises(trainer.NonFiniteError) as e:
+    pretrain.run(_exploding(cifar_folder, max_steps=12), str(tmp_path))
+  bad = int(str(e.value).split(":")[0].removeprefix("step "))
+  ckpt = checkpointing.Checkpointer(str(tmp_path), 2, 3)
+  newest = ckpt.latest_step()
+  ckpt.close()
+  assert 2 <= newest < bad <= 12, str(e.value)
+  assert f"the last good checkpoint is step {newest}" in str(e.value)
+  params, _, _ = checkpointing.restore_params(str(tmp_path))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_skip_nonfinite_skips_and_counts_the_updates(cifar_folder, tmp_path):
+  state = pretrain.run(_exploding(cifar_folder, max_steps=6, skip_nonfinite=True), str(tmp_path))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  assert int(state.step) == 6
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert rows[-1]["step"] == 6 and rows[-1]["skipped_nonfinite"] >= 1
+
+
+def test_the_device_feed_checkpoints_the_next_batch_the_step_takes():
+  from mae_jax import trainer
+
+  class Loader:  # a loader iterator whose position is the next value it yields
+    def __init__(self):
+      self.position = 0
+
+    def __next__(self):
+      self.position += 1
+      return self.position - 1
+
+    def get_state(self):
+      return self.position
+
+    def set_state(self, position):
+      self.position = position
+
+  feed = trainer.DeviceFeed(Loader(), put=lambda x: x * 10, depth=2)
+  assert next(feed) == 0
+  feed.fill()
+  assert feed.loader_iter.position == 3  # batches 1 and 2 already on their way to the devices
+  assert feed.get_state() == 1           # a checkpoint resumes at batch 1, the next one taken
+  assert [next(feed), next(feed)] == [10, 20]
+  feed.set_state(1)
+  assert next(feed) == 10 and feed.get_state() == 2
