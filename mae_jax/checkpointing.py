@@ -139,8 +139,8 @@ class Checkpointer:
 
     A state saved with the other layer layout (scanned vs unrolled blocks) is read in its own
     layout and converted (`model.stack_layers` / `unstack_layers`)."""
-    saved_scanned = self._params_scanned(step)
     want_scanned = model_lib.is_scanned(abstract_state.params)
+    saved_scanned = self._params_scanned(step, default=want_scanned)
     target = abstract_state
     if saved_scanned != want_scanned:
       convert = model_lib.stack_layers if saved_scanned else model_lib.unstack_layers
@@ -159,12 +159,16 @@ class Checkpointer:
                       f"layers to the config's {'scanned' if want_scanned else 'unrolled'} layout")
     return state
 
-  def _params_scanned(self, step: int) -> bool:
-    """Whether the parameters saved at `step` hold scanned (stacked) layers, from the metadata."""
-    with ocp.StandardCheckpointer() as ckptr:
-      meta = ckptr.metadata(os.path.join(self.root, str(step), "state"))
-    params = getattr(meta, "item_metadata", meta)["params"]
-    return any(hasattr(v, "keys") and "blocks" in v.keys() for v in params.values())
+  def _params_scanned(self, step: int, default: bool) -> bool:
+    """Whether the parameters saved at `step` hold scanned (stacked) layers, from the tree
+    metadata orbax writes beside them (`default` when it cannot be read: the restore then reports
+    what is wrong)."""
+    try:
+      with open(os.path.join(self.root, str(step), "state", "_METADATA")) as f:
+        paths = json.load(f)["tree_metadata"]
+    except (OSError, ValueError, KeyError):
+      return default
+    return any(p.startswith("('params',") and "'blocks'" in p for p in paths)
 
   def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Optional[int], Any]:
     """(step, state) of the newest checkpoint that restores (the iterator set in place), or

@@ -114,8 +114,10 @@ class DeviceFeed:
     self.loader_iter, self.put, self.depth = loader_iter, put, depth
     self.queue = collections.deque()  # (loader state before the batch, batch on device)
 
-  def fill(self):
-    while len(self.queue) < self.depth:
+  def fill(self, remaining: Optional[int] = None):
+    """Fetches up to `depth` batches ahead (at most `remaining`: none past the last step)."""
+    want = self.depth if remaining is None else min(self.depth, remaining)
+    while len(self.queue) < want:
       position = self.loader_iter.get_state()
       self.queue.append((position, self.put(next(self.loader_iter))))
 
@@ -215,7 +217,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
     with _SignalFlag() as flag:
       while step < total_steps:
         state, step_metrics = train_step(state, next(data_iter), step)
-        data_iter.fill()  # the next batches go to the devices while this step runs
+        data_iter.fill(total_steps - step - 1)  # the next batches go to the devices while this step runs
         step += 1
         flags.append((step, step_metrics.pop("nonfinite")))
         pending.append(step_metrics)
@@ -248,6 +250,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
           ckpt.wait()
           raise StopRequested(flag.signum or signal.SIGTERM, step)
   finally:
+    data_iter.queue.clear()  # batches fetched for steps that will not run
     ckpt.wait()
     ckpt.close()
     writer.close()
