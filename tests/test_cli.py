@@ -278,3 +278,28 @@ def test_an_unreadable_checkpoint_is_reported_in_a_line_not_thousands(cifar_fold
   assert f"checkpoint {tmp_path}/checkpoints/20 is unreadable (ValueError: OUT_OF_RANGE" in out.stdout
   assert f"resumed from {tmp_path}/checkpoints/10" in out.stdout and "step 24/24" in out.stdout
   assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) <= 2, out.stderr[-3000:]
+
+
+def _aot(tmp_path, devices: int, *overrides) -> tuple[str, dict]:
+  out_file = tmp_path / f"aot_{devices}_{len(overrides)}.json"
+  args = [sys.executable, "-m", "mae_jax.bench", f"--config={REPO / 'configs/cifar10_vit_t.py:tiny'}",
+          "--aot", f"--devices={devices}", f"--output={out_file}", *overrides]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout, json.loads(out_file.read_text())
+
+
+def test_bench_aot_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_path):
+  printed, replicated = _aot(tmp_path, 8)
+  for field in ("compile_s", "flops_per_image", "argument_bytes_per_device", "temp_bytes_per_device",
+                "gradient_reductions_per_update"):
+    assert f"{field}: " in printed and field in replicated
+  assert "8 x cpu (cpu, simulated)" in printed and replicated["devices"] == 8
+  assert replicated["config"]["micro_batch_per_device"] == 8 and replicated["gradient_reductions_per_update"] >= 1
+  _, fsdp2 = _aot(tmp_path, 2, "--config.sharding.fsdp=True")
+  _, fsdp8 = _aot(tmp_path, 8, "--config.sharding.fsdp=True")
+  assert fsdp8["config"]["fsdp"] and fsdp8["devices"] == 8
+  assert fsdp8["argument_bytes_per_device"] < fsdp2["argument_bytes_per_device"] < replicated["argument_bytes_per_device"]
+  assert abs(fsdp8["flops_per_image"] - replicated["flops_per_image"]) < 1e-3 * replicated["flops_per_image"]
