@@ -190,19 +190,19 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s <= start, purge_step=start + 1)
   progress = metrics_lib.Progress(total_steps, start)
   pending = []  # per-step metrics still on device; fetched once per log interval
-  flags = []    # (step, per-step 'nonfinite' flag on device) since the last check
+  nonfinite = []  # (step, that step's 'nonfinite' flag on device) since the last check
   skipped = 0   # updates skipped as non-finite (config.skip_nonfinite)
   step = start
 
   def check_finite():
     """Fetches the pending non-finite flags: raises NonFiniteError at the first (unless skipping),
     else counts them. Called at log steps and before every checkpoint save."""
-    nonlocal flags, skipped
-    if not flags:
+    nonlocal nonfinite, skipped
+    if not nonfinite:
       return
-    values = jax.device_get([f for _, f in flags])
-    bad = [s for (s, _), v in zip(flags, values) if v > 0]
-    flags = []
+    values = jax.device_get([f for _, f in nonfinite])
+    bad = [s for (s, _), v in zip(nonfinite, values) if v > 0]
+    nonfinite = []
     if bad and not config.skip_nonfinite:
       ckpt.wait()
       last = ckpt.latest_step()
@@ -213,13 +213,14 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
           "Lower the learning rate (or raise warmup_epochs), or set --config.skip_nonfinite=True "
           "to skip such updates")
     skipped += len(bad)
+
   try:
     with _SignalFlag() as flag:
       while step < total_steps:
         state, step_metrics = train_step(state, next(data_iter), step)
         data_iter.fill(total_steps - step - 1)  # the next batches go to the devices while this step runs
         step += 1
-        flags.append((step, step_metrics.pop("nonfinite")))
+        nonfinite.append((step, step_metrics.pop("nonfinite")))
         pending.append(step_metrics)
         last = step == total_steps
         if step % log_every == 0 or last:
