@@ -121,9 +121,10 @@ def aot_train_step(config) -> dict:
   size = config.dataset.image_size
   batch = {"image": jax.ShapeDtypeStruct((micro, size, size, 3), jax.numpy.uint8, sharding=mesh.batch)}
   t0 = time.perf_counter()
-  lowered = step.lower(abstract, batch)
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
+  lowered = step.lower(abstract, batch)  # tracing the Python model into HLO
+  t1 = time.perf_counter()
+  compiled = lowered.compile()           # XLA's optimisation and code generation
+  lower_s, compile_s = t1 - t0, time.perf_counter() - t1
   if config.model.scan_layers:  # XLA's cost analysis counts a loop body once: count unrolled
     unrolled = config.copy_and_resolve_references()
     unrolled.model.scan_layers = False
@@ -139,6 +140,7 @@ def aot_train_step(config) -> dict:
       "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind,
       "devices": devices,
+      "lower_s": lower_s,
       "compile_s": compile_s,
       # Of the whole program before partitioning (the compiled one is one device's share).
       "flops_per_image": _flops(lowered) / micro,
@@ -230,6 +232,7 @@ def _aot_main(config, simulated: bool) -> int:
         f"{c['batch_size']} = {c['grad_accum_steps']} x micro-batch {c['micro_batch']} "
         f"({c['micro_batch_per_device']} per device) | {c['dtype']} | fsdp {c['fsdp']}, scan_layers "
         f"{c['scan_layers']}, remat {c['remat']}")
+  print(f"lower_s: {r['lower_s']:.1f}")
   print(f"compile_s: {r['compile_s']:.1f}")
   print(f"flops_per_image: {r['flops_per_image'] / 1e9:.4g} GFLOP")
   print(f"argument_bytes_per_device: {_fmt_bytes(r['argument_bytes_per_device'])}")

@@ -293,7 +293,7 @@ def _aot(tmp_path, devices: int, *overrides) -> tuple[str, dict]:
 
 def test_bench_aot_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_path):
   printed, replicated = _aot(tmp_path, 8)
-  for field in ("compile_s", "flops_per_image", "argument_bytes_per_device", "temp_bytes_per_device",
+  for field in ("lower_s", "compile_s", "flops_per_image", "argument_bytes_per_device", "temp_bytes_per_device",
                 "gradient_reductions_per_update"):
     assert f"{field}: " in printed and field in replicated
   assert "8 x cpu (cpu, simulated)" in printed and replicated["devices"] == 8
