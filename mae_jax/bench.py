@@ -12,7 +12,6 @@ device, and the cross-device gradient reductions per optimizer update. Any confi
 included, compiles on a laptop this way.
 """
 
-import functools
 import json
 import os
 import re
@@ -55,24 +54,12 @@ def simulate_devices(n: int) -> bool:
 
 
 def train_step_program(config):
-  """The pretraining step as the trainer compiles it: (jitted step, init function, state
-  shardings, mesh), the state replicated or split by `config.sharding.fsdp`."""
-  import jax
+  """`pretrain.sharded_step` on a fresh mesh with a fixed schedule: (step, init, abstract state,
+  state shardings, mesh)."""
   from mae_jax import optim, pretrain
-  from mae_jax.model import mae_from_config
   from mae_jax.parallel import Mesh
-
   mesh = Mesh()
-  model = mae_from_config(config.model, config.dataset.image_size)
-  tx = optim.make_optimizer(config.optimizer, optim.warmup_cosine(1e-4, 0.0, 10, 1000),
-                            config.grad_accum_steps)
-  init = functools.partial(pretrain.create_train_state, model, tx, config.seed)
-  sharding = mesh.state_shardings(jax.eval_shape(init), config.sharding.fsdp)
-  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
-                                   mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
-                 in_shardings=(sharding, mesh.batch),
-                 out_shardings=(sharding, mesh.replicated), donate_argnums=(0,))
-  return step, init, sharding, mesh
+  return (*pretrain.sharded_step(config, mesh, optim.warmup_cosine(1e-4, 0.0, 10, 1000)), mesh)
 
 
 # Cross-device reductions in compiled HLO: all-reduce (also as an async -start) and reduce-scatter.
@@ -114,9 +101,7 @@ def gradient_reductions(hlo_text: str) -> int:
 def aot_train_step(config) -> dict:
   """Compiles the train step from abstract inputs (nothing allocated, nothing run)."""
   import jax
-  step, init, sharding, mesh = train_step_program(config)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          jax.eval_shape(init), sharding)
+  step, _, abstract, _, mesh = train_step_program(config)
   micro = config.batch_size // config.grad_accum_steps
   size = config.dataset.image_size
   batch = {"image": jax.ShapeDtypeStruct((micro, size, size, 3), jax.numpy.uint8, sharding=mesh.batch)}
@@ -128,9 +113,8 @@ def aot_train_step(config) -> dict:
   if config.model.scan_layers:  # XLA's cost analysis counts a loop body once: count unrolled
     unrolled = config.copy_and_resolve_references()
     unrolled.model.scan_layers = False
-    step_u, init_u, sharding_u, _ = train_step_program(unrolled)
-    lowered = step_u.lower(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        jax.eval_shape(init_u), sharding_u), batch)
+    step_u, _, abstract_u, _, _ = train_step_program(unrolled)
+    lowered = step_u.lower(abstract_u, batch)
   mem = compiled.memory_analysis()
   devices = jax.device_count()
   # One call is one micro-batch; an update takes grad_accum_steps calls (optax.MultiSteps).
@@ -163,7 +147,7 @@ def bench_train_step(config, steps: int) -> dict:
   import jax
   import numpy as np
 
-  step, init, sharding, mesh = train_step_program(config)
+  step, init, _, sharding, mesh = train_step_program(config)
   state = jax.jit(init, out_shardings=sharding)()
   micro = config.batch_size // config.grad_accum_steps
   size = config.dataset.image_size

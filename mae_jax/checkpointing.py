@@ -141,20 +141,21 @@ class Checkpointer:
     layout and converted (`model.stack_layers` / `unstack_layers`)."""
     want_scanned = model_lib.is_scanned(abstract_state.params)
     saved_scanned = self._params_scanned(step, default=want_scanned)
+    convert = saved_scanned != want_scanned
     target = abstract_state
-    if saved_scanned != want_scanned:
-      convert = model_lib.stack_layers if saved_scanned else model_lib.unstack_layers
+    if convert:
+      to_saved, to_wanted = ((model_lib.stack_layers, model_lib.unstack_layers) if saved_scanned
+                             else (model_lib.unstack_layers, model_lib.stack_layers))
       replicated = NamedSharding(jax.tree.leaves(abstract_state)[0].sharding.mesh, P())
       target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                            convert(abstract_state))
+                            to_saved(abstract_state))
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                       data=grain.checkpoint.CheckpointRestore(data_iter),
                                       config=ocp.args.JsonRestore()))
     state = restored["state"]
-    if saved_scanned != want_scanned:
-      convert = model_lib.unstack_layers if saved_scanned else model_lib.stack_layers
-      state = jax.device_put(convert(state), jax.tree.map(lambda a: a.sharding, abstract_state))
+    if convert:
+      state = jax.device_put(to_wanted(state), jax.tree.map(lambda a: a.sharding, abstract_state))
       metrics_lib.log(f"checkpoint {step}: converted its {'scanned' if saved_scanned else 'unrolled'} "
                       f"layers to the config's {'scanned' if want_scanned else 'unrolled'} layout")
     return state

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from mae_jax import checkpointing
-from mae_jax.model import Encoder, attention_backend, layer_norm, sincos_2d
+from mae_jax.model import Encoder, attention_from_config, layer_norm, sincos_2d
 
 ENCODER_KEYS = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "mlp_ratio")
 
@@ -79,8 +79,7 @@ def classifier_from_config(config, num_classes: int, *, probe: bool, drop_path: 
                     width=m.encoder_width, depth=m.encoder_depth, num_heads=m.encoder_heads,
                     mlp_ratio=m.mlp_ratio, drop_path=drop_path, global_pool=global_pool,
                     probe=probe, learned_pos_embed=not probe, dtype=jnp.dtype(m.dtype),
-                    attention_impl=attention_backend(m.attention_impl, m.dtype,
-                                                     (m.encoder_width // m.encoder_heads,)),
+                    attention_impl=attention_from_config(m, decoder=False),
                     remat=m.remat)
 
 

@@ -25,8 +25,8 @@ import numpy as np
 from mae_jax import checkpointing, cli, config_lib, data, figures, lpips, masking
 from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
-from mae_jax.model import (Encoder, attention_backend, laplacian, mae_from_config, normalize_patches, patchify,
-                           unnormalize_patches, unpatchify)
+from mae_jax.model import (Encoder, attention_from_config, laplacian, mae_from_config,
+                           normalize_patches, patchify, unnormalize_patches, unpatchify)
 from mae_jax.parallel import Mesh
 
 class Subset:
@@ -132,8 +132,7 @@ def encoder_from_config(config) -> Encoder:
   m, size = config.model, config.dataset.image_size
   return Encoder(m.patch_size, (size // m.patch_size,) * 2, m.encoder_width, m.encoder_depth,
                  m.encoder_heads, m.mlp_ratio, dtype=jnp.dtype(m.dtype),
-                 attention_impl=attention_backend(m.attention_impl, m.dtype,
-                                                  (m.encoder_width // m.encoder_heads,)))
+                 attention_impl=attention_from_config(m, decoder=False))
 
 
 def extract_features(config, mesh: Mesh, encoder: Encoder, encoder_params, source, global_pool: bool):

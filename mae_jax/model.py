@@ -153,6 +153,16 @@ def attention_backend(requested: str, dtype, head_dims) -> str:
   return "cudnn" if capability >= 8.0 else "xla"
 
 
+def attention_from_config(model_cfg, decoder: bool = True) -> str:
+  """`attention_backend` for a `config.model`: its encoder's heads, and its decoder's when the
+  model has the decoder."""
+  m = model_cfg
+  heads = [m.encoder_width // m.encoder_heads]
+  if decoder:
+    heads.append(m.decoder_width // m.decoder_heads)
+  return attention_backend(m.get("attention_impl", ""), m.dtype, heads)
+
+
 def describe(model) -> str:
   """How a model (MAE or classifier) computes, for the first log line of a job."""
   layout = "scanned" if getattr(model, "scan_layers", False) else "unrolled"
@@ -235,9 +245,8 @@ def block_stack(x, depth: int, drop_rates, *, num_heads: int, mlp_ratio: float, 
       x = block_type(remat)(num_heads, mlp_ratio, float(drop_rates[i]), dtype, attention_impl,
                             name=f"block{i}")(x, deterministic)
     return x
-  step = ScanBlock if remat == "none" else nn.remat(ScanBlock, policy=REMAT_POLICIES[remat])
-  scanned = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                    in_axes=0, length=depth)
+  scanned = nn.scan(block_type(remat, scan=True), variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True}, in_axes=0, length=depth)
   x, _ = scanned(num_heads, mlp_ratio, 0.0, dtype, attention_impl, deterministic=deterministic,
                  name="blocks")(x, jnp.asarray(drop_rates, jnp.float32))
   return x
@@ -300,13 +309,16 @@ REMAT_POLICIES = {
 }
 
 
-def block_type(remat: str = "none"):
-  """`Block`, or with `remat` 'block' / 'dots' a rematerialised Block (same parameters), whose
-  activations are recomputed in the backward pass instead of kept: memory for compute."""
+def block_type(remat: str = "none", scan: bool = False):
+  """`Block` (`ScanBlock` for nn.scan), or with `remat` 'block' / 'dots' its rematerialised form
+  (same parameters), whose activations are recomputed in the backward pass instead of kept:
+  memory for compute."""
+  block = ScanBlock if scan else Block
   if remat == "none":
-    return Block
-  # static_argnums counts self: argument 2 is `deterministic`, a Python bool.
-  return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2,))
+    return block
+  # static_argnums counts self: Block's argument 2 is `deterministic`, a Python bool (ScanBlock
+  # holds it as a field).
+  return nn.remat(block, policy=REMAT_POLICIES[remat], static_argnums=() if scan else (2,))
 
 
 class Encoder(nn.Module):
@@ -533,10 +545,7 @@ def mae_from_config(model_cfg, image_size: int, scan_layers: Optional[bool] = No
       mask_ratio=model_cfg.mask_ratio,
       norm_pix_loss=model_cfg.norm_pix_loss,
       dtype=jnp.dtype(model_cfg.dtype),
-      attention_impl=attention_backend(
-          model_cfg.get("attention_impl", ""), model_cfg.dtype,
-          (model_cfg.encoder_width // model_cfg.encoder_heads,
-           model_cfg.decoder_width // model_cfg.decoder_heads)),
+      attention_impl=attention_from_config(model_cfg),
       mask_token_in_encoder=model_cfg.get("mask_token_in_encoder", False),
       laplacian_weight=model_cfg.get("laplacian_weight", 0.0),
       uniformity_weight=model_cfg.get("uniformity_weight", 0.0),

@@ -57,6 +57,15 @@ class Mesh:
     n = self.mesh.size
     return jax.tree.map(lambda a: NamedSharding(self.mesh, fsdp_spec(a.shape, n)), abstract_state)
 
+  def abstract_state(self, init, *args, fsdp: bool):
+    """(abstract train state, its shardings) of `init(*args)`, without computing it: shapes and
+    dtypes as ShapeDtypeStructs carrying the shardings of `state_shardings` (what a compile
+    ahead of time or a checkpoint restore takes)."""
+    abstract = jax.eval_shape(init, *args)
+    shardings = self.state_shardings(abstract, fsdp)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings), shardings
+
   def put_batch(self, local_batch: dict) -> dict:
     """This process's rows (numpy) -> global arrays sharded along the batch axis."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch, np.asarray(x)),

@@ -79,6 +79,21 @@ def build(config, mesh: Mesh):
               eval_split=eval_split, micro_batch=micro_batch, total_steps=total_steps)
 
 
+def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
+  """The pretraining step as `fit` compiles it, for use outside the trainer (benchmarks, tests):
+  (jitted step, init function, abstract state, state shardings), the state replicated or split
+  as `config.sharding.fsdp` says."""
+  model = mae_from_config(config.model, config.dataset.image_size)
+  tx = optim.make_optimizer(config.optimizer, schedule, config.grad_accum_steps)
+  init = functools.partial(create_train_state, model, tx, config.seed)
+  abstract, shardings = mesh.abstract_state(init, fsdp=config.sharding.fsdp)
+  step = jax.jit(functools.partial(pretrain_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
+                                   std=tuple(config.dataset.std)),
+                 in_shardings=(shardings, mesh.batch), out_shardings=(shardings, mesh.replicated),
+                 donate_argnums=(0,))
+  return step, init, abstract, shardings
+
+
 def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Hook:
   """Every `figure_every_steps`: the same validation images under the same masks, as a PNG."""
   n = min(config.num_figure_images, len(eval_source))

@@ -161,10 +161,8 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                                     config.keep_checkpoints)
   config_dict = config.to_dict()
 
-  abstract = jax.eval_shape(task.init_state, *task.init_args)
-  state_sharding = mesh.state_shardings(abstract, config.sharding.fsdp)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sharding)
+  abstract, state_sharding = mesh.abstract_state(task.init_state, *task.init_args,
+                                                 fsdp=config.sharding.fsdp)
   start, state = ckpt.restore_latest(abstract, data_iter)
   if start is not None:
     metrics_lib.log(f"resumed from {checkpointing.checkpoint_dir(workdir)}/{start}")

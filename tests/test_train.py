@@ -56,8 +56,7 @@ def test_checkpoint_restores_bit_identically(cifar_folder, tmp_path):
   mesh = pretrain.Mesh()
   b = pretrain.build(c, mesh)
   init = lambda: pretrain.create_train_state(b["model"], b["tx"], c.seed)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh.replicated),
-                          jax.eval_shape(init))
+  abstract, _ = mesh.abstract_state(init, fsdp=False)
   ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 3)
   from mae_jax import data
   it = iter(data.make_loader(c, b["train_source"], train=True, global_batch_size=64, seed=0))

@@ -8,7 +8,6 @@ their losses must agree with the single-device run.
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -33,20 +32,13 @@ def main():
     parallel.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
   import jax
   from mae_jax import data, optim, pretrain
-  from mae_jax.model import mae_from_config
   from conftest import tiny_config
 
   c = tiny_config(a.folder)
+  c.sharding.fsdp = a.fsdp
   mesh = parallel.Mesh()
-  model = mae_from_config(c.model, c.dataset.image_size)
-  tx = optim.make_optimizer(c.optimizer, optim.warmup_cosine(1e-3, 0.0, 2, a.steps))
-  init = functools.partial(pretrain.create_train_state, model, tx, 0)
-  sharding = mesh.state_shardings(jax.eval_shape(init), a.fsdp)
+  step, init, _, sharding = pretrain.sharded_step(c, mesh, optim.warmup_cosine(1e-3, 0.0, 2, a.steps))
   state = jax.jit(init, out_shardings=sharding)()
-  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
-                                   mean=tuple(c.dataset.mean), std=tuple(c.dataset.std)),
-                 in_shardings=(sharding, mesh.batch), out_shardings=(sharding, mesh.replicated),
-                 donate_argnums=(0,))
   # Per parameter: its global shape and the shape one device holds.
   shards = {jax.tree_util.keystr(path): [list(x.shape), list(x.addressable_shards[0].data.shape)]
             for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
