@@ -7,8 +7,9 @@ wd 0.05, base lr 1.5e-4 x 4096 / 256, 2000 epochs with 200 warmup. IcarusWizard/
 fine-tuned top-1 after this pretraining (74.13% from scratch), about 22 hours on a 2080 Ti.
 
 The effective batch 4096 is reached as IcarusWizard/MAE does, by 8 accumulated micro-batches of
-512 (XLA's CPU analysis puts a 256-image step at about 14 GiB of temporaries in float32). On a
-device that holds more, use fewer: --config.grad_accum_steps=2 --config.model.dtype=bfloat16.
+512, inside each step (XLA's CPU analysis puts a 256-image step at about 14 GiB of temporaries in
+float32). On a device that holds more, use fewer: --config.grad_accum_steps=2
+--config.model.dtype=bfloat16.
 
 Offline: --config.dataset.source=folder --config.dataset.folder=data/cifar10-jpeg
 Argument ':tiny' gives a CPU-sized model and a 60-step schedule for smoke runs.
@@ -27,7 +28,7 @@ def get_config(arg=None):
   c.batch_size, c.grad_accum_steps = 4096, 8
   c.num_epochs, c.warmup_epochs = 2000, 200
   c.optimizer.update(base_lr=1.5e-4, weight_decay=0.05, b1=0.9, b2=0.95)
-  c.log_every_steps, c.figure_every_steps, c.checkpoint_every_steps = 96, 9600, 4800  # micro-steps
+  c.log_every_steps, c.figure_every_steps, c.checkpoint_every_steps = 12, 1200, 600  # 12 updates per epoch
   # Fine-tuning and the from-scratch baseline as the ablation study / IcarusWizard/MAE: 100 epochs, batch 128,
   # AdamW (0.9, 0.999) base lr 1e-3 wd 0.05, 5 warmup epochs, cls token, no mixing or extra aug.
   c.finetune.update(num_epochs=100, warmup_epochs=5, batch_size=128, base_lr=1e-3, min_lr=0.0,

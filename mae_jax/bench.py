@@ -1,7 +1,7 @@
 """Benchmark: `python -m mae_jax.bench --config=configs/cifar10_vit_t.py [--config.batch_size=...]`.
 
 Prints the compiled pretraining step's images/s (compile excluded; median of several timed
-steps on a synthetic batch of the config's micro-batch), its FLOPs from XLA's cost analysis
+steps, each one optimizer update on a synthetic batch of `batch_size`), its FLOPs from XLA's cost analysis
 and the FLOP/s achieved, the peak device memory where the backend reports it, and the input
 pipeline's images/s on its own (decode + augment + batch, no model).
 
@@ -98,27 +98,39 @@ def gradient_reductions(hlo_text: str) -> int:
   return total(entry)
 
 
+def _abstract_batch(config, mesh):
+  """The pretraining step's input batch, as `Mesh.put_batch` lays it out, without data."""
+  import jax
+  k, size = config.grad_accum_steps, config.dataset.image_size
+  shape = (config.batch_size, size, size, 3)
+  shape = shape if k == 1 else (k, config.batch_size // k, *shape[1:])
+  return {"image": jax.ShapeDtypeStruct(shape, jax.numpy.uint8, sharding=mesh.batch_sharding(k))}
+
+
+def flops_per_image(config) -> float:
+  """FLOPs per training image of the whole step (all devices), from XLA's cost analysis of the
+  step lowered unrolled and unaccumulated on one micro-batch: the analysis counts a loop body
+  (scanned layers, accumulated micro-batches) once."""
+  plain = config.copy_and_resolve_references()
+  micro = config.batch_size // config.grad_accum_steps
+  plain.model.scan_layers, plain.batch_size, plain.grad_accum_steps = False, micro, 1
+  step, _, abstract, _, mesh = train_step_program(plain)
+  return _flops(step.lower(abstract, _abstract_batch(plain, mesh))) / micro
+
+
 def aot_train_step(config) -> dict:
   """Compiles the train step from abstract inputs (nothing allocated, nothing run)."""
   import jax
   step, _, abstract, _, mesh = train_step_program(config)
   micro = config.batch_size // config.grad_accum_steps
   size = config.dataset.image_size
-  batch = {"image": jax.ShapeDtypeStruct((micro, size, size, 3), jax.numpy.uint8, sharding=mesh.batch)}
   t0 = time.perf_counter()
-  lowered = step.lower(abstract, batch)  # tracing the Python model into HLO
+  lowered = step.lower(abstract, _abstract_batch(config, mesh))  # tracing the Python model into HLO
   t1 = time.perf_counter()
   compiled = lowered.compile()           # XLA's optimisation and code generation
   lower_s, compile_s = t1 - t0, time.perf_counter() - t1
-  if config.model.scan_layers:  # XLA's cost analysis counts a loop body once: count unrolled
-    unrolled = config.copy_and_resolve_references()
-    unrolled.model.scan_layers = False
-    step_u, _, abstract_u, _, _ = train_step_program(unrolled)
-    lowered = step_u.lower(abstract_u, batch)
   mem = compiled.memory_analysis()
   devices = jax.device_count()
-  # One call is one micro-batch; an update takes grad_accum_steps calls (optax.MultiSteps).
-  calls_per_update = config.grad_accum_steps
   m = config.model
   return {
       "backend": jax.default_backend(),
@@ -127,10 +139,11 @@ def aot_train_step(config) -> dict:
       "lower_s": lower_s,
       "compile_s": compile_s,
       # Of the whole program before partitioning (the compiled one is one device's share).
-      "flops_per_image": _flops(lowered) / micro,
+      "flops_per_image": flops_per_image(config),
       "argument_bytes_per_device": mem.argument_size_in_bytes,
       "temp_bytes_per_device": mem.temp_size_in_bytes,
-      "gradient_reductions_per_update": gradient_reductions(compiled.as_text()) * calls_per_update,
+      # One call of the step is one update, its micro-batches accumulated inside.
+      "gradient_reductions_per_update": gradient_reductions(compiled.as_text()),
       "config": {
           "model": f"ViT {m.encoder_depth}x{m.encoder_width} /{m.patch_size}, decoder "
                    f"{m.decoder_depth}x{m.decoder_width}",
@@ -149,11 +162,10 @@ def bench_train_step(config, steps: int) -> dict:
 
   step, init, _, sharding, mesh = train_step_program(config)
   state = jax.jit(init, out_shardings=sharding)()
-  micro = config.batch_size // config.grad_accum_steps
   size = config.dataset.image_size
-  images = np.random.default_rng(0).integers(0, 256, (micro // jax.process_count(), size, size, 3),
-                                             dtype=np.uint8)
-  batch = mesh.put_batch({"image": images})
+  images = np.random.default_rng(0).integers(
+      0, 256, (config.batch_size // jax.process_count(), size, size, 3), dtype=np.uint8)
+  batch = mesh.put_batch({"image": images}, config.grad_accum_steps)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -167,20 +179,21 @@ def bench_train_step(config, steps: int) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   median = statistics.median(times)
-  flops = _flops(compiled)  # per step, all devices together
+  flops = flops_per_image(config) * config.batch_size  # per step, all devices together
   mem = compiled.memory_analysis()
   stats = jax.local_devices()[0].memory_stats() or {}
   return {
       "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind,
       "devices": jax.device_count(),
-      "micro_batch": micro,
+      "batch_size": config.batch_size,
+      "grad_accum_steps": config.grad_accum_steps,
       "compute_dtype": config.model.dtype,
       "compile_s": compile_s,
       "step_ms_median": median * 1e3,
       "step_ms_min": min(times) * 1e3,
       "step_ms_max": max(times) * 1e3,
-      "images_per_s": micro / median,
+      "images_per_s": config.batch_size / median,
       "flops_per_step": flops,
       "achieved_flops_per_s": flops / median,
       "peak_device_memory_bytes": stats.get("peak_bytes_in_use"),
@@ -245,7 +258,8 @@ def main(argv):
   m = config.model
   print(f"device: {r['devices']} x {r['device_kind']} ({r['backend']}) | encoder {m.encoder_depth}x"
         f"{m.encoder_width}, decoder {m.decoder_depth}x{m.decoder_width}, patch {m.patch_size}, "
-        f"{config.dataset.image_size} px, mask {m.mask_ratio} | micro-batch {r['micro_batch']} | "
+        f"{config.dataset.image_size} px, mask {m.mask_ratio} | batch {r['batch_size']}"
+        + (f" = {r['grad_accum_steps']} micro-batches" if r["grad_accum_steps"] > 1 else "") + " | "
         f"compute {r['compute_dtype']}")
   print(f"compile: {r['compile_s']:.1f} s")
   print(f"train step: median {r['step_ms_median']:.1f} ms (min {r['step_ms_min']:.1f}, max "

@@ -19,7 +19,7 @@ from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
 from mae_jax.model import describe
 from mae_jax.parallel import Mesh
-from mae_jax.trainer import (Hook, Task, TrainState, evaluate, fit, skip_if_nonfinite,
+from mae_jax.trainer import (Hook, Task, TrainState, accumulate, evaluate, fit, skip_if_nonfinite,
                              steps_per_epoch)
 
 MODES = ("probe", "finetune")
@@ -35,28 +35,38 @@ def create_train_state(tx, seed: int, variables: dict) -> TrainState:
 
 def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_classes: int,
                   label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
-                  random_erasing: float = 0.0):
-  """One micro-step: device-side mixup/cutmix/erasing, cross-entropy on soft targets, update."""
-  k_mix, k_erase, k_drop = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
-  images = data.normalize(batch["image"], mean, std)
-  targets = augment.one_hot(batch["label"], num_classes, label_smoothing)
-  images, targets = augment.mixup_cutmix(k_mix, images, targets, mixup, cutmix)
-  images = augment.random_erasing(k_erase, images, random_erasing)
+                  random_erasing: float = 0.0, micro_batches: int = 1):
+  """One optimizer update: device-side mixup/cutmix/erasing, cross-entropy on soft targets. With
+  `micro_batches` K > 1 the gradients of the K micro-batches of `batch` (leaves (K, m, ...)) are
+  averaged inside the step (`trainer.accumulate`; BatchNorm statistics pass from one to the next).
+  Micro-batch k draws its random numbers from fold_in(rng, K * step + k)."""
   mutable = list(state.model_state) if state.model_state else False
 
-  def loss_fn(params):
-    out = model.apply({"params": params, **(state.model_state or {})}, images, train=True,
-                      rngs={"dropout": k_drop}, mutable=mutable)
-    logits, new_model_state = out if mutable else (out, state.model_state)
-    return optax.softmax_cross_entropy(logits, targets).mean(), (logits, new_model_state)
+  def grads_of(params, k, micro, model_state):
+    key = jax.random.fold_in(state.rng, micro_batches * state.step + k)
+    k_mix, k_erase, k_drop = jax.random.split(key, 3)
+    images = data.normalize(micro["image"], mean, std)
+    targets = augment.one_hot(micro["label"], num_classes, label_smoothing)
+    images, targets = augment.mixup_cutmix(k_mix, images, targets, mixup, cutmix)
+    images = augment.random_erasing(k_erase, images, random_erasing)
 
-  (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def loss_fn(params):
+      out = model.apply({"params": params, **(model_state or {})}, images, train=True,
+                        rngs={"dropout": k_drop}, mutable=mutable)
+      logits, new_model_state = out if mutable else (out, model_state)
+      return optax.softmax_cross_entropy(logits, targets).mean(), (logits, new_model_state)
+
+    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    top1 = jnp.mean(jnp.argmax(logits, -1) == micro["label"])  # on the (mixed) training images
+    return ({"loss": loss, "train_top1": top1}, grads), model_state
+
+  (metrics, grads), new_model_state = accumulate(grads_of, state.params, batch, micro_batches,
+                                                 state.model_state)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state, model_state=new_model_state)
-  new_state, nonfinite = skip_if_nonfinite(state, new_state, loss, optax.tree.norm(grads))
-  top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"])  # on the (mixed) training images
-  return new_state, {"loss": loss, "train_top1": top1, "nonfinite": nonfinite}
+  new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], optax.tree.norm(grads))
+  return new_state, {**metrics, "nonfinite": nonfinite}
 
 
 def eval_step(state: TrainState, batch: dict, *, model, mean, std) -> dict:
@@ -79,7 +89,7 @@ def accuracy(sums: dict) -> dict:
 
 def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.GradientTransformation:
   """The section's optimizer on the trainable parameters (others frozen), with layer-wise lr
-  decay for fine-tuning and gradient accumulation where asked."""
+  decay for fine-tuning."""
   kind = section.get("optimizer", "adamw")
   if kind == "adamw":
     base = optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay,
@@ -97,8 +107,7 @@ def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.
   decay = section.get("layer_decay", 1.0)
   if decay < 1.0:
     tx = optax.chain(tx, classifier.scale_by_tree(classifier.layer_decay_scales(params, depth, decay)))
-  accum = section.get("grad_accum_steps", 1)
-  return optax.MultiSteps(tx, every_k_schedule=accum) if accum > 1 else tx
+  return tx
 
 
 @workdir_lib.holding_workdir
@@ -132,15 +141,12 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
                                            else "training from scratch (the baseline)"))
 
   accum = section.get("grad_accum_steps", 1)
-  micro = section.batch_size // accum
   updates_per_epoch = steps_per_epoch(len(train_source), section.batch_size)
   total_updates = section.num_epochs * updates_per_epoch
   schedule = optim.warmup_cosine(optim.peak_lr(section.base_lr, section.batch_size), section.min_lr,
                                  section.warmup_epochs * updates_per_epoch, total_updates)
   tx = make_optimizer(section, schedule, variables["params"], config.model.encoder_depth, probe)
-  total_steps = total_updates * accum
-  if config.max_steps > 0:
-    total_steps = min(total_steps, config.max_steps)
+  total_steps = min(total_updates, config.max_steps) if config.max_steps > 0 else total_updates
 
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
   evaluate_fn = jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std))
@@ -159,12 +165,12 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
       init_state=functools.partial(create_train_state, tx, config.seed),
       init_args=(variables,),
       train_step=functools.partial(classify_step, model=model, tx=tx, mean=mean, std=std,
-                                   num_classes=n_classes, **aug),
+                                   num_classes=n_classes, micro_batches=accum, **aug),
       batch_fields=("image", "label"),
-      hooks=[Hook(max(1, section.eval_every_epochs * updates_per_epoch * accum), eval_hook)],
+      hooks=[Hook(max(1, section.eval_every_epochs * updates_per_epoch), eval_hook)],
   )
   state = fit(config, workdir, task, train_source, mesh=mesh, total_steps=total_steps,
-              micro_batch=micro, lr_fn=lambda s: schedule(s // accum),
+              batch_size=section.batch_size, micro_batches=accum, lr_fn=schedule,
               augment=data.train_augment(config.dataset, section),
               log_every=section.log_every_steps, checkpoint_every=section.checkpoint_every_steps)
   if last_eval.get("step") != int(state.step):  # e.g. a finished run started again

@@ -79,7 +79,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1         # micro-batches per update: each is batch_size / grad_accum_steps
   c.num_epochs = 800
   c.warmup_epochs = 40
-  c.max_steps = 0                # > 0: stop after this many micro-steps (smoke runs, benchmarks)
+  c.max_steps = 0                # > 0: stop after this many steps (updates; smoke runs, benchmarks)
   c.skip_nonfinite = False       # a non-finite loss or gradient: False stops the run with an error
                                  # (the last good checkpoint kept); True skips that update, counted
 

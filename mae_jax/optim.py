@@ -46,10 +46,7 @@ def finetune_decay_mask(params):
       lambda path, p: p.ndim > 1 and _leaf_name(path) not in FINETUNE_NO_DECAY, params)
 
 
-def make_optimizer(opt_cfg, schedule: optax.Schedule, grad_accum_steps: int = 1):
-  """AdamW; with grad_accum_steps > 1, gradients of that many micro-batches are averaged first."""
-  tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay,
-                   mask=pretrain_decay_mask)
-  if grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
-  return tx
+def make_optimizer(opt_cfg, schedule: optax.Schedule):
+  """AdamW with the pretraining decay mask. (Gradient accumulation happens inside the step.)"""
+  return optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay,
+                     mask=pretrain_decay_mask)

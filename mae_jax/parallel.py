@@ -66,10 +66,23 @@ class Mesh:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings), shardings
 
-  def put_batch(self, local_batch: dict) -> dict:
-    """This process's rows (numpy) -> global arrays sharded along the batch axis."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch, np.asarray(x)),
-                        local_batch)
+  def batch_sharding(self, micro_batches: int = 1) -> NamedSharding:
+    """How `put_batch` lays a batch out: rows split over the devices; with K > 1 micro-batches,
+    leaves (K, micro-batch, ...) with each micro-batch's rows split over the devices."""
+    return self.batch if micro_batches == 1 else NamedSharding(self.mesh, P(None, "data"))
+
+  def put_batch(self, local_batch: dict, micro_batches: int = 1) -> dict:
+    """This process's rows (numpy) -> global arrays sharded along the batch axis. With K > 1,
+    each process's rows are cut into K consecutive micro-batches, stacked on a leading axis: the
+    micro-batches an accumulating step takes one after the other."""
+    sharding = self.batch_sharding(micro_batches)
+
+    def put(x):
+      x = np.asarray(x)
+      if micro_batches > 1:
+        x = x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+      return jax.make_array_from_process_local_data(sharding, x)
+    return jax.tree.map(put, local_batch)
 
   def replicate(self, tree):
     """A host pytree (the same on every process) -> arrays replicated on every device."""

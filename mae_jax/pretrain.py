@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
 from mae_jax.model import MAE, describe, mae_from_config
 from mae_jax.parallel import Mesh
-from mae_jax.trainer import Hook, Task, TrainState, fit, skip_if_nonfinite, steps_per_epoch
+from mae_jax.trainer import (Hook, Task, TrainState, accumulate, accumulate_per_device, fit,
+                             skip_if_nonfinite, steps_per_epoch)
 
 
 def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -28,33 +30,56 @@ def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int) 
 
 
 def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
-                  mask_sampling: str = "random", variant=None):
-  """One micro-step: fresh masking noise from (rng, step) (or the batch's block masks), loss,
-  gradients, AdamW update. `variant`, when given, is this step's (curriculum) mask ratio."""
+                  mask_sampling: str = "random", variant=None, micro_batches: int = 1,
+                  mesh: Optional[Mesh] = None, fsdp: bool = False):
+  """One optimizer update: fresh masking noise (or the batch's block masks), loss, gradients,
+  AdamW. `variant`, when given, is this step's (curriculum) mask ratio.
+
+  With `micro_batches` K > 1 the batch arrives as K micro-batches (leaves (K, m, ...)) whose
+  gradients are averaged inside this one step (`trainer.accumulate`); given the `mesh`, each device
+  accumulates its own rows and the gradients are reduced across devices once per update. The
+  masking noise of micro-batch k is drawn from fold_in(rng, K * step + k), the key a run without
+  accumulation would use for that micro-batch."""
   if variant is not None:
     model = model.clone(mask_ratio=variant)
-  images = data.normalize(batch["image"], mean, std)
-  key = jax.random.fold_in(state.rng, state.step)
+  n_micro = micro_batches
   if "mask_noise" in batch:  # block masks, drawn by the data pipeline
     noise = batch["mask_noise"]
-  elif mask_sampling == "grid":
-    noise = masking.grid_noise(key, images.shape[0], model.grid)
   else:
-    noise = masking.random_noise(key, images.shape[0], model.num_patches)
+    m = batch["image"].shape[-4]
+    if mask_sampling == "grid":
+      draw = lambda i: masking.grid_noise(jax.random.fold_in(state.rng, n_micro * state.step + i), m,
+                                          model.grid)
+    else:
+      draw = lambda i: masking.random_noise(jax.random.fold_in(state.rng, n_micro * state.step + i), m,
+                                            model.num_patches)
+    noise = jax.vmap(draw)(jnp.arange(n_micro)) if n_micro > 1 else draw(0)
 
-  def loss_fn(params):
-    (loss, _, _), sown = model.apply({"params": params}, images, noise, mutable=["losses"])
-    return loss, {k: v[0] for k, v in sown["losses"].items()}
+  def grads_of(params, _, micro, carry):
+    images = data.normalize(micro["image"], mean, std)
 
-  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def loss_fn(params):
+      (loss, _, _), sown = model.apply({"params": params}, images, micro["noise"], mutable=["losses"])
+      return loss, {name: v[0] for name, v in sown["losses"].items()}
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics = {"loss": loss}
+    if len(parts) > 1:  # extra loss terms: log each
+      metrics.update({f"loss_{name}": v for name, v in parts.items()})
+    return (metrics, grads), carry
+
+  micro = {"image": batch["image"], "noise": noise}
+  # The uniformity loss compares the rows of a micro-batch with each other: it needs all of them.
+  if n_micro > 1 and mesh is not None and not model.uniformity_weight > 0:
+    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, n_micro, mesh, fsdp)
+  else:
+    (metrics, grads), _ = accumulate(grads_of, state.params, micro, n_micro)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
   grad_norm = optax.tree.norm(grads)
-  new_state, nonfinite = skip_if_nonfinite(state, new_state, loss, grad_norm)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite}
-  if len(parts) > 1:  # extra loss terms: log each
-    metrics.update({f"loss_{k}": v for k, v in parts.items()})
+  new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], grad_norm)
+  metrics = {**metrics, "grad_norm": grad_norm, "nonfinite": nonfinite}
   if variant is not None:
     metrics["mask_ratio"] = jnp.float32(variant)
   return new_state, metrics
@@ -64,33 +89,37 @@ def build(config, mesh: Mesh):
   """Everything pretraining needs from a config: model, sources, schedule, optimizer, step counts."""
   pretrain_split, eval_split = data.resolved_splits(config.dataset)
   train_source = data.make_source(config.dataset, pretrain_split)
-  micro_batch = config.batch_size // config.grad_accum_steps
   updates_per_epoch = steps_per_epoch(len(train_source), config.batch_size)
   total_updates = config.num_epochs * updates_per_epoch
   schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size),
                                  config.optimizer.min_lr, config.warmup_epochs * updates_per_epoch,
                                  total_updates)
-  tx = optim.make_optimizer(config.optimizer, schedule, config.grad_accum_steps)
-  total_steps = total_updates * config.grad_accum_steps
-  if config.max_steps > 0:
-    total_steps = min(total_steps, config.max_steps)
+  total_steps = min(total_updates, config.max_steps) if config.max_steps > 0 else total_updates
   model = mae_from_config(config.model, config.dataset.image_size)
-  return dict(model=model, tx=tx, schedule=schedule, train_source=train_source,
-              eval_split=eval_split, micro_batch=micro_batch, total_steps=total_steps)
+  return dict(model=model, tx=optim.make_optimizer(config.optimizer, schedule), schedule=schedule, train_source=train_source, eval_split=eval_split,
+              updates_per_epoch=updates_per_epoch, total_steps=total_steps)
+
+
+def step_function(config, model: MAE, tx, mesh: Mesh):
+  """`pretrain_step` bound to the config's model, optimizer, normalisation, masking and
+  accumulation (not jitted)."""
+  return functools.partial(pretrain_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
+                           std=tuple(config.dataset.std), mask_sampling=config.model.mask_sampling,
+                           micro_batches=config.grad_accum_steps, mesh=mesh,
+                           fsdp=bool(config.sharding.fsdp))
 
 
 def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
   """The pretraining step as `fit` compiles it, for use outside the trainer (benchmarks, tests):
   (jitted step, init function, abstract state, state shardings), the state replicated or split
-  as `config.sharding.fsdp` says."""
+  as `config.sharding.fsdp` says; the step takes the batch as `mesh.put_batch` lays it out."""
   model = mae_from_config(config.model, config.dataset.image_size)
-  tx = optim.make_optimizer(config.optimizer, schedule, config.grad_accum_steps)
+  tx = optim.make_optimizer(config.optimizer, schedule)
   init = functools.partial(create_train_state, model, tx, config.seed)
   abstract, shardings = mesh.abstract_state(init, fsdp=config.sharding.fsdp)
-  step = jax.jit(functools.partial(pretrain_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
-                                   std=tuple(config.dataset.std)),
-                 in_shardings=(shardings, mesh.batch), out_shardings=(shardings, mesh.replicated),
-                 donate_argnums=(0,))
+  step = jax.jit(step_function(config, model, tx, mesh),
+                 in_shardings=(shardings, mesh.batch_sharding(config.grad_accum_steps)),
+                 out_shardings=(shardings, mesh.replicated), donate_argnums=(0,))
   return step, init, abstract, shardings
 
 
@@ -145,23 +174,20 @@ def run(config, workdir: str) -> TrainState:
   m = config.model
   step_variant = None
   if m.curriculum_start_ratio >= 0:  # curriculum masking, in compiled buckets
-    spe = len(b["train_source"]) // b["micro_batch"]
     step_variant = lambda step: masking.curriculum_ratio(
-        step, spe, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs, m.curriculum_shape,
-        m.curriculum_bucket)
+        step, b["updates_per_epoch"], m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
+        m.curriculum_shape, m.curriculum_bucket)
   task = Task(
       summary=describe(model),
       step_variant=step_variant,
       init_state=functools.partial(create_train_state, model, tx, config.seed),
-      train_step=functools.partial(pretrain_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
-                                   std=tuple(config.dataset.std), mask_sampling=sampling),
+      train_step=step_function(config, model, tx, mesh),
       batch_fields=("image", "mask_noise") if sampling == "block" else ("image",),
       hooks=hooks,
   )
-  accum = config.grad_accum_steps
   state = fit(config, workdir, task, b["train_source"], mesh=mesh, total_steps=b["total_steps"],
-              micro_batch=b["micro_batch"], lr_fn=lambda step: b["schedule"](step // accum),
-              augment=augment)
+              batch_size=config.batch_size, micro_batches=config.grad_accum_steps,
+              lr_fn=b["schedule"], augment=augment)
   metrics_lib.log(f"done: {b['total_steps']} steps; checkpoints in {workdir}/checkpoints, "
                   f"figures in {workdir}/figures")
   return state

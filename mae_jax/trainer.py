@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
 from mae_jax import checkpointing, data, metrics as metrics_lib
 from mae_jax.parallel import Mesh
@@ -23,7 +24,7 @@ from mae_jax.parallel import Mesh
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array          # micro-steps taken (one per train_step call)
+  step: jax.Array          # optimizer updates taken (one per train_step call)
   params: Any
   opt_state: Any
   rng: jax.Array           # base key; the key of step s is fold_in(rng, s), so resuming needs no key state
@@ -61,6 +62,56 @@ def skip_if_nonfinite(state: TrainState, new_state: TrainState, loss, grad_norm)
                               opt_state=keep(new_state.opt_state, state.opt_state),
                               model_state=keep(new_state.model_state, state.model_state))
   return guarded, 1.0 - finite.astype(jnp.float32)
+
+
+def accumulate(fn, params, batch, micro_batches: int, carry=None):
+  """Gradient accumulation inside one step: the mean over K micro-batches of `fn(params, k, micro,
+  carry) -> ((metrics, grads), carry)`, where `batch` holds the K micro-batches stacked along the
+  leading axis of every leaf. `lax.scan` runs them one after the other, so one micro-batch's
+  activations are in memory; `carry` (e.g. BatchNorm statistics) passes from one to the next.
+  With K = 1, `batch` is the one micro-batch itself and `fn` is called once with k = 0.
+  Returns ((mean metrics, mean grads), carry)."""
+  if micro_batches == 1:
+    return fn(params, 0, batch, carry)
+
+  def body(state, xs):
+    total, carry = state
+    values, carry = fn(params, xs[0], xs[1], carry)
+    return (jax.tree.map(jnp.add, total, values), carry), None
+
+  first = jax.tree.map(lambda x: x[0], batch)
+  shapes = jax.eval_shape(lambda: fn(params, 0, first, carry)[0])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (total, carry), _ = jax.lax.scan(body, (zeros, carry), (jnp.arange(micro_batches), batch))
+  return jax.tree.map(lambda t: t / micro_batches, total), carry
+
+
+def accumulate_per_device(fn, params, batch, micro_batches: int, mesh: Mesh, fsdp: bool):
+  """`accumulate` with one cross-device reduction of the gradients per update instead of one per
+  micro-batch: each device sums the gradients of its own rows over all K micro-batches
+  (`shard_map`), then the devices' sums are reduced once: an all-reduce, or where FSDP splits a
+  gradient, a reduce-scatter straight to its shards. The parameters are gathered once per update.
+
+  Only for a loss that is a mean of per-example terms (nothing couples the rows of a batch), so
+  that the mean of the devices' means is the mean over the whole micro-batch; `fn` must carry
+  nothing. `batch` leaves are (K, micro-batch, ...) split along the micro-batch."""
+  n = mesh.mesh.size
+  grad_specs = jax.tree.map(lambda s: s.spec, mesh.state_shardings(params, fsdp))
+
+  def reduce(g, spec):
+    dims = [d for d, axis in enumerate(spec) if axis == "data"]
+    if dims:
+      return jax.lax.psum_scatter(g, "data", scatter_dimension=dims[0], tiled=True) / n
+    return jax.lax.psum(g, "data") / n
+
+  def local(params, batch):
+    (metrics, grads), _ = accumulate(fn, params, batch, micro_batches)
+    return jax.lax.pmean(metrics, "data"), jax.tree.map(reduce, grads, grad_specs)
+
+  # check_vma=False: the gradients of the (replicated) parameters stay this device's own until
+  # `reduce`; with the check on, JAX would insert a reduction into every micro-batch's backward.
+  return jax.shard_map(local, mesh=mesh.mesh, in_specs=(P(), P(None, "data")),
+                       out_specs=(P(), grad_specs), check_vma=False)(params, batch), None
 
 
 class NonFiniteError(Exception):
@@ -145,18 +196,19 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
 
 
 def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_steps: int,
-        micro_batch: int, lr_fn: Optional[Callable[[int], float]] = None, augment=None,
-        log_every: int = 0, checkpoint_every: int = 0) -> TrainState:
-  """Runs (or resumes) `task` to `total_steps` micro-steps of `micro_batch` global examples.
+        batch_size: int, micro_batches: int = 1, lr_fn: Optional[Callable[[int], float]] = None,
+        augment=None, log_every: int = 0, checkpoint_every: int = 0) -> TrainState:
+  """Runs (or resumes) `task` to `total_steps` optimizer updates of `batch_size` global examples,
+  each handed to the step as `micro_batches` micro-batches (`Mesh.put_batch`).
 
   `augment` is the train transform (default: the pretraining one of `config.dataset`); the
   intervals default to the config's top-level `log_every_steps` and `checkpoint_every_steps`.
   """
   log_every = log_every or config.log_every_steps
-  loader = data.make_loader(config, train_source, train=True, global_batch_size=micro_batch,
+  loader = data.make_loader(config, train_source, train=True, global_batch_size=batch_size,
                             seed=config.seed, augment=augment)
   data_iter = DeviceFeed(iter(loader), lambda local: mesh.put_batch(
-      {k: local[k] for k in task.batch_fields}), depth=2)
+      {k: local[k] for k in task.batch_fields}, micro_batches), depth=2)
   ckpt = checkpointing.Checkpointer(workdir, checkpoint_every or config.checkpoint_every_steps,
                                     config.keep_checkpoints)
   config_dict = config.to_dict()
@@ -172,7 +224,9 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   metrics_lib.log(f"{n_params:,} parameters | {jax.device_count()} devices, {jax.process_count()} "
                   f"processes{', state sharded (FSDP)' if config.sharding.fsdp else ''} | "
-                  f"{len(train_source):,} training examples | micro-batch {micro_batch} | "
+                  f"{len(train_source):,} training examples | batch {batch_size}"
+                  + (f" = {micro_batches} x {batch_size // micro_batches}" if micro_batches > 1 else "")
+                  + f" | "
                   f"steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else ""))
 
   compiled = {}  # variant -> jitted train step
@@ -181,7 +235,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
     variant = task.step_variant(step) if task.step_variant else None
     if variant not in compiled:
       fn = functools.partial(task.train_step, variant=variant) if task.step_variant else task.train_step
-      compiled[variant] = jax.jit(fn, in_shardings=(state_sharding, mesh.batch),
+      compiled[variant] = jax.jit(fn, in_shardings=(state_sharding, mesh.batch_sharding(micro_batches)),
                                   out_shardings=(state_sharding, mesh.replicated), donate_argnums=(0,))
     return compiled[variant](state, batch)
 
@@ -231,9 +285,9 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
           rate = progress.rate(step)
           extra = {"lr": float(lr_fn(step)) if lr_fn else None}
           extra = {k: v for k, v in extra.items() if v is not None}
-          epoch = step * micro_batch / len(train_source)
-          writer.write(step, {**means, **extra, "epoch": epoch, "images_per_s": rate * micro_batch})
-          metrics_lib.log(progress.line(step, epoch, rate, micro_batch, **means, **extra))
+          epoch = step * batch_size / len(train_source)
+          writer.write(step, {**means, **extra, "epoch": epoch, "images_per_s": rate * batch_size})
+          metrics_lib.log(progress.line(step, epoch, rate, batch_size, **means, **extra))
         for hook in task.hooks:
           if step % hook.every_steps == 0 or last:
             hook_metrics = hook.fn(step, state)

@@ -162,3 +162,43 @@ def test_pos_embed_interpolation_and_pretrained_merge():
   assert "norm" not in merged["encoder"]  # the global-pool head uses fc_norm instead
   np.testing.assert_allclose(merged["encoder"]["pos_embed"],
                              classifier.interpolate_pos_embed(pos, (4, 4), (8, 8)), atol=1e-6)
+
+
+def test_probe_step_accumulates_micro_batches_and_passes_batchnorm_statistics_on():
+  """Two micro-batches in one probe step: the mean of their gradients in one update, and the
+  BatchNorm running statistics updated by the first micro-batch, then the second."""
+  import functools
+  import optax
+  m = _classifier(probe=True, global_pool=False, learned_pos_embed=False)
+  v = _init(m)
+  tx = optax.sgd(0.5)
+  state = classify.create_train_state(tx, 0, v)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (2, 4, 16, 16, 3), dtype=np.uint8),
+           "label": rng.integers(0, 10, (2, 4)).astype(np.int32)}
+  step = functools.partial(classify.classify_step, model=m, tx=tx, mean=(0.5,) * 3, std=(0.5,) * 3,
+                           num_classes=10, micro_batches=2)
+  new, metrics = jax.jit(step)(state, batch)
+
+  stats, grads, losses = v["batch_stats"], [], []
+  for k in range(2):
+    images = (batch["image"][k] / 255.0 - 0.5) / 0.5
+
+    def loss(params, stats=stats, k=k, images=images):
+      logits, upd = m.apply({"params": params, "batch_stats": stats}, images, train=True,
+                            mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"][k]).mean(), upd
+    (value, upd), g = jax.value_and_grad(loss, has_aux=True)(state.params)
+    stats = upd["batch_stats"]
+    grads.append(g)
+    losses.append(value)
+  mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+  expected = jax.tree.map(lambda p, g: p - 0.5 * g, state.params, mean_grads)
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):  # jit vs eager: 1e-6
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+  for x, y in zip(jax.tree.leaves(new.model_state["batch_stats"]), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+  # Either micro-batch's gradient alone would miss by far more than the tolerance.
+  for g in grads:
+    assert np.abs(0.5 * (g["head"]["kernel"] - mean_grads["head"]["kernel"])).max() > 1e-3

@@ -303,3 +303,10 @@ def test_bench_aot_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_
   assert fsdp8["config"]["fsdp"] and fsdp8["devices"] == 8
   assert fsdp8["argument_bytes_per_device"] < fsdp2["argument_bytes_per_device"] < replicated["argument_bytes_per_device"]
   assert abs(fsdp8["flops_per_image"] - replicated["flops_per_image"]) < 1e-3 * replicated["flops_per_image"]
+  # 4 micro-batches accumulated inside the step: the gradients are reduced across the devices
+  # once per update (one combined all-reduce), not once per micro-batch.
+  _, accumulated = _aot(tmp_path, 8, "--config.grad_accum_steps=4")
+  assert accumulated["config"]["micro_batch_per_device"] == 2
+  assert accumulated["gradient_reductions_per_update"] == 1
+  # Per image the same model FLOPs; the one AdamW update is shared by 16 images here, not 64.
+  assert 0 < accumulated["flops_per_image"] - replicated["flops_per_image"] < 1e-2 * replicated["flops_per_image"]

@@ -120,7 +120,8 @@ def test_probe_finetune_and_evaluate_read_a_scanned_pretraining_checkpoint(cifar
   encoder, _, _ = classifier.load_encoder(str(tmp_path / "pre"), c)
   np.testing.assert_array_equal(encoder["block1"]["fc1"]["kernel"],
                                 np.asarray(state.params["encoder"]["blocks"]["fc1"]["kernel"][1]))
-  c.update_from_flattened_dict({"max_steps": 2, "evaluate.num_images": 16})
+  # Fine-tuning accumulates 2 micro-batches per step.
+  c.update_from_flattened_dict({"max_steps": 2, "evaluate.num_images": 16, "finetune.grad_accum_steps": 2})
   for job in ("probe", "finetune"):
     metrics = classify.run(c, str(tmp_path / job), str(tmp_path / "pre"), job)["metrics"]
     assert 0.0 <= metrics["top1"] <= 100.0

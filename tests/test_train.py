@@ -1,5 +1,6 @@
 """Training behaviour: the loss falls on real images, resume is exact, devices and processes agree."""
 
+import functools
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from mae_jax import checkpointing, pretrain
@@ -37,8 +39,10 @@ def test_tiny_mae_learns_on_cifar10(cifar_folder, tmp_path):
 
 
 def test_resume_gives_the_same_losses_step_for_step(cifar_folder, tmp_path):
+  # Each step accumulates 2 micro-batches of 32 (the loop, the feed and the checkpoints with K > 1).
   make = lambda steps: tiny_config(cifar_folder, max_steps=steps, log_every_steps=1,
-                                   checkpoint_every_steps=4, figure_every_steps=1000)
+                                   checkpoint_every_steps=4, figure_every_steps=1000,
+                                   grad_accum_steps=2)
   full = pretrain.run(make(12), str(tmp_path / "full"))
   pretrain.run(make(6), str(tmp_path / "split"))  # stops at 6: a checkpoint is saved at the end
   assert checkpointing.Checkpointer(str(tmp_path / "split"), 4, 3).latest_step() == 6
@@ -68,7 +72,12 @@ def test_checkpoint_restores_bit_identically(cifar_folder, tmp_path):
 
 
 def _run_script(cifar_folder, env_extra=None, args=()):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+  return _run_script_cached(cifar_folder, tuple(sorted((env_extra or {}).items())), tuple(args))
+
+
+@functools.lru_cache(maxsize=None)  # several tests compare against the same one-device run
+def _run_script_cached(cifar_folder, env_extra, args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **dict(env_extra)}
   out = subprocess.run([sys.executable, str(HERE / "train_steps_script.py"), "--folder", cifar_folder,
                         *args], capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -101,6 +110,17 @@ def test_fsdp_on_eight_devices_matches_one_device_and_splits_the_state(cifar_fol
   assert split == 4 and fsdp["shards"]["['encoder']['block0']['fc1']['kernel']"] == [[64, 256], [64, 32]]
   assert fsdp["shards"]["['encoder']['block0']['fc1']['bias']"] == [[256], [256]]
   np.testing.assert_allclose(fsdp["eval_feature_sum"], one["eval_feature_sum"], rtol=1e-4)
+
+
+def test_accumulation_on_eight_devices_matches_one_device(cifar_folder):
+  """2 micro-batches per step, accumulated per device and reduced once, with the state sharded
+  over 8 devices: the losses of one device."""
+  one = _run_script(cifar_folder, args=["--accum", "2"])
+  eight = _run_script(cifar_folder, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                      ["--accum", "2", "--fsdp"])
+  assert eight["devices"] == 8
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5)
+  assert one["losses"][-1] != one["losses"][0]
 
 
 def _pretrain_on(devices: int, folder: str, workdir, steps: int, fsdp: bool):
@@ -156,12 +176,13 @@ def _free_port():
 
 
 def test_two_processes_match_one_process(cifar_folder):
-  one = _run_script(cifar_folder)
+  """Each process feeds its own rows of the 2 micro-batches of every step."""
+  one = _run_script(cifar_folder, args=["--accum", "2"])
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen([sys.executable, str(HERE / "train_steps_script.py"), "--folder",
                              cifar_folder, "--num_processes", "2", "--process_id", str(i),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--port", str(port), "--accum", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
@@ -174,25 +195,48 @@ def test_two_processes_match_one_process(cifar_folder):
   np.testing.assert_allclose(two["eval_feature_sum"], one["eval_feature_sum"], rtol=1e-4)
 
 
-def test_gradient_accumulation_updates_every_k_micro_steps():
+@pytest.mark.parametrize("per_device", [True, False])
+def test_accumulation_inside_the_step_is_one_update_on_the_mean_gradient(per_device):
+  """K micro-batches in one step: the parameters equal one update on the mean of the K
+  micro-batches' gradients, computed here by hand, each micro-batch masked with the noise of
+  fold_in(rng, k) (the key a run without accumulation would give it). Plain SGD, whose update is
+  linear in the gradient: AdamW's first update is lr * sign(g) wherever |g| >> eps, and would hide
+  a wrong gradient."""
   import functools
-  from mae_jax import optim
+  from mae_jax import data, masking
   from mae_jax.model import mae_from_config
+  from mae_jax.parallel import Mesh
   c = tiny_config("unused")
+  k, m = 4, 8
   model = mae_from_config(c.model, 32)
-  tx = optim.make_optimizer(c.optimizer, optim.warmup_cosine(1e-3, 0.0, 0, 10), grad_accum_steps=2)
+  tx = optax.sgd(0.5)
   state = pretrain.create_train_state(model, tx, 0)
+  images = np.random.default_rng(0).integers(0, 256, (k, m, 32, 32, 3), dtype=np.uint8)
   step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx, mean=(0.5,) * 3,
-                                   std=(0.5,) * 3))
-  images = np.random.default_rng(0).integers(0, 256, (4, 8, 32, 32, 3), dtype=np.uint8)
-  snapshots = [state.params]
-  for i in range(4):
-    state, _ = step(state, {"image": images[i]})
-    snapshots.append(state.params)
-  moved = [not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
-           for x, y in zip(snapshots, snapshots[1:])]
-  assert moved == [False, True, False, True]
-  assert int(state.opt_state.gradient_step) == 2 and int(state.step) == 4
+                                   std=(0.5,) * 3, micro_batches=k,
+                                   mesh=Mesh() if per_device else None))
+  new, metrics = step(state, {"image": images})
+
+  @jax.jit
+  def loss_and_grads(params, micro_images, i):
+    def loss(params):
+      noise = masking.random_noise(jax.random.fold_in(state.rng, i), m, model.num_patches)
+      return model.apply({"params": params}, data.normalize(micro_images, (0.5,) * 3, (0.5,) * 3),
+                         noise)[0]
+    return jax.value_and_grad(loss)(params)
+  losses, grads = zip(*[loss_and_grads(state.params, images[i], i) for i in range(k)])
+  mean_grads = jax.tree.map(lambda *g: sum(g) / k, *grads)
+  updates, _ = tx.update(mean_grads, state.opt_state, state.params)
+  expected = optax.apply_updates(state.params, updates)
+  assert int(new.step) == 1
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(mean_grads)), rtol=1e-5)
+  for path, x in jax.tree_util.tree_leaves_with_path(new.params):
+    y = functools.reduce(lambda t, p: t[p.key], path, expected)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  # The micro-batches did not all give the same gradient (else the mean would prove nothing).
+  assert not np.allclose(grads[0]["decoder"]["pred"]["kernel"], grads[1]["decoder"]["pred"]["kernel"])
 
 
 def _truncate_largest_array_file(step_dir):

@@ -25,6 +25,7 @@ def main():
   p.add_argument("--process_id", type=int, default=0)
   p.add_argument("--port", type=int, default=0)
   p.add_argument("--fsdp", action="store_true", help="shard the train state (FSDP)")
+  p.add_argument("--accum", type=int, default=1, help="micro-batches per step (grad_accum_steps)")
   a = p.parse_args()
 
   from mae_jax import parallel
@@ -36,6 +37,7 @@ def main():
 
   c = tiny_config(a.folder)
   c.sharding.fsdp = a.fsdp
+  c.batch_size, c.grad_accum_steps = a.batch, a.accum
   mesh = parallel.Mesh()
   step, init, _, sharding = pretrain.sharded_step(c, mesh, optim.warmup_cosine(1e-3, 0.0, 2, a.steps))
   state = jax.jit(init, out_shardings=sharding)()
@@ -43,12 +45,14 @@ def main():
   shards = {jax.tree_util.keystr(path): [list(x.shape), list(x.addressable_shards[0].data.shape)]
             for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
   src = data.ImageFolderSource(a.folder, "test")
-  rows = a.batch // jax.process_count()
+  k, n, i = a.accum, jax.process_count(), jax.process_index()
   losses = []
   for t in range(a.steps):
     global_images = data.load_images(src, range(t * a.batch, (t + 1) * a.batch), 32)
-    local = global_images[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-    state, metrics = step(state, mesh.put_batch({"image": local}))
+    # This process's rows: its share of each of the K micro-batches (as its loader would give).
+    micro = global_images.reshape(k, n, a.batch // (k * n), *global_images.shape[1:])
+    local = micro[:, i].reshape(-1, *global_images.shape[1:])
+    state, metrics = step(state, mesh.put_batch({"image": local}, k))
     losses.append(float(metrics["loss"]))
   # An evaluation pass over 9 images in global batches of 4 (8 with 8 devices): with 2 processes
   # the shards are 5 and 4 images in local batches of 2, so the second process runs out a batch
