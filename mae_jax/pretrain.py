@@ -36,8 +36,9 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
   AdamW. `variant`, when given, is this step's (curriculum) mask ratio.
 
   With `micro_batches` K > 1 the batch arrives as K micro-batches (leaves (K, m, ...)) whose
-  gradients are averaged inside this one step (`trainer.accumulate`); given the `mesh`, each device
-  accumulates its own rows and the gradients are reduced across devices once per update. The
+  gradients are averaged inside this one step (`trainer.accumulate`). Given the `mesh`, a
+  replicated state has each device accumulate its own rows and the gradients all-reduced once per
+  update; an FSDP state (`fsdp`) accumulates in its shards. The
   masking noise of micro-batch k is drawn from fold_in(rng, K * step + k), the key a run without
   accumulation would use for that micro-batch."""
   if variant is not None:
@@ -70,10 +71,12 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
 
   micro = {"image": batch["image"], "noise": noise}
   # The uniformity loss compares the rows of a micro-batch with each other: it needs all of them.
-  if n_micro > 1 and mesh is not None and not model.uniformity_weight > 0:
-    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, n_micro, mesh, fsdp)
+  if n_micro > 1 and mesh is not None and not fsdp and not model.uniformity_weight > 0:
+    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, n_micro, mesh)
   else:
-    (metrics, grads), _ = accumulate(grads_of, state.params, micro, n_micro)
+    shardings = mesh.state_shardings(state.params, fsdp) if mesh is not None else None
+    (metrics, grads), _ = accumulate(grads_of, state.params, micro, n_micro,
+                                     grad_shardings=shardings)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)

@@ -64,54 +64,49 @@ def skip_if_nonfinite(state: TrainState, new_state: TrainState, loss, grad_norm)
   return guarded, 1.0 - finite.astype(jnp.float32)
 
 
-def accumulate(fn, params, batch, micro_batches: int, carry=None):
+def accumulate(fn, params, batch, micro_batches: int, carry=None, grad_shardings=None):
   """Gradient accumulation inside one step: the mean over K micro-batches of `fn(params, k, micro,
   carry) -> ((metrics, grads), carry)`, where `batch` holds the K micro-batches stacked along the
   leading axis of every leaf. `lax.scan` runs them one after the other, so one micro-batch's
   activations are in memory; `carry` (e.g. BatchNorm statistics) passes from one to the next.
+  `grad_shardings` keeps the gradient sum in the parameters' layout (FSDP: each device sums only
+  its shard, the micro-batch's gradients reduce-scattered into it).
   With K = 1, `batch` is the one micro-batch itself and `fn` is called once with k = 0.
   Returns ((mean metrics, mean grads), carry)."""
   if micro_batches == 1:
     return fn(params, 0, batch, carry)
+  constrain = ((lambda t: jax.lax.with_sharding_constraint(t, grad_shardings)) if grad_shardings
+               else (lambda t: t))
 
   def body(state, xs):
     total, carry = state
-    values, carry = fn(params, xs[0], xs[1], carry)
-    return (jax.tree.map(jnp.add, total, values), carry), None
+    (metrics, grads), carry = fn(params, xs[0], xs[1], carry)
+    return (constrain(jax.tree.map(jnp.add, total, grads)), carry), metrics
 
-  first = jax.tree.map(lambda x: x[0], batch)
-  shapes = jax.eval_shape(lambda: fn(params, 0, first, carry)[0])
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  (total, carry), _ = jax.lax.scan(body, (zeros, carry), (jnp.arange(micro_batches), batch))
-  return jax.tree.map(lambda t: t / micro_batches, total), carry
+  zeros = constrain(jax.tree.map(jnp.zeros_like, params))
+  (total, carry), metrics = jax.lax.scan(body, (zeros, carry), (jnp.arange(micro_batches), batch))
+  return (jax.tree.map(lambda m: m.mean(0), metrics),
+          jax.tree.map(lambda t: t / micro_batches, total)), carry
 
 
-def accumulate_per_device(fn, params, batch, micro_batches: int, mesh: Mesh, fsdp: bool):
+def accumulate_per_device(fn, params, batch, micro_batches: int, mesh: Mesh):
   """`accumulate` with one cross-device reduction of the gradients per update instead of one per
-  micro-batch: each device sums the gradients of its own rows over all K micro-batches
-  (`shard_map`), then the devices' sums are reduced once: an all-reduce, or where FSDP splits a
-  gradient, a reduce-scatter straight to its shards. The parameters are gathered once per update.
+  micro-batch, for a replicated train state: each device sums the gradients of its own rows over
+  all K micro-batches (`shard_map`), then one all-reduce combines the devices' sums. (Under FSDP
+  this would hold full-size gradient sums and gathered parameters on every device, the memory
+  FSDP exists to save; there `accumulate` reduce-scatters each micro-batch into the shards.)
 
   Only for a loss that is a mean of per-example terms (nothing couples the rows of a batch), so
   that the mean of the devices' means is the mean over the whole micro-batch; `fn` must carry
   nothing. `batch` leaves are (K, micro-batch, ...) split along the micro-batch."""
-  n = mesh.mesh.size
-  grad_specs = jax.tree.map(lambda s: s.spec, mesh.state_shardings(params, fsdp))
-
-  def reduce(g, spec):
-    dims = [d for d, axis in enumerate(spec) if axis == "data"]
-    if dims:
-      return jax.lax.psum_scatter(g, "data", scatter_dimension=dims[0], tiled=True) / n
-    return jax.lax.psum(g, "data") / n
-
   def local(params, batch):
     (metrics, grads), _ = accumulate(fn, params, batch, micro_batches)
-    return jax.lax.pmean(metrics, "data"), jax.tree.map(reduce, grads, grad_specs)
+    return jax.lax.pmean((metrics, grads), "data")
 
   # check_vma=False: the gradients of the (replicated) parameters stay this device's own until
-  # `reduce`; with the check on, JAX would insert a reduction into every micro-batch's backward.
-  return jax.shard_map(local, mesh=mesh.mesh, in_specs=(P(), P(None, "data")),
-                       out_specs=(P(), grad_specs), check_vma=False)(params, batch), None
+  # the pmean; with the check on, JAX would insert a reduction into every micro-batch's backward.
+  return jax.shard_map(local, mesh=mesh.mesh, in_specs=(P(), P(None, "data")), out_specs=P(),
+                       check_vma=False)(params, batch), None
 
 
 class NonFiniteError(Exception):
@@ -158,11 +153,13 @@ class DeviceFeed:
   `fill()`, called once the step is dispatched, reads and sends the next batches while the step
   runs. The loader's position is remembered before each batch, so that a checkpoint (grain's
   handler calls get_state) records the next batch the step will take, not the last one fetched:
-  resuming neither skips nor repeats a batch.
+  resuming neither skips nor repeats a batch. With `group` K > 1 a step's batch is K consecutive
+  loader batches (micro-batches) joined on the host: the loader's workers hold micro-batches, not
+  whole accumulated batches.
   """
 
-  def __init__(self, loader_iter, put, depth: int = 2):
-    self.loader_iter, self.put, self.depth = loader_iter, put, depth
+  def __init__(self, loader_iter, put, depth: int = 2, group: int = 1):
+    self.loader_iter, self.put, self.depth, self.group = loader_iter, put, depth, group
     self.queue = collections.deque()  # (loader state before the batch, batch on device)
 
   def fill(self, remaining: Optional[int] = None):
@@ -170,7 +167,9 @@ class DeviceFeed:
     want = self.depth if remaining is None else min(self.depth, remaining)
     while len(self.queue) < want:
       position = self.loader_iter.get_state()
-      self.queue.append((position, self.put(next(self.loader_iter))))
+      parts = [next(self.loader_iter) for _ in range(self.group)]
+      local = parts[0] if self.group == 1 else jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+      self.queue.append((position, self.put(local)))
 
   def __next__(self):
     if not self.queue:
@@ -205,10 +204,11 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   intervals default to the config's top-level `log_every_steps` and `checkpoint_every_steps`.
   """
   log_every = log_every or config.log_every_steps
-  loader = data.make_loader(config, train_source, train=True, global_batch_size=batch_size,
-                            seed=config.seed, augment=augment)
+  loader = data.make_loader(config, train_source, train=True,
+                            global_batch_size=batch_size // micro_batches, seed=config.seed,
+                            augment=augment)
   data_iter = DeviceFeed(iter(loader), lambda local: mesh.put_batch(
-      {k: local[k] for k in task.batch_fields}, micro_batches), depth=2)
+      {k: local[k] for k in task.batch_fields}, micro_batches), depth=2, group=micro_batches)
   ckpt = checkpointing.Checkpointer(workdir, checkpoint_every or config.checkpoint_every_steps,
                                     config.keep_checkpoints)
   config_dict = config.to_dict()

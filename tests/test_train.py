@@ -374,3 +374,13 @@ def test_the_device_feed_checkpoints_the_next_batch_the_step_takes():
   assert [next(feed), next(feed)] == [10, 20]
   feed.set_state(1)
   assert next(feed) == 10 and feed.get_state() == 2
+  # Grouped: a step's batch is 3 consecutive loader batches joined, and the checkpoint position
+  # is that of the first of the next group.
+  class Rows(Loader):
+    def __next__(self):
+      return {"image": np.array([super().__next__()])}
+  grouped = trainer.DeviceFeed(Rows(), put=lambda b: b["image"].tolist(), depth=2, group=3)
+  assert next(grouped) == [0, 1, 2]
+  grouped.fill()
+  assert grouped.loader_iter.position == 9 and grouped.get_state() == 3
+  assert next(grouped) == [3, 4, 5]
