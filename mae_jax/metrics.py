@@ -75,7 +75,8 @@ def _filter_rows(path: str, keep_row: Callable[[int], bool]) -> None:
 
 
 class Progress:
-  """Formats 'step 100/3900 | epoch 2.56 | loss 0.4521 | lr 1.2e-04 | 2,345 img/s | ETA 0:12:34'."""
+  """Formats 'step 100/3900 | 409,600 images | epoch 8.19 | loss 0.4521 | lr 1.2e-04 | 2,345 img/s |
+  ETA 0:12:34': steps are optimizer updates, each of `images_per_step` images."""
 
   def __init__(self, total_steps: int, start_step: int):
     self.total_steps = total_steps
@@ -91,7 +92,7 @@ class Progress:
 
   def line(self, step: int, epoch: float, steps_per_s: float, images_per_step: int, **metrics) -> str:
     eta = datetime.timedelta(seconds=int((self.total_steps - step) / max(steps_per_s, 1e-9)))
-    parts = [f"step {step}/{self.total_steps}", f"epoch {epoch:.2f}"]
+    parts = [f"step {step}/{self.total_steps}", f"{step * images_per_step:,} images", f"epoch {epoch:.2f}"]
     for k, v in metrics.items():
       parts.append(f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.4f}")
     parts += [f"{steps_per_s * images_per_step:,.0f} img/s", f"ETA {eta}"]

@@ -36,7 +36,7 @@ def test_cli_end_to_end(cifar_folder, tmp_path):
   out = _cli(tmp_path, "--config.max_steps=20", "--config.checkpoint_every_steps=10",
              "--config.figure_every_steps=10", folder=cifar_folder)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "step 20/20" in out.stdout and "img/s" in out.stdout and "ETA" in out.stdout
+  assert "step 20/20 | 1,280 images |" in out.stdout and "img/s" in out.stdout and "ETA" in out.stdout
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [10, 20] and all("loss" in r and "lr" in r for r in rows)
   assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
