@@ -38,9 +38,8 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
   With `micro_batches` K > 1 the batch arrives as K micro-batches (leaves (K, m, ...)) whose
   gradients are averaged inside this one step (`trainer.accumulate`). Given the `mesh`, a
   replicated state has each device accumulate its own rows and the gradients all-reduced once per
-  update; an FSDP state (`fsdp`) accumulates in its shards. The
-  masking noise of micro-batch k is drawn from fold_in(rng, K * step + k), the key a run without
-  accumulation would use for that micro-batch."""
+  update; an FSDP state (`fsdp`) accumulates in its shards. The masking noise of micro-batch k is
+  drawn from fold_in(rng, K * step + k), the key a run without accumulation would use for it."""
   if variant is not None:
     model = model.clone(mask_ratio=variant)
   n_micro = micro_batches
@@ -48,12 +47,11 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
     noise = batch["mask_noise"]
   else:
     m = batch["image"].shape[-4]
+    key = lambda i: jax.random.fold_in(state.rng, n_micro * state.step + i)  # micro-batch i's key
     if mask_sampling == "grid":
-      draw = lambda i: masking.grid_noise(jax.random.fold_in(state.rng, n_micro * state.step + i), m,
-                                          model.grid)
+      draw = lambda i: masking.grid_noise(key(i), m, model.grid)
     else:
-      draw = lambda i: masking.random_noise(jax.random.fold_in(state.rng, n_micro * state.step + i), m,
-                                            model.num_patches)
+      draw = lambda i: masking.random_noise(key(i), m, model.num_patches)
     noise = jax.vmap(draw)(jnp.arange(n_micro)) if n_micro > 1 else draw(0)
 
   def grads_of(params, _, micro, carry):
