@@ -107,15 +107,18 @@ def _abstract_batch(config, mesh):
   return {"image": jax.ShapeDtypeStruct(shape, jax.numpy.uint8, sharding=mesh.batch_sharding(k))}
 
 
-def flops_per_image(config) -> float:
+def flops_per_image(config, lowered=None) -> float:
   """FLOPs per training image of the whole step (all devices), from XLA's cost analysis of the
   step lowered unrolled and unaccumulated on one micro-batch: the analysis counts a loop body
-  (scanned layers, accumulated micro-batches) once."""
-  plain = config.copy_and_resolve_references()
+  (scanned layers, accumulated micro-batches) once. `lowered`, the config's own lowered step, is
+  that program already when the config neither scans nor accumulates."""
   micro = config.batch_size // config.grad_accum_steps
-  plain.model.scan_layers, plain.batch_size, plain.grad_accum_steps = False, micro, 1
-  step, _, abstract, _, mesh = train_step_program(plain)
-  return _flops(step.lower(abstract, _abstract_batch(plain, mesh))) / micro
+  if lowered is None or config.model.scan_layers or config.grad_accum_steps > 1:
+    plain = config.copy_and_resolve_references()
+    plain.model.scan_layers, plain.batch_size, plain.grad_accum_steps = False, micro, 1
+    step, _, abstract, _, mesh = train_step_program(plain)
+    lowered = step.lower(abstract, _abstract_batch(plain, mesh))
+  return _flops(lowered) / micro
 
 
 def aot_train_step(config) -> dict:
@@ -139,7 +142,7 @@ def aot_train_step(config) -> dict:
       "lower_s": lower_s,
       "compile_s": compile_s,
       # Of the whole program before partitioning (the compiled one is one device's share).
-      "flops_per_image": flops_per_image(config),
+      "flops_per_image": flops_per_image(config, lowered),
       "argument_bytes_per_device": mem.argument_size_in_bytes,
       "temp_bytes_per_device": mem.temp_size_in_bytes,
       # One call of the step is one update, its micro-batches accumulated inside.
@@ -167,7 +170,8 @@ def bench_train_step(config, steps: int) -> dict:
       0, 256, (config.batch_size // jax.process_count(), size, size, 3), dtype=np.uint8)
   batch = mesh.put_batch({"image": images}, config.grad_accum_steps)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  lowered = step.lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   for _ in range(2):  # warm-up
     state, m = compiled(state, batch)
@@ -179,7 +183,7 @@ def bench_train_step(config, steps: int) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   median = statistics.median(times)
-  flops = flops_per_image(config) * config.batch_size  # per step, all devices together
+  flops = flops_per_image(config, lowered) * config.batch_size  # per step, all devices together
   mem = compiled.memory_analysis()
   stats = jax.local_devices()[0].memory_stats() or {}
   return {

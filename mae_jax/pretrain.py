@@ -42,17 +42,16 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
   drawn from fold_in(rng, K * step + k), the key a run without accumulation would use for it."""
   if variant is not None:
     model = model.clone(mask_ratio=variant)
-  n_micro = micro_batches
   if "mask_noise" in batch:  # block masks, drawn by the data pipeline
     noise = batch["mask_noise"]
   else:
     m = batch["image"].shape[-4]
-    key = lambda i: jax.random.fold_in(state.rng, n_micro * state.step + i)  # micro-batch i's key
+    key = lambda i: jax.random.fold_in(state.rng, micro_batches * state.step + i)  # micro-batch i's key
     if mask_sampling == "grid":
       draw = lambda i: masking.grid_noise(key(i), m, model.grid)
     else:
       draw = lambda i: masking.random_noise(key(i), m, model.num_patches)
-    noise = jax.vmap(draw)(jnp.arange(n_micro)) if n_micro > 1 else draw(0)
+    noise = jax.vmap(draw)(jnp.arange(micro_batches)) if micro_batches > 1 else draw(0)
 
   def grads_of(params, _, micro, carry):
     images = data.normalize(micro["image"], mean, std)
@@ -69,11 +68,11 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
 
   micro = {"image": batch["image"], "noise": noise}
   # The uniformity loss compares the rows of a micro-batch with each other: it needs all of them.
-  if n_micro > 1 and mesh is not None and not fsdp and not model.uniformity_weight > 0:
-    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, n_micro, mesh)
+  if micro_batches > 1 and mesh is not None and not fsdp and not model.uniformity_weight > 0:
+    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, micro_batches, mesh)
   else:
     shardings = mesh.state_shardings(state.params, fsdp) if mesh is not None else None
-    (metrics, grads), _ = accumulate(grads_of, state.params, micro, n_micro,
+    (metrics, grads), _ = accumulate(grads_of, state.params, micro, micro_batches,
                                      grad_shardings=shardings)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -97,7 +96,8 @@ def build(config, mesh: Mesh):
                                  total_updates)
   total_steps = min(total_updates, config.max_steps) if config.max_steps > 0 else total_updates
   model = mae_from_config(config.model, config.dataset.image_size)
-  return dict(model=model, tx=optim.make_optimizer(config.optimizer, schedule), schedule=schedule, train_source=train_source, eval_split=eval_split,
+  return dict(model=model, tx=optim.make_optimizer(config.optimizer, schedule), schedule=schedule,
+              train_source=train_source, eval_split=eval_split,
               updates_per_epoch=updates_per_epoch, total_steps=total_steps)
 
 

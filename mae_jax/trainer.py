@@ -226,8 +226,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                   f"processes{', state sharded (FSDP)' if config.sharding.fsdp else ''} | "
                   f"{len(train_source):,} training examples | batch {batch_size}"
                   + (f" = {micro_batches} x {batch_size // micro_batches}" if micro_batches > 1 else "")
-                  + f" | "
-                  f"steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else ""))
+                  + f" | steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else ""))
 
   compiled = {}  # variant -> jitted train step
 

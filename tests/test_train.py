@@ -202,7 +202,6 @@ def test_accumulation_inside_the_step_is_one_update_on_the_mean_gradient(per_dev
   fold_in(rng, k) (the key a run without accumulation would give it). Plain SGD, whose update is
   linear in the gradient: AdamW's first update is lr * sign(g) wherever |g| >> eps, and would hide
   a wrong gradient."""
-  import functools
   from mae_jax import data, masking
   from mae_jax.model import mae_from_config
   from mae_jax.parallel import Mesh
