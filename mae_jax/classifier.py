@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from mae_jax import checkpointing
-from mae_jax.model import Encoder, attention_from_config, layer_norm, sincos_2d
+from mae_jax.model import LN_EPS, Encoder, attention_from_config, layer_norm, sincos_2d
 
 ENCODER_KEYS = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "mlp_ratio")
 
@@ -39,6 +39,7 @@ class Classifier(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
   remat: str = "none"
+  ln_eps: float = LN_EPS
 
   @property
   def grid(self):
@@ -48,9 +49,10 @@ class Classifier(nn.Module):
     self.encoder = Encoder(self.patch_size, self.grid, self.width, self.depth, self.num_heads,
                            self.mlp_ratio, self.drop_path, self.dtype, self.attention_impl,
                            learned_pos_embed=self.learned_pos_embed, final_norm=not self.global_pool,
-                           remat="none" if self.probe else self.remat)  # a probe has no encoder gradients
+                           remat="none" if self.probe else self.remat,  # a probe has no encoder gradients
+                           ln_eps=self.ln_eps)
     if self.global_pool:
-      self.fc_norm = layer_norm(self.dtype, "fc_norm")
+      self.fc_norm = layer_norm(self.dtype, "fc_norm", self.ln_eps)
     if self.probe:
       self.head_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-6, use_bias=False, use_scale=False)
     std = 0.01 if self.probe else 2e-5
@@ -80,7 +82,7 @@ def classifier_from_config(config, num_classes: int, *, probe: bool, drop_path: 
                     mlp_ratio=m.mlp_ratio, drop_path=drop_path, global_pool=global_pool,
                     probe=probe, learned_pos_embed=not probe, dtype=jnp.dtype(m.dtype),
                     attention_impl=attention_from_config(m, decoder=False),
-                    remat=m.remat)
+                    remat=m.remat, ln_eps=m.get("layer_norm_eps", LN_EPS))
 
 
 # ----------------------------------------------------------------------------

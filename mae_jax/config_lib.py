@@ -68,6 +68,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
                                  # pass (memory for about 1/3 more compute); 'dots': keep matmuls
       scan_layers=False,         # pretraining: the encoder and decoder blocks as one nn.scan each
                                  # (compiles one block, not depth of them; parameters stacked)
+      layer_norm_eps=1e-6,       # the official code's; weights converted from Hugging Face keep its 1e-12
   ))
 
   c.sharding = ml_collections.ConfigDict(dict(
@@ -222,7 +223,7 @@ RANGES = {
     "dataset.image_size": ">= 1", "dataset.num_workers": ">= -1", "dataset.read_threads": ">= 0",
     "model.patch_size": ">= 1", "model.encoder_width": ">= 1", "model.encoder_depth": ">= 1",
     "model.encoder_heads": ">= 1", "model.decoder_width": ">= 1", "model.decoder_depth": ">= 1",
-    "model.decoder_heads": ">= 1", "model.mlp_ratio": "> 0", "model.mask_ratio": "[0, 1)",
+    "model.decoder_heads": ">= 1", "model.mlp_ratio": "> 0", "model.layer_norm_eps": "> 0", "model.mask_ratio": "[0, 1)",
     "model.curriculum_epochs": "> 0", "model.curriculum_bucket": "[0, 1)",
     "model.laplacian_weight": ">= 0", "model.uniformity_weight": ">= 0",
     "optimizer.base_lr": "> 0", "optimizer.min_lr": ">= 0", "optimizer.weight_decay": ">= 0",

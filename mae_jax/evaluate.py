@@ -25,7 +25,7 @@ import numpy as np
 from mae_jax import checkpointing, cli, config_lib, data, figures, lpips, masking
 from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
-from mae_jax.model import (Encoder, attention_from_config, laplacian, mae_from_config,
+from mae_jax.model import (LN_EPS, Encoder, attention_from_config, laplacian, mae_from_config,
                            normalize_patches, patchify, unnormalize_patches, unpatchify)
 from mae_jax.parallel import Mesh
 
@@ -132,7 +132,8 @@ def encoder_from_config(config) -> Encoder:
   m, size = config.model, config.dataset.image_size
   return Encoder(m.patch_size, (size // m.patch_size,) * 2, m.encoder_width, m.encoder_depth,
                  m.encoder_heads, m.mlp_ratio, dtype=jnp.dtype(m.dtype),
-                 attention_impl=attention_from_config(m, decoder=False))
+                 attention_impl=attention_from_config(m, decoder=False),
+                 ln_eps=m.get("layer_norm_eps", LN_EPS))
 
 
 def extract_features(config, mesh: Mesh, encoder: Encoder, encoder_params, source, global_pool: bool):
@@ -191,6 +192,12 @@ def knn_eval(config, mesh: Mesh, encoder_params, train_source, test_source) -> f
 # ----------------------------------------------------------------------------
 def load_mae_params(pretrained: str, config):
   """The full MAE parameters (encoder and decoder) of the newest checkpoint in `pretrained`."""
+  source = (checkpointing.saved_config(pretrained) or {}).get("converted_from")
+  if source and "decoder" not in source["parts"]:
+    raise checkpointing.CheckpointMismatchError(
+        f"{source['path']} holds no decoder ({', '.join(source['parts'])} only), and reconstruction "
+        "needs one: use a checkpoint with the decoder (the official mae_visualize_vit_*.pth or "
+        "*_full.pth, or a Hugging Face ViTMAEForPreTraining folder)")
   checkpointing.check_compatible(pretrained, config, flag="--pretrained")
   params, _, step = checkpointing.restore_params(pretrained)
   if "decoder" not in params:

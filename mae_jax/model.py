@@ -116,8 +116,8 @@ def conv_default_bias(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def layer_norm(dtype: Any, name: Optional[str] = None) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+def layer_norm(dtype: Any, name: Optional[str] = None, eps: float = LN_EPS) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def gelu(x):
@@ -212,14 +212,15 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  ln_eps: float = LN_EPS  # the official 1e-6; Hugging Face's configs say 1e-12
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, drop_rate=None):
     d = x.shape[-1]
     y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
-        layer_norm(self.dtype, "norm1")(x))
+        layer_norm(self.dtype, "norm1", self.ln_eps)(x))
     x = x + DropPath(self.drop_path)(y, deterministic, drop_rate)
-    y = layer_norm(self.dtype, "norm2")(x)
+    y = layer_norm(self.dtype, "norm2", self.ln_eps)(x)
     y = dense(int(d * self.mlp_ratio), self.dtype, "fc1")(y)
     y = gelu(y)
     y = dense(d, self.dtype, "fc2")(y)
@@ -235,7 +236,8 @@ class ScanBlock(Block):
 
 
 def block_stack(x, depth: int, drop_rates, *, num_heads: int, mlp_ratio: float, dtype,
-                attention_impl, remat: str, scan: bool, deterministic: bool = True):
+                attention_impl, remat: str, scan: bool, deterministic: bool = True,
+                ln_eps: float = LN_EPS):
   """`depth` pre-norm blocks over x (called inside a compact module). Unrolled, their parameters
   are `block0` ... `block{depth-1}`; with `scan`, one `nn.scan` whose parameters are stacked
   along a leading layer axis under `blocks` (one block to compile instead of `depth`;
@@ -243,12 +245,12 @@ def block_stack(x, depth: int, drop_rates, *, num_heads: int, mlp_ratio: float, 
   if not scan:
     for i in range(depth):
       x = block_type(remat)(num_heads, mlp_ratio, float(drop_rates[i]), dtype, attention_impl,
-                            name=f"block{i}")(x, deterministic)
+                            ln_eps, name=f"block{i}")(x, deterministic)
     return x
   scanned = nn.scan(block_type(remat, scan=True), variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True}, in_axes=0, length=depth)
-  x, _ = scanned(num_heads, mlp_ratio, 0.0, dtype, attention_impl, deterministic=deterministic,
-                 name="blocks")(x, jnp.asarray(drop_rates, jnp.float32))
+  x, _ = scanned(num_heads, mlp_ratio, 0.0, dtype, attention_impl, ln_eps,
+                 deterministic=deterministic, name="blocks")(x, jnp.asarray(drop_rates, jnp.float32))
   return x
 
 
@@ -337,6 +339,7 @@ class Encoder(nn.Module):
   mask_token: bool = False         # ablation: keep all patches, removed ones replaced by a mask token
   remat: str = "none"              # 'none', 'block' or 'dots' (see REMAT_POLICIES)
   scan: bool = False               # the blocks as one nn.scan (see block_stack)
+  ln_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, imgs, noise=None, mask_ratio: float = 0.0, deterministic: bool = True):
@@ -363,9 +366,9 @@ class Encoder(nn.Module):
     rates = np.linspace(0, self.drop_path, self.depth)  # stochastic depth decay rule
     x = block_stack(x, self.depth, rates, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                     dtype=self.dtype, attention_impl=self.attention_impl, remat=self.remat,
-                    scan=self.scan, deterministic=deterministic)
+                    scan=self.scan, deterministic=deterministic, ln_eps=self.ln_eps)
     if self.final_norm:
-      x = layer_norm(self.dtype, "norm")(x)
+      x = layer_norm(self.dtype, "norm", self.ln_eps)(x)
     return x, mask, ids_restore
 
 
@@ -382,6 +385,7 @@ class Decoder(nn.Module):
   attention_impl: Optional[str] = None
   remat: str = "none"
   scan: bool = False
+  ln_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, latent, ids_restore):
@@ -398,8 +402,8 @@ class Decoder(nn.Module):
     x = x + sincos_2d(self.width, self.grid, cls_token=True).astype(self.dtype)[None]
     x = block_stack(x, self.depth, np.zeros(self.depth), num_heads=self.num_heads,
                     mlp_ratio=self.mlp_ratio, dtype=self.dtype, attention_impl=self.attention_impl,
-                    remat=self.remat, scan=self.scan)
-    x = layer_norm(self.dtype, "norm")(x)
+                    remat=self.remat, scan=self.scan, ln_eps=self.ln_eps)
+    x = layer_norm(self.dtype, "norm", self.ln_eps)(x)
     x = dense(self.patch_size**2 * self.channels, self.dtype, "pred")(x)
     return x[:, 1:]  # drop the cls position
 
@@ -480,6 +484,7 @@ class MAE(nn.Module):
   uniformity_weight: float = 0.0       # lambda_unif of the STL-10 curriculum study (0.01)
   remat: str = "none"                  # rematerialised blocks: 'none', 'block' or 'dots'
   scan_layers: bool = False            # encoder and decoder blocks as one nn.scan each
+  ln_eps: float = LN_EPS               # LayerNorm epsilon (weights converted from Hugging Face: 1e-12)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -493,10 +498,10 @@ class MAE(nn.Module):
     self.encoder = Encoder(self.patch_size, self.grid, self.encoder_width, self.encoder_depth,
                            self.encoder_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl,
                            mask_token=self.mask_token_in_encoder, remat=self.remat,
-                           scan=self.scan_layers)
+                           scan=self.scan_layers, ln_eps=self.ln_eps)
     self.decoder = Decoder(self.patch_size, self.grid, self.decoder_width, self.decoder_depth,
                            self.decoder_heads, self.channels, self.mlp_ratio, self.dtype,
-                           self.attention_impl, self.remat, self.scan_layers)
+                           self.attention_impl, self.remat, self.scan_layers, self.ln_eps)
 
   def __call__(self, imgs, noise):
     """imgs (B, H, W, C) normalised; noise (B, L) uniform. Returns (loss, pred, mask).
@@ -551,4 +556,5 @@ def mae_from_config(model_cfg, image_size: int, scan_layers: Optional[bool] = No
       uniformity_weight=model_cfg.get("uniformity_weight", 0.0),
       remat=model_cfg.get("remat", "none"),
       scan_layers=model_cfg.get("scan_layers", False) if scan_layers is None else scan_layers,
+      ln_eps=model_cfg.get("layer_norm_eps", LN_EPS),
   )

@@ -1,0 +1,281 @@
+"""Weights in and out (mae_jax.convert): small random PyTorch models in each format, converted and
+run in mae_jax on the same images and masking noise; exports read back by the PyTorch models."""
+
+import functools
+import json
+import os
+import pathlib
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import torch_cpu  # noqa: E402
+
+torch = pytest.importorskip("torch")
+# timm and transformers import torchvision, whose PyPI wheel needs the tolerant import on CPU torch.
+timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
+from torch import nn  # noqa: E402
+
+from mae_jax import checkpointing, convert, evaluate  # noqa: E402
+from mae_jax.classifier import Classifier  # noqa: E402
+from mae_jax.model import mae_from_config, sincos_2d  # noqa: E402
+
+IMG, P, D, DEPTH, HEADS, DD, DDEPTH, DHEADS = 32, 4, 64, 2, 2, 32, 1, 2
+L = (IMG // P) ** 2
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def randomize(module: nn.Module, seed: int, skip=("pos_embed", "position_embeddings")) -> nn.Module:
+  """Every trainable tensor drawn at random (so that a swapped weight and bias, or a transposed
+  matrix, shows); the fixed sin-cos position embeddings kept unless `skip` is empty."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if not any(s in name for s in skip):
+        p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+  return module.eval()
+
+
+class OfficialMAE(nn.Module):
+  """facebookresearch/mae's MaskedAutoencoderViT, written from models_mae.py with timm's Block
+  (as the official code): the same module names, so its state_dict is the official layout."""
+
+  def __init__(self):
+    super().__init__()
+    norm = functools.partial(nn.LayerNorm, eps=1e-6)
+    self.patch_embed = nn.Module()
+    self.patch_embed.proj = nn.Conv2d(3, D, P, P)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+    self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(D, (8, 8), True))[None], requires_grad=False)
+    self.blocks = nn.ModuleList([timm_vit.Block(D, HEADS, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(DEPTH)])
+    self.norm = norm(D)
+    self.decoder_embed = nn.Linear(D, DD)
+    self.mask_token = nn.Parameter(torch.zeros(1, 1, DD))
+    self.decoder_pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(DD, (8, 8), True))[None], requires_grad=False)
+    self.decoder_blocks = nn.ModuleList([timm_vit.Block(DD, DHEADS, 4.0, qkv_bias=True, norm_layer=norm)
+                                         for _ in range(DDEPTH)])
+    self.decoder_norm = norm(DD)
+    self.decoder_pred = nn.Linear(DD, P * P * 3)
+
+  def patchify(self, imgs):
+    n, h = imgs.shape[0], IMG // P
+    x = imgs.reshape(n, 3, h, P, h, P)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, h * h, P * P * 3)
+
+  def forward_encoder(self, x, noise, mask_ratio=0.75):
+    x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+    n, length, d = x.shape
+    keep = int(length * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x = torch.gather(x, 1, ids_shuffle[:, :keep, None].repeat(1, 1, d))
+    mask = torch.ones(n, length)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    cls = (self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for blk in self.blocks:
+      x = blk(x)
+    return self.norm(x), mask, ids_restore
+
+  def forward(self, imgs, noise, norm_pix_loss=True):
+    latent, mask, ids_restore = self.forward_encoder(imgs, noise)
+    x = self.decoder_embed(latent)
+    tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:], tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore[:, :, None].repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+    for blk in self.decoder_blocks:
+      x = blk(x)
+    pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+    target = self.patchify(imgs)
+    if norm_pix_loss:
+      mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+      target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = (((pred - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+    return loss, pred, mask, latent
+
+
+def vit_mae():
+  return torch_cpu.tolerant_import("transformers.models.vit_mae.modeling_vit_mae")
+
+
+def hf_model(norm_pix_loss=True):
+  m = vit_mae()
+  cfg = m.ViTMAEConfig(hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                       intermediate_size=4 * D, image_size=IMG, patch_size=P, decoder_hidden_size=DD,
+                       decoder_num_hidden_layers=DDEPTH, decoder_num_attention_heads=DHEADS,
+                       decoder_intermediate_size=4 * DD, norm_pix_loss=norm_pix_loss)
+  model = m.ViTMAEForPreTraining(cfg)
+  with torch.no_grad():  # as in the hub's checkpoints (transformers 5 leaves them zero until loaded)
+    model.vit.embeddings.position_embeddings.copy_(torch.from_numpy(sincos_2d(D, (8, 8), True))[None])
+    model.decoder.decoder_pos_embed.copy_(torch.from_numpy(sincos_2d(DD, (8, 8), True))[None])
+  return randomize(model, 1, skip=("position_embeddings", "decoder_pos_embed"))
+
+
+def timm_classifier():
+  """timm's fine-tuning ViT as the official models_vit (global pool, fc_norm, head), with a
+  learned (random) position embedding."""
+  return randomize(timm_vit.VisionTransformer(img_size=IMG, patch_size=P, embed_dim=D, depth=DEPTH,
+                                              num_heads=HEADS, num_classes=10, global_pool="avg"), 2, skip=())
+
+
+def inputs(seed=0, batch=2):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(batch, IMG, IMG, 3)).astype(np.float32), rng.random((batch, L)).astype(np.float32)
+
+
+def nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def run_mae(params, config, imgs, noise):
+  """(loss, pred, mask, encoder tokens) of mae_jax's MAE with `params`."""
+  model = mae_from_config(ml_collections.ConfigDict(config["model"]), config["dataset"]["image_size"])
+  variables = {"params": params}
+  loss, pred, mask = model.apply(variables, imgs, noise)
+  latent = model.apply(variables, imgs, noise, model.mask_ratio, method=lambda m, *a: m.encoder(*a))[0]
+  return [np.asarray(x) for x in (loss, pred, mask, latent)]
+
+
+def assert_close(ours, theirs, names=("loss", "pred", "mask", "latent")):
+  for name, a, b in zip(names, ours, theirs):
+    np.testing.assert_allclose(a, b.detach().numpy() if hasattr(b, "detach") else b, **TOL, err_msg=name)
+
+
+def test_official_full_checkpoint_gives_the_official_model_outputs(tmp_path):
+  ref = randomize(OfficialMAE(), 0)
+  path = str(tmp_path / "mae_visualize_tiny.pth")
+  torch.save({"model": ref.state_dict()}, path)
+  params, config = convert.load_foreign(path, encoder_heads=HEADS, decoder_heads=DHEADS)
+  assert config["model"]["encoder_depth"] == DEPTH and config["model"]["decoder_width"] == DD
+  assert config["dataset"]["image_size"] == IMG and config["model"]["layer_norm_eps"] == 1e-6
+  imgs, noise = inputs()
+  with torch.no_grad():
+    theirs = ref(nchw(imgs), torch.from_numpy(noise))
+  assert_close(run_mae(params, config, imgs, noise), theirs)
+
+
+def test_official_encoder_only_checkpoint_gives_the_encoder_and_says_the_decoder_is_missing(tmp_path):
+  ref = randomize(OfficialMAE(), 3)
+  encoder_only = {k: v for k, v in ref.state_dict().items()
+                  if not (k.startswith("decoder") or k == "mask_token")}
+  src = str(tmp_path / "mae_pretrain_tiny.pth")
+  torch.save({"model": encoder_only}, src)
+  dst = str(tmp_path / "converted")
+  assert convert.main([src, dst, "--encoder_heads=2"]) == 0
+  params, saved, _ = checkpointing.restore_params(dst)
+  assert set(params) == {"encoder"}
+  imgs, noise = inputs(1)
+  model = mae_from_config(ml_collections.ConfigDict(saved["model"]), IMG)
+  ours = model.apply({"params": params}, imgs, noise, 0.75, method=lambda m, *a: m.encoder(*a))[0]
+  with torch.no_grad():
+    theirs = ref.forward_encoder(nchw(imgs), torch.from_numpy(noise))[0]
+  np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), **TOL)
+  config = ml_collections.ConfigDict(saved)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="no decoder.*mae_visualize_vit"):
+    evaluate.load_mae_params(dst, config)
+
+
+def test_hugging_face_pretraining_model_gives_its_outputs_and_its_config(tmp_path):
+  hf = hf_model()
+  hf.save_pretrained(str(tmp_path / "hf"))
+  params, config = convert.load_foreign(str(tmp_path / "hf"))
+  m = config["model"]
+  # Read from config.json, not assumed: heads, norm_pix_loss and HF's LayerNorm epsilon (1e-12).
+  assert (m["encoder_heads"], m["decoder_heads"], m["norm_pix_loss"], m["layer_norm_eps"]) == (HEADS, DHEADS, True, 1e-12)
+  imgs, noise = inputs(2)
+  with torch.no_grad():
+    out = hf(pixel_values=nchw(imgs), noise=torch.from_numpy(noise))
+    latent = hf.vit(pixel_values=nchw(imgs), noise=torch.from_numpy(noise)).last_hidden_state
+  assert_close(run_mae(params, config, imgs, noise), (out.loss, out.logits, out.mask, latent))
+
+
+def test_timm_fine_tuned_classifier_gives_its_logits(tmp_path):
+  from safetensors.torch import save_file
+  ref = timm_classifier()
+  path = str(tmp_path / "vit_finetuned.safetensors")
+  save_file(ref.state_dict(), path)
+  params, config = convert.load_foreign(path, encoder_heads=HEADS)  # 64 wide: not in the paper's table
+  assert set(params) == {"encoder", "fc_norm", "head"} and "pos_embed" in params["encoder"]
+  model = Classifier(num_classes=10, image_size=(IMG, IMG), patch_size=P, width=D, depth=DEPTH,
+                     num_heads=HEADS, global_pool=True, learned_pos_embed=True)
+  imgs, _ = inputs(3)
+  with torch.no_grad():
+    theirs = ref(nchw(imgs)).numpy()
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, imgs)), theirs, **TOL)
+
+
+def test_export_round_trip_is_bit_identical_and_pytorch_reads_each_format(tmp_path):
+  ref = randomize(OfficialMAE(), 4)
+  src = str(tmp_path / "full.pth")
+  torch.save({"model": ref.state_dict()}, src)
+  workdir = str(tmp_path / "work")
+  assert convert.main([src, workdir, "--encoder_heads=2", "--decoder_heads=2"]) == 0
+  params, saved, _ = checkpointing.restore_params(workdir)
+
+  for fmt, dst in (("official", "out.pth"), ("timm", "out.safetensors"), ("hf", "out_hf")):
+    dst = str(tmp_path / dst)
+    assert convert.main([workdir, dst, f"--to={fmt}"]) == 0
+    back, _ = convert.load_foreign(dst, fmt, encoder_heads=2, decoder_heads=2)
+    expected = params if fmt != "timm" else {"encoder": params["encoder"]}  # timm: the encoder
+    jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, expected))
+
+  # The official file holds the official module's state dict, key for key.
+  official = torch.load(str(tmp_path / "out.pth"), weights_only=True)["model"]
+  assert official.keys() == ref.state_dict().keys()
+  # Hugging Face's own class reads the folder; its outputs are ours.
+  hf = vit_mae().ViTMAEForPreTraining.from_pretrained(str(tmp_path / "out_hf")).eval()
+  assert hf.config.layer_norm_eps == 1e-6 and hf.config.norm_pix_loss == saved["model"]["norm_pix_loss"]
+  imgs, noise = inputs(4)
+  with torch.no_grad():
+    out = hf(pixel_values=nchw(imgs), noise=torch.from_numpy(noise))
+  assert_close(run_mae(params, saved, imgs, noise)[:3], (out.loss, out.logits, out.mask))
+  # timm's VisionTransformer takes the encoder file strictly; its features are our tokens.
+  from safetensors.torch import load_file
+  vit = timm_vit.VisionTransformer(img_size=IMG, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS,
+                                   num_classes=0).eval()
+  vit.load_state_dict(load_file(str(tmp_path / "out.safetensors")), strict=True)
+  model = mae_from_config(ml_collections.ConfigDict(saved["model"]), IMG)
+  ours = model.apply({"params": params}, imgs, method=lambda m, x: m.encoder(x)[0])
+  with torch.no_grad():
+    np.testing.assert_allclose(np.asarray(ours), vit.forward_features(nchw(imgs)).numpy(), **TOL)
+
+
+def test_bad_checkpoints_say_what_is_wrong(tmp_path):
+  sd = {k: v.numpy() for k, v in randomize(OfficialMAE(), 5).state_dict().items()}
+  from safetensors.numpy import save_file
+
+  def convert_dict(d, **kw):
+    path = str(tmp_path / "bad.safetensors")
+    save_file(d, path)
+    return convert.load_foreign(path, encoder_heads=2, decoder_heads=2, **kw)
+
+  renamed = dict(sd)
+  renamed["blocks.1.attn.qkv_weight"] = renamed.pop("blocks.1.attn.qkv.weight")
+  with pytest.raises(convert.ConvertError, match=r"1 missing: blocks\.1\.attn\.qkv\.weight.*1 unknown: "
+                     r"blocks\.1\.attn\.qkv_weight \(expected e\.g\. blocks\.1\.attn\.qkv\.weight\)"):
+    convert_dict(renamed)
+  wrong = dict(sd)
+  wrong["blocks.1.mlp.fc2.weight"] = np.zeros((D, 3 * D), np.float32)
+  with pytest.raises(convert.ConvertError, match=r"block1.*fc2.*kernel.*\(192, 64\).*needs \(256, 64\)"):
+    convert_dict(wrong)
+  with pytest.raises(convert.ConvertError, match="not a MAE ViT state dict.*patch_embed.proj.weight"):
+    convert_dict({"conv1.weight": np.zeros((8, 3, 3, 3), np.float32)})
+  with pytest.raises(convert.ConvertError, match="does not say how many attention heads.*--encoder_heads"):
+    path = str(tmp_path / "ok.safetensors")
+    save_file(sd, path)
+    convert.load_foreign(path)
+  workdir = str(tmp_path / "ft")
+  path = str(tmp_path / "ft.safetensors")
+  from safetensors.torch import save_file as save_torch
+  save_torch(timm_classifier().state_dict(), path)
+  assert convert.main([path, workdir, "--encoder_heads=2"]) == 0
+  assert convert.main([workdir, str(tmp_path / "ft_hf"), "--to=hf"]) == 2  # no ViTMAE form
+  with open(os.path.join(checkpointing.checkpoint_dir(workdir), "0", "config", "metadata")) as f:
+    assert json.load(f)["converted_from"]["parts"] == ["encoder", "fc_norm", "head"]
