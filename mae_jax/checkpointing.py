@@ -214,8 +214,26 @@ def _read_config(workdir: str, step: int) -> dict:
     return json.load(f)
 
 
+_converted_cache: dict = {}
+
+
+def _converted(path: str, config=None) -> tuple[dict, dict]:
+  """An official, timm or Hugging Face checkpoint converted in memory, once per process (the
+  last one kept). `config`, the job's, gives the attention heads where the weights do not."""
+  from mae_jax import convert
+  if path not in _converted_cache:
+    heads = (config.model.encoder_heads, config.model.decoder_heads) if config is not None else (0, 0)
+    _converted_cache.clear()
+    _converted_cache[path] = convert.load_foreign(path, fallback_heads=heads)
+  return _converted_cache[path]
+
+
 def saved_config(workdir: str) -> Optional[dict]:
-  """The config stored with the newest checkpoint in `workdir` whose config reads, or None."""
+  """The config stored with the newest checkpoint in `workdir` whose config reads, or None.
+  `workdir` may also be an official, timm or Hugging Face checkpoint (mae_jax.convert)."""
+  from mae_jax import convert
+  if convert.is_foreign(workdir):
+    return _converted(workdir)[1]
   for step in _steps(workdir):
     try:
       return _read_config(workdir, step)
@@ -227,7 +245,12 @@ def saved_config(workdir: str) -> Optional[dict]:
 def restore_params(workdir: str) -> tuple[dict, dict, int]:
   """(parameters as numpy, saved config, step) of the newest readable checkpoint in `workdir`,
   read without knowing the rest of the train state (the optimizer of another job, say). An
-  unreadable checkpoint is reported and the one before it used; the folder is left as it is."""
+  unreadable checkpoint is reported and the one before it used; the folder is left as it is.
+  An official, timm or Hugging Face checkpoint is converted in memory (step 0; nothing written)."""
+  from mae_jax import convert
+  if convert.is_foreign(workdir):
+    params, config = _converted(workdir)
+    return params, config, 0
   steps = _steps(workdir)
   if not steps:
     raise CheckpointMismatchError(
@@ -243,6 +266,20 @@ def restore_params(workdir: str) -> tuple[dict, dict, int]:
 
   step, (params, saved), _ = _newest_readable(workdir, steps, read)
   return params, saved, step
+
+
+def adopt_pretrained_settings(config, pretrained: str) -> None:
+  """Sets in `config.model` what the weights in `pretrained` were trained with and the config
+  cannot know: their LayerNorm epsilon (Hugging Face's 1e-12), and norm_pix_loss where a
+  converted source said it."""
+  from mae_jax import convert
+  saved = (_converted(pretrained, config)[1] if convert.is_foreign(pretrained) else saved_config(pretrained)) or {}
+  settings = {"layer_norm_eps": saved.get("model", {}).get("layer_norm_eps", model_lib.LN_EPS),
+              **saved.get("converted_from", {}).get("settings", {})}
+  changed = {k: v for k, v in settings.items() if config.model.get(k) != v}
+  if changed:
+    config.model.update(changed)
+    metrics_lib.log(f"from {pretrained}: " + ", ".join(f"model.{k}={v}" for k, v in changed.items()))
 
 
 def check_compatible(workdir: str, config, flag: str = "--workdir") -> None:

@@ -7,14 +7,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import checkpointing, config_lib, data, host, lpips, parallel
+from mae_jax import checkpointing, config_lib, convert, data, host, lpips, parallel
 from mae_jax import workdir as workdir_lib
 from mae_jax.trainer import NonFiniteError, StopRequested
 
 FLAGS = flags.FLAGS
 USER_ERRORS = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointMismatchError,
                checkpointing.CheckpointUnreadableError,
-               lpips.LPIPSWeightsError, workdir_lib.WorkdirError, NonFiniteError)
+               lpips.LPIPSWeightsError, workdir_lib.WorkdirError, NonFiniteError, convert.ConvertError)
 
 
 def define_distributed_flags():
@@ -30,7 +30,8 @@ def define_job_flags(pretrained_required: bool = False):
   """--config, --workdir and --pretrained, as every evaluation entry point takes them."""
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where this job's checkpoints, metrics and results go.")
-  flags.DEFINE_string("pretrained", None, "Workdir of the pretraining run whose encoder is used"
+  flags.DEFINE_string("pretrained", None, "Workdir of the pretraining run whose encoder is used, or "
+                      "an official/timm .pth or .safetensors file or a Hugging Face ViTMAE folder"
                       + ("." if pretrained_required else " (none: a randomly initialised encoder)."))
   define_distributed_flags()
   flags.mark_flags_as_required(["config", "workdir"] + (["pretrained"] if pretrained_required else []))
@@ -42,6 +43,11 @@ def job_main(job, name: str):
     del argv
     logging.set_verbosity(logging.WARNING)
     config = prepare(FLAGS.config, FLAGS.workdir, jobs=(name,))
+    if FLAGS.pretrained:
+      try:
+        checkpointing.adopt_pretrained_settings(config, FLAGS.pretrained)
+      except USER_ERRORS as e:
+        fail(e)
     return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained))
   return main
 

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from typing import Optional
 
 import numpy as np
@@ -423,9 +422,10 @@ def hf_config(config: dict, shape: dict) -> dict:
 # Import: a PyTorch checkpoint -> a mae_jax workdir.
 # ----------------------------------------------------------------------------
 def load_foreign(src: str, fmt: str = "", encoder_heads: int = 0, decoder_heads: int = 0,
-                 norm_pix_loss: Optional[bool] = None) -> tuple[dict, dict]:
+                 norm_pix_loss: Optional[bool] = None, fallback_heads=(0, 0)) -> tuple[dict, dict]:
   """(mae_jax parameters, the config dict to save with them) of an official, timm or Hugging
-  Face checkpoint."""
+  Face checkpoint. Attention heads: the flags', else the source config's, else the paper's for
+  that width, else `fallback_heads` (a job's config, for --pretrained)."""
   from mae_jax import config_lib
   fmt = fmt or detect_format(src)
   if fmt == "mae_jax":
@@ -442,7 +442,8 @@ def load_foreign(src: str, fmt: str = "", encoder_heads: int = 0, decoder_heads:
 
   def heads(part, flag_value):
     width = shape.get(f"{part}_width")
-    value = flag_value or facts.get(f"{part}_heads") or HEADS_BY_WIDTH.get(width)
+    value = (flag_value or facts.get(f"{part}_heads") or HEADS_BY_WIDTH.get(width)
+             or fallback_heads[part == "decoder"])
     if not value:
       raise ConvertError(f"the {part} width {width} does not say how many attention heads it has; "
                          f"pass --{part}_heads=N")
@@ -466,7 +467,12 @@ def load_foreign(src: str, fmt: str = "", encoder_heads: int = 0, decoder_heads:
     c.model.norm_pix_loss = facts["norm_pix_loss"]
   check_shapes(params, c)
   config = c.to_dict()
-  config["converted_from"] = {"path": os.path.abspath(src), "format": fmt,
+  # `settings`: what the source (or a flag) said of how its weights compute, which a job using
+  # them adopts over its own config (checkpointing.adopt_pretrained_settings).
+  settings = {"layer_norm_eps": c.model.layer_norm_eps}
+  if norm_pix_loss is not None or "norm_pix_loss" in facts:
+    settings["norm_pix_loss"] = c.model.norm_pix_loss
+  config["converted_from"] = {"path": os.path.abspath(src), "format": fmt, "settings": settings,
                               "parts": [p for p in ("encoder", "decoder", "fc_norm", "head") if p in params]}
   return params, config
 
@@ -512,15 +518,11 @@ def write_workdir(params: dict, config: dict, workdir: str) -> None:
     json.dump(config, f)
 
 
-def as_workdir(pretrained: str) -> str:
-  """A `--pretrained` value as a mae_jax workdir: a workdir as it is; an official, timm or
-  Hugging Face checkpoint converted into a temporary one (nothing is written beside it)."""
-  if is_workdir(pretrained):
-    return pretrained
-  params, config = load_foreign(pretrained)
-  out = tempfile.mkdtemp(prefix="mae_jax_converted_")
-  write_workdir(params, config, out)
-  return out
+def is_foreign(path: str) -> bool:
+  """Whether a `--pretrained` path is a PyTorch checkpoint (a file, or a Hugging Face folder)
+  rather than a mae_jax workdir."""
+  return os.path.isfile(path) or (os.path.isdir(path) and not is_workdir(path)
+                                  and os.path.exists(os.path.join(path, "config.json")))
 
 
 # ----------------------------------------------------------------------------

@@ -279,3 +279,28 @@ def test_bad_checkpoints_say_what_is_wrong(tmp_path):
   assert convert.main([workdir, str(tmp_path / "ft_hf"), "--to=hf"]) == 2  # no ViTMAE form
   with open(os.path.join(checkpointing.checkpoint_dir(workdir), "0", "config", "metadata")) as f:
     assert json.load(f)["converted_from"]["parts"] == ["encoder", "fc_norm", "head"]
+
+
+def test_jobs_take_a_pytorch_checkpoint_as_pretrained_directly(cifar_folder, tmp_path):
+  """--pretrained=<.pth file | Hugging Face folder>: converted in memory, nothing written beside
+  it; the weights' own settings (HF's LayerNorm epsilon and norm_pix_loss) are adopted."""
+  from test_cli import _cli
+  src = str(tmp_path / "official.pth")
+  torch.save({"model": randomize(OfficialMAE(), 6).state_dict()}, src)  # the tiny preset's shape
+  out = _cli(tmp_path / "ft", "--config.max_steps=4", "--config.evaluate.num_images=100",
+             f"--pretrained={src}", folder=cifar_folder, module="mae_jax.finetune")
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.load(open(tmp_path / "ft" / "results.json"))
+  assert r["pretrained"] == {"workdir": src, "step": 0} and r["step"] == 4
+  assert set(os.listdir(tmp_path)) == {"official.pth", "ft"}
+
+  hf = hf_model(norm_pix_loss=True)  # the CIFAR-10 config trains without it
+  hf.save_pretrained(str(tmp_path / "hf"))
+  before = sorted(os.listdir(tmp_path / "hf"))
+  out = _cli(tmp_path / "eval", "--config.evaluate.num_images=100", f"--pretrained={tmp_path / 'hf'}",
+             folder=cifar_folder, module="mae_jax.evaluate")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "model.layer_norm_eps=1e-12, model.norm_pix_loss=True" in out.stdout
+  r = json.load(open(tmp_path / "eval" / "results.json"))
+  assert r["config"]["model"]["layer_norm_eps"] == 1e-12 and r["config"]["model"]["norm_pix_loss"]
+  assert r["metrics"]["images"] == 100 and sorted(os.listdir(tmp_path / "hf")) == before
