@@ -221,19 +221,20 @@ def _converted(path: str, config=None) -> tuple[dict, dict]:
   """An official, timm or Hugging Face checkpoint converted in memory, once per process (the
   last one kept). `config`, the job's, gives the attention heads where the weights do not."""
   from mae_jax import convert
-  if path not in _converted_cache:
-    heads = (config.model.encoder_heads, config.model.decoder_heads) if config is not None else (0, 0)
+  heads = (config.model.encoder_heads, config.model.decoder_heads) if config is not None else (0, 0)
+  if (path, heads) not in _converted_cache:
     _converted_cache.clear()
-    _converted_cache[path] = convert.load_foreign(path, fallback_heads=heads)
-  return _converted_cache[path]
+    _converted_cache[path, heads] = convert.load_foreign(path, fallback_heads=heads)
+  return _converted_cache[path, heads]
 
 
-def saved_config(workdir: str) -> Optional[dict]:
+def saved_config(workdir: str, config=None) -> Optional[dict]:
   """The config stored with the newest checkpoint in `workdir` whose config reads, or None.
-  `workdir` may also be an official, timm or Hugging Face checkpoint (mae_jax.convert)."""
+  `workdir` may also be an official, timm or Hugging Face checkpoint (mae_jax.convert; the job's
+  `config` gives the attention heads where its weights do not)."""
   from mae_jax import convert
   if convert.is_foreign(workdir):
-    return _converted(workdir)[1]
+    return _converted(workdir, config)[1]
   for step in _steps(workdir):
     try:
       return _read_config(workdir, step)
@@ -242,15 +243,15 @@ def saved_config(workdir: str) -> Optional[dict]:
   return None
 
 
-def restore_params(workdir: str) -> tuple[dict, dict, int]:
+def restore_params(workdir: str, config=None) -> tuple[dict, dict, int]:
   """(parameters as numpy, saved config, step) of the newest readable checkpoint in `workdir`,
   read without knowing the rest of the train state (the optimizer of another job, say). An
   unreadable checkpoint is reported and the one before it used; the folder is left as it is.
   An official, timm or Hugging Face checkpoint is converted in memory (step 0; nothing written)."""
   from mae_jax import convert
   if convert.is_foreign(workdir):
-    params, config = _converted(workdir)
-    return params, config, 0
+    params, saved = _converted(workdir, config)
+    return params, saved, 0
   steps = _steps(workdir)
   if not steps:
     raise CheckpointMismatchError(
@@ -272,8 +273,7 @@ def adopt_pretrained_settings(config, pretrained: str) -> None:
   """Sets in `config.model` what the weights in `pretrained` were trained with and the config
   cannot know: their LayerNorm epsilon (Hugging Face's 1e-12), and norm_pix_loss where a
   converted source said it."""
-  from mae_jax import convert
-  saved = (_converted(pretrained, config)[1] if convert.is_foreign(pretrained) else saved_config(pretrained)) or {}
+  saved = saved_config(pretrained, config) or {}
   settings = {"layer_norm_eps": saved.get("model", {}).get("layer_norm_eps", model_lib.LN_EPS),
               **saved.get("converted_from", {}).get("settings", {})}
   changed = {k: v for k, v in settings.items() if config.model.get(k) != v}
@@ -282,12 +282,37 @@ def adopt_pretrained_settings(config, pretrained: str) -> None:
     metrics_lib.log(f"from {pretrained}: " + ", ".join(f"model.{k}={v}" for k, v in changed.items()))
 
 
+def load_mae_params(pretrained: str, config, purpose: str) -> tuple[dict, int]:
+  """(the full MAE parameters, encoder and decoder, step) of the newest checkpoint in
+  `pretrained` (a workdir, or an official, timm or Hugging Face checkpoint), for `purpose`
+  (reconstruction, pretraining), which needs the decoder."""
+  saved = saved_config(pretrained, config) or {}
+  source = saved.get("converted_from")
+  if source and "decoder" not in source["parts"]:
+    what = "a fine-tuned classifier" if "head" in source["parts"] else "an encoder only"
+    raise CheckpointMismatchError(
+        f"{source['path']} holds {what} ({', '.join(source['parts'])}), and {purpose} needs the MAE "
+        "decoder too: use a checkpoint with the decoder (the official mae_visualize_vit_*.pth or "
+        "*_full.pth, or a Hugging Face ViTMAEForPreTraining folder)")
+  check_compatible(pretrained, config, flag="--pretrained")
+  params, _, step = restore_params(pretrained, config)
+  if "decoder" not in params:
+    raise CheckpointMismatchError(
+        f"the checkpoint in {pretrained!r} has no decoder (a probe or fine-tune run?); {purpose} "
+        "needs the pretraining workdir")
+  return params, step
+
+
 def check_compatible(workdir: str, config, flag: str = "--workdir") -> None:
   """Raises CheckpointMismatchError if `workdir` holds a checkpoint of a different model. `flag`
   names the option that gave the folder, so that the message says which option to change."""
-  saved = saved_config(workdir)
+  saved = saved_config(workdir, config)
   if saved is None:
     return
+  if flag == "--workdir" and "converted_from" in saved:
+    raise CheckpointMismatchError(
+        f"{workdir} holds weights converted by mae_jax.convert, not a training run to resume; start "
+        f"from them with --pretrained={workdir} and a new --workdir")
   want = config_lib.model_signature(config)
   have = {k: saved.get("model", {}).get(k) for k in want}
   diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}

@@ -93,7 +93,7 @@ def load_encoder(pretrained: str, config) -> tuple[dict, dict, int]:
 
   Raises CheckpointMismatchError when there is no checkpoint or its encoder is not the config's.
   """
-  params, saved, step = checkpointing.restore_params(pretrained)
+  params, saved, step = checkpointing.restore_params(pretrained, config)
   want = {k: config.model[k] for k in ENCODER_KEYS}
   have = {k: saved["model"].get(k) for k in ENCODER_KEYS}
   if want != have:

@@ -44,10 +44,7 @@ def job_main(job, name: str):
     logging.set_verbosity(logging.WARNING)
     config = prepare(FLAGS.config, FLAGS.workdir, jobs=(name,))
     if FLAGS.pretrained:
-      try:
-        checkpointing.adopt_pretrained_settings(config, FLAGS.pretrained)
-      except USER_ERRORS as e:
-        fail(e)
+      guarded(lambda: checkpointing.adopt_pretrained_settings(config, FLAGS.pretrained))
     return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained))
   return main
 
@@ -64,6 +61,14 @@ def prepare(config, workdir=None, jobs=("pretrain",)):
   except USER_ERRORS as e:
     fail(e)
   return config
+
+
+def guarded(fn):
+  """fn(), a user error ending the process with its message (exit 2) before any work."""
+  try:
+    return fn()
+  except USER_ERRORS as e:
+    fail(e)
 
 
 def fail(e: Exception):

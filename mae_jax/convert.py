@@ -373,10 +373,10 @@ def detect_format(path: str) -> str:
   if os.path.isdir(path):
     if is_workdir(path):
       return "mae_jax"
-    if os.path.exists(os.path.join(path, "config.json")):
+    if is_hf_folder(path):
       return "hf"
     raise ConvertError(f"{path} is a folder but neither a mae_jax workdir (checkpoints/) nor a Hugging "
-                       "Face model (config.json)")
+                       "Face model (config.json and model.safetensors or pytorch_model.bin)")
   if not os.path.exists(path):
     raise ConvertError(f"{path} does not exist")
   return "timm" if path.endswith(".safetensors") else "official"
@@ -388,7 +388,7 @@ def read_hf(folder: str) -> tuple[dict, dict]:
     cfg = json.load(f)
   if cfg.get("model_type") not in (None, "vit_mae"):
     raise ConvertError(f"{folder}/config.json is a {cfg.get('model_type')!r} model, not vit_mae")
-  for name in ("model.safetensors", "pytorch_model.bin"):
+  for name in HF_WEIGHTS:
     if os.path.exists(os.path.join(folder, name)):
       sd = read_state_dict(os.path.join(folder, name))
       break
@@ -521,8 +521,17 @@ def write_workdir(params: dict, config: dict, workdir: str) -> None:
 def is_foreign(path: str) -> bool:
   """Whether a `--pretrained` path is a PyTorch checkpoint (a file, or a Hugging Face folder)
   rather than a mae_jax workdir."""
-  return os.path.isfile(path) or (os.path.isdir(path) and not is_workdir(path)
-                                  and os.path.exists(os.path.join(path, "config.json")))
+  return os.path.isfile(path) or (os.path.isdir(path) and not is_workdir(path) and is_hf_folder(path))
+
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hf_folder(path: str) -> bool:
+  """A Hugging Face model folder: config.json and the weights (a mae_jax workdir has a
+  config.json too, but no weights file)."""
+  return os.path.exists(os.path.join(path, "config.json")) and any(
+      os.path.exists(os.path.join(path, name)) for name in HF_WEIGHTS)
 
 
 # ----------------------------------------------------------------------------

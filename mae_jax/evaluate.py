@@ -190,23 +190,6 @@ def knn_eval(config, mesh: Mesh, encoder_params, train_source, test_source) -> f
 # ----------------------------------------------------------------------------
 # The job.
 # ----------------------------------------------------------------------------
-def load_mae_params(pretrained: str, config):
-  """The full MAE parameters (encoder and decoder) of the newest checkpoint in `pretrained`."""
-  source = (checkpointing.saved_config(pretrained) or {}).get("converted_from")
-  if source and "decoder" not in source["parts"]:
-    raise checkpointing.CheckpointMismatchError(
-        f"{source['path']} holds no decoder ({', '.join(source['parts'])} only), and reconstruction "
-        "needs one: use a checkpoint with the decoder (the official mae_visualize_vit_*.pth or "
-        "*_full.pth, or a Hugging Face ViTMAEForPreTraining folder)")
-  checkpointing.check_compatible(pretrained, config, flag="--pretrained")
-  params, _, step = checkpointing.restore_params(pretrained)
-  if "decoder" not in params:
-    raise checkpointing.CheckpointMismatchError(
-        f"the checkpoint in {pretrained!r} has no decoder (a probe or fine-tune run?); reconstruction "
-        "needs the pretraining workdir")
-  return params, step
-
-
 @workdir_lib.holding_workdir
 def run(config, workdir: str, pretrained: str) -> dict:
   e = config.evaluate
@@ -217,7 +200,7 @@ def run(config, workdir: str, pretrained: str) -> dict:
       mask_ratio=mask_ratio)
   lpips_weights = {net: lpips.load_weights(path, net)
                    for net, path in (("alex", e.lpips_alex), ("vgg", e.lpips_vgg)) if path}
-  params, step = load_mae_params(pretrained, config)
+  params, step = checkpointing.load_mae_params(pretrained, config, "reconstruction")
   params = mesh.replicate(params)
   train_source, test_source = data.labelled_sources(config.dataset)
   test_source = Subset(test_source, e.num_images)

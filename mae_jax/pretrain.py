@@ -10,21 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import data, figures, masking, optim
+from mae_jax import checkpointing, data, figures, masking, optim
 from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
-from mae_jax.model import MAE, describe, mae_from_config
+from mae_jax.model import MAE, describe, mae_from_config, stack_layers
 from mae_jax.parallel import Mesh
 from mae_jax.trainer import (Hook, Task, TrainState, accumulate, accumulate_per_device, fit,
                              skip_if_nonfinite, steps_per_epoch)
 
 
-def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """Pure: initial parameters, optimizer state and the base PRNG key."""
+def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int,
+                       params=None) -> TrainState:
+  """Pure: initial parameters (or the given ones: --pretrained), optimizer state and the base
+  PRNG key."""
   init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
   h, w = model.image_size
-  params = model.init(init_key, jnp.zeros((1, h, w, model.channels)),
-                      jnp.zeros((1, model.num_patches)))["params"]
+  if params is None:
+    params = model.init(init_key, jnp.zeros((1, h, w, model.channels)),
+                        jnp.zeros((1, model.num_patches)))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=train_key)
 
@@ -154,12 +157,35 @@ def knn_hook(config, mesh: Mesh) -> Hook:
                                     queries)})
 
 
+def starting_params(config, model: MAE, pretrained: str) -> dict:
+  """The weights of `pretrained` (a workdir or a converted checkpoint with the decoder) in the
+  model's layer layout, checked against its shapes."""
+  params, step = checkpointing.load_mae_params(pretrained, config, "pretraining")
+  params = {k: params[k] for k in ("encoder", "decoder")}
+  if model.scan_layers:
+    params = stack_layers(params)
+  h, w = model.image_size
+  want = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, h, w, model.channels)),
+                        jnp.zeros((1, model.num_patches)))["params"]
+  if jax.tree.map(np.shape, params) != jax.tree.map(lambda a: a.shape, want):
+    raise checkpointing.CheckpointMismatchError(
+        f"the weights in {pretrained} do not fit this config's model (its mask-token ablation or "
+        "image size?); pretrain from them with the config they were made with")
+  metrics_lib.log(f"starting from the weights of {pretrained} (step {step})")
+  return params
+
+
 @workdir_lib.holding_workdir
-def run(config, workdir: str) -> TrainState:
-  """Pretrains (or resumes) the MAE described by `config` in `workdir`."""
+def run(config, workdir: str, pretrained: Optional[str] = None) -> TrainState:
+  """Pretrains (or resumes) the MAE described by `config` in `workdir`; a new run starts from
+  the weights of `pretrained` when given (its optimizer state and step start afresh)."""
   mesh = Mesh()
   b = build(config, mesh)
   model, tx = b["model"], b["tx"]
+  resuming = checkpointing.saved_config(workdir) is not None
+  init_args = (starting_params(config, model, pretrained),) if pretrained and not resuming else ()
+  if pretrained and resuming:
+    metrics_lib.log(f"--pretrained={pretrained} not used: {workdir} has a run to resume")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -182,6 +208,7 @@ def run(config, workdir: str) -> TrainState:
       summary=describe(model),
       step_variant=step_variant,
       init_state=functools.partial(create_train_state, model, tx, config.seed),
+      init_args=init_args,
       train_step=step_function(config, model, tx, mesh),
       batch_fields=("image", "mask_noise") if sampling == "block" else ("image",),
       hooks=hooks,

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
 from torch import nn  # noqa: E402
 
-from mae_jax import checkpointing, convert, evaluate  # noqa: E402
+from mae_jax import checkpointing, convert, pretrain  # noqa: E402
 from mae_jax.classifier import Classifier  # noqa: E402
 from mae_jax.model import mae_from_config, sincos_2d  # noqa: E402
 
@@ -178,8 +178,8 @@ def test_official_encoder_only_checkpoint_gives_the_encoder_and_says_the_decoder
     theirs = ref.forward_encoder(nchw(imgs), torch.from_numpy(noise))[0]
   np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), **TOL)
   config = ml_collections.ConfigDict(saved)
-  with pytest.raises(checkpointing.CheckpointMismatchError, match="no decoder.*mae_visualize_vit"):
-    evaluate.load_mae_params(dst, config)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="holds an encoder only.*reconstruction needs the MAE decoder.*mae_visualize_vit"):
+    checkpointing.load_mae_params(dst, config, "reconstruction")
 
 
 def test_hugging_face_pretraining_model_gives_its_outputs_and_its_config(tmp_path):
@@ -304,3 +304,30 @@ def test_jobs_take_a_pytorch_checkpoint_as_pretrained_directly(cifar_folder, tmp
   r = json.load(open(tmp_path / "eval" / "results.json"))
   assert r["config"]["model"]["layer_norm_eps"] == 1e-12 and r["config"]["model"]["norm_pix_loss"]
   assert r["metrics"]["images"] == 100 and sorted(os.listdir(tmp_path / "hf")) == before
+
+
+def test_pretraining_continues_from_converted_weights_with_their_decoder(cifar_folder, tmp_path):
+  from conftest import tiny_config
+  from test_cli import _cli
+  src = str(tmp_path / "full.pth")
+  torch.save({"model": randomize(OfficialMAE(), 7).state_dict()}, src)
+  params, _ = convert.load_foreign(src, fallback_heads=(HEADS, DHEADS))
+  # One update at a negligible learning rate: the state it ends with is the converted weights.
+  c = tiny_config(cifar_folder, max_steps=1, log_every_steps=1, checkpoint_every_steps=1)
+  c.optimizer.update(base_lr=1e-12, weight_decay=0.0)
+  c.model.scan_layers = True  # the weights are stacked into the scanned layout on the way in
+  state = pretrain.run(c, str(tmp_path / "run"), pretrained=src)
+  from mae_jax.model import unstack_layers
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               unstack_layers(jax.device_get(state.params)), params)
+  assert int(state.step) == 1
+  # A converted workdir is not a run to resume, and a fine-tuned classifier cannot pretrain.
+  assert convert.main([src, str(tmp_path / "conv"), "--encoder_heads=2", "--decoder_heads=2"]) == 0
+  out = _cli(tmp_path / "conv", folder=cifar_folder)
+  assert out.returncode == 2 and f"start from them with --pretrained={tmp_path / 'conv'}" in out.stderr
+  ft = str(tmp_path / "ft.safetensors")
+  from safetensors.torch import save_file
+  save_file(timm_classifier().state_dict(), ft)
+  out = _cli(tmp_path / "run2", f"--pretrained={ft}", folder=cifar_folder)
+  assert out.returncode == 2 and "holds a fine-tuned classifier" in out.stderr
+  assert "pretraining needs the MAE decoder" in out.stderr and "Traceback" not in out.stderr

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mae_jax import classify, evaluate, pretrain
+from mae_jax import checkpointing, classify, evaluate, pretrain
 from conftest import tiny_config
 from test_cli import _cli
 
@@ -41,7 +41,7 @@ def test_probe_and_knn_learn_from_pretraining(cifar_folder, pretrained, tmp_path
   mesh = pretrain.Mesh()
   from mae_jax import data
   train, test = data.make_source(c.dataset, "train"), data.make_source(c.dataset, "test")
-  params, _ = evaluate.load_mae_params(pretrained, c)
+  params, _ = checkpointing.load_mae_params(pretrained, c, "reconstruction")
   import jax
   import jax.numpy as jnp
   from mae_jax.model import mae_from_config
@@ -125,7 +125,7 @@ def test_probe_finetune_and_evaluate_read_a_scanned_pretraining_checkpoint(cifar
   for job in ("probe", "finetune"):
     metrics = classify.run(c, str(tmp_path / job), str(tmp_path / "pre"), job)["metrics"]
     assert 0.0 <= metrics["top1"] <= 100.0
-  params, _ = evaluate.load_mae_params(str(tmp_path / "pre"), c)
+  params, _ = checkpointing.load_mae_params(str(tmp_path / "pre"), c, "reconstruction")
   assert "block0" in params["decoder"] and not checkpointing.model_lib.is_scanned(params)
 
 
