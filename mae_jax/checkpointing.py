@@ -306,6 +306,8 @@ def load_mae_params(pretrained: str, config, purpose: str) -> tuple[dict, int]:
 def check_compatible(workdir: str, config, flag: str = "--workdir") -> None:
   """Raises CheckpointMismatchError if `workdir` holds a checkpoint of a different model. `flag`
   names the option that gave the folder, so that the message says which option to change."""
+  if flag == "--workdir" and os.path.isfile(workdir):
+    return  # not a checkpoint: the workdir check says what is wrong with it
   saved = saved_config(workdir, config)
   if saved is None:
     return

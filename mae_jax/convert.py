@@ -17,6 +17,7 @@ Every format goes through one intermediate, the official code's state dict in nu
 (attention heads, norm_pix_loss) comes from a config beside them or from a flag.
 """
 
+import argparse
 import difflib
 import json
 import os
@@ -340,7 +341,10 @@ def read_state_dict(path: str) -> dict:
     return dict(load_file(path))
   torch = _torch()
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # Training checkpoints of the official code also hold its argparse arguments: allowed, as
+    # plain data; anything else that is not tensors and containers stays refused.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
     raise ConvertError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
   for wrapper in ("model", "state_dict", "module"):
@@ -361,7 +365,7 @@ def write_state_dict(sd: dict, path: str, wrap: bool) -> None:
     save_file(sd, path, metadata={"format": "pt"})
     return
   torch = _torch()
-  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}  # a writable copy
   torch.save({"model": tensors} if wrap else tensors, path)
 
 
@@ -537,36 +541,51 @@ def is_hf_folder(path: str) -> bool:
 # ----------------------------------------------------------------------------
 # Export: a mae_jax workdir -> a PyTorch checkpoint.
 # ----------------------------------------------------------------------------
-def export(workdir: str, dst: str, fmt: str) -> dict:
-  """Writes the newest checkpoint of `workdir` to `dst` in `fmt`; returns the official state dict."""
+def _has_batch_stats(workdir: str, step: int) -> bool:
   from mae_jax import checkpointing
-  params, config, _ = checkpointing.restore_params(workdir)
+  try:
+    with open(os.path.join(checkpointing.checkpoint_dir(workdir), str(step), "state", "_METADATA")) as f:
+      return "batch_stats" in f.read()
+  except OSError:
+    return False
+
+
+def export(workdir: str, dst: str, fmt: str) -> int:
+  """Writes the newest checkpoint of `workdir` to `dst` in `fmt`; returns the tensors written."""
+  from mae_jax import checkpointing
+  params, config, step = checkpointing.restore_params(workdir)
   params = {k: v for k, v in params.items() if k in ("encoder", "decoder", "fc_norm", "head")}
+  if _has_batch_stats(workdir, step):
+    # A linear probe's head reads BatchNorm-normalised features, which no target format's head
+    # does: only the (frozen, pretrained) encoder goes out.
+    params = {"encoder": params["encoder"]}
+    print(f"{workdir} is a linear probe: its head needs the probe's BatchNorm statistics, which "
+          "the target formats have no place for; exporting the encoder only")
   sd = params_to_official(params, config["model"]["patch_size"], config["dataset"]["image_size"])
   shape = describe_official(sd)
   if os.path.exists(dst):
     raise ConvertError(f"{dst} exists; give a new path")
   if fmt == "official":
-    write_state_dict(sd, dst, wrap=True)
+    out = sd
+    write_state_dict(out, dst, wrap=True)
   elif fmt == "timm":  # the encoder (and a fine-tuned head): timm's VisionTransformer
-    enc = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
-    write_state_dict(enc, dst, wrap=False)
+    out = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
+    write_state_dict(out, dst, wrap=False)
   elif fmt == "hf":
     if shape["head"]:
       raise ConvertError("a fine-tuned classifier has no Hugging Face ViTMAE form; export it with "
                          "--to=official or --to=timm")
+    out = official_to_hf(sd, encoder_only=not shape["decoder"])
     os.makedirs(dst)
-    write_state_dict(official_to_hf(sd, encoder_only=not shape["decoder"]),
-                     os.path.join(dst, "model.safetensors"), wrap=False)
+    write_state_dict(out, os.path.join(dst, "model.safetensors"), wrap=False)
     with open(os.path.join(dst, "config.json"), "w") as f:
       json.dump(hf_config(config, shape), f, indent=2)
   else:
     raise ConvertError(f"unknown --to={fmt!r}; use one of {', '.join(FORMATS)}")
-  return sd
+  return len(out)
 
 
 def main(argv=None) -> int:
-  import argparse
   p = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__.split("\n\n")[0])
   p.add_argument("src", help="official/timm .pth or .safetensors, a Hugging Face folder, or a mae_jax workdir")
   p.add_argument("dst", help="a new mae_jax workdir, or (from a workdir) the file/folder to write")
@@ -581,8 +600,8 @@ def main(argv=None) -> int:
     if detect_format(a.src) == "mae_jax":
       if not a.dst_format:
         raise ConvertError("from a mae_jax workdir, say the format to write: --to=official|timm|hf")
-      sd = export(a.src, a.dst, a.dst_format)
-      print(f"wrote {a.dst} ({a.dst_format}, {len(sd)} tensors of the official state dict)")
+      count = export(a.src, a.dst, a.dst_format)
+      print(f"wrote {a.dst} ({a.dst_format}, {count} tensors)")
       return 0
     params, config = load_foreign(a.src, a.src_format, a.encoder_heads, a.decoder_heads,
                                   None if a.norm_pix_loss is None else a.norm_pix_loss == "true")

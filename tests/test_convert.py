@@ -1,6 +1,7 @@
 """Weights in and out (mae_jax.convert): small random PyTorch models in each format, converted and
 run in mae_jax on the same images and masking noise; exports read back by the PyTorch models."""
 
+import argparse
 import functools
 import json
 import os
@@ -150,8 +151,9 @@ def assert_close(ours, theirs, names=("loss", "pred", "mask", "latent")):
 
 def test_official_full_checkpoint_gives_the_official_model_outputs(tmp_path):
   ref = randomize(OfficialMAE(), 0)
-  path = str(tmp_path / "mae_visualize_tiny.pth")
-  torch.save({"model": ref.state_dict()}, path)
+  path = str(tmp_path / "checkpoint-799.pth")
+  # As main_pretrain.py saves it: the model beside the epoch and its argparse arguments.
+  torch.save({"model": ref.state_dict(), "epoch": 799, "args": argparse.Namespace(mask_ratio=0.75)}, path)
   params, config = convert.load_foreign(path, encoder_heads=HEADS, decoder_heads=DHEADS)
   assert config["model"]["encoder_depth"] == DEPTH and config["model"]["decoder_width"] == DD
   assert config["dataset"]["image_size"] == IMG and config["model"]["layer_norm_eps"] == 1e-6

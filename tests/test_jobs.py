@@ -6,7 +6,7 @@ import os
 import pytest
 
 from mae_jax import checkpointing, classify, evaluate, pretrain
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from test_cli import _cli
 
 # The learning check: the tiny preset pretrained for 2,000 steps (about three minutes on two CPU
@@ -68,6 +68,7 @@ def test_probe_finetune_evaluate_from_the_cli(cifar_folder, pretrained, tmp_path
     rows = [json.loads(l) for l in open(tmp_path / job / "metrics.jsonl")]
     assert rows[-1]["step"] == 20 and "test_top1" in rows[-1]
     assert os.listdir(tmp_path / job / "checkpoints") == ["20"]
+  _exports_load_in_timm(tmp_path)
   # Resume: the same command with more steps goes on from step 20.
   out = _cli(tmp_path / "probe", *config[:-2], "--config.max_steps=30", f"--pretrained={pretrained}",
              folder=cifar_folder, module="mae_jax.probe")
@@ -88,6 +89,34 @@ def test_probe_finetune_evaluate_from_the_cli(cifar_folder, pretrained, tmp_path
   assert 10 < m["knn_top1"] <= 100
   assert os.path.exists(tmp_path / "eval" / "reconstruction.png")
   assert "eval/psnr" in json.loads(open(tmp_path / "eval" / "metrics.jsonl").readline())
+
+
+def _exports_load_in_timm(tmp_path):
+  """The fine-tuned classifier goes out to timm whole (its logits are ours); the linear probe's
+  encoder only (its head needs BatchNorm statistics timm has no place for)."""
+  import sys
+  import numpy as np
+  import ml_collections
+  from mae_jax import checkpointing, classifier, convert
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import torch_cpu
+  timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
+  import torch
+  from safetensors.torch import load_file
+  for job in ("probe", "finetune"):
+    dst = str(tmp_path / f"{job}.safetensors")
+    assert convert.main([str(tmp_path / job), dst, "--to=timm"]) == 0
+    params, saved, _ = checkpointing.restore_params(str(tmp_path / job))
+    m = saved["model"]
+    vit = timm_vit.VisionTransformer(img_size=32, patch_size=m["patch_size"], embed_dim=m["encoder_width"],
+                                     depth=m["encoder_depth"], num_heads=m["encoder_heads"],
+                                     num_classes=10 if job == "finetune" else 0, global_pool="token").eval()
+    vit.load_state_dict(load_file(dst), strict=True)
+  model = classifier.classifier_from_config(ml_collections.ConfigDict(saved), 10, probe=False, global_pool=False)
+  imgs = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    theirs = vit(torch.from_numpy(imgs.transpose(0, 3, 1, 2).copy())).numpy()
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, imgs)), theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_job_errors(cifar_folder, pretrained, tmp_path):
