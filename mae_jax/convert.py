@@ -76,7 +76,8 @@ def _depth(sd, prefix):
 
 
 def _is_sincos(pos, grid) -> bool:
-  return np.allclose(pos[0], sincos_2d(pos.shape[-1], grid, cls_token=True), atol=1e-4)
+  fixed = sincos_2d(pos.shape[-1], grid, cls_token=True)
+  return pos.shape[1:] == fixed.shape and np.allclose(pos[0], fixed, atol=1e-4)
 
 
 def describe_official(sd: dict) -> dict:
@@ -129,7 +130,8 @@ def official_to_params(sd: dict) -> dict:
   params = {"encoder": enc}
   if shape["decoder"]:
     if not _is_sincos(sd["decoder_pos_embed"], grid):
-      raise ConvertError("decoder_pos_embed is not the fixed 2D sin-cos embedding the MAE decoder uses")
+      raise ConvertError(f"decoder_pos_embed {sd['decoder_pos_embed'].shape} is not the fixed 2D sin-cos "
+                         f"embedding of a {grid[0]}x{grid[1]} grid that the MAE decoder uses")
     dec = {"embed": _dense(sd, "decoder_embed"), "mask_token": sd["mask_token"],
            "norm": _norm(sd, "decoder_norm"), "pred": _dense(sd, "decoder_pred")}
     for i in range(shape["decoder_depth"]):

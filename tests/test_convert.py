@@ -145,8 +145,13 @@ def run_mae(params, config, imgs, noise):
 
 
 def assert_close(ours, theirs, names=("loss", "pred", "mask", "latent")):
+  """Each output within TOL; the largest differences are printed (pytest -s shows them)."""
+  diffs = []
   for name, a, b in zip(names, ours, theirs):
-    np.testing.assert_allclose(a, b.detach().numpy() if hasattr(b, "detach") else b, **TOL, err_msg=name)
+    b = b.detach().numpy() if hasattr(b, "detach") else np.asarray(b)
+    np.testing.assert_allclose(a, b, **TOL, err_msg=name)
+    diffs.append(f"{name} {np.max(np.abs(a - b)):.1e}")
+  print("max |mae_jax - PyTorch|: " + ", ".join(diffs))
 
 
 def test_official_full_checkpoint_gives_the_official_model_outputs(tmp_path):
@@ -178,7 +183,7 @@ def test_official_encoder_only_checkpoint_gives_the_encoder_and_says_the_decoder
   ours = model.apply({"params": params}, imgs, noise, 0.75, method=lambda m, *a: m.encoder(*a))[0]
   with torch.no_grad():
     theirs = ref.forward_encoder(nchw(imgs), torch.from_numpy(noise))[0]
-  np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), **TOL)
+  assert_close([np.asarray(ours)], [theirs], names=("latent",))
   config = ml_collections.ConfigDict(saved)
   with pytest.raises(checkpointing.CheckpointMismatchError, match="holds an encoder only.*reconstruction needs the MAE decoder.*mae_visualize_vit"):
     checkpointing.load_mae_params(dst, config, "reconstruction")
@@ -210,7 +215,7 @@ def test_timm_fine_tuned_classifier_gives_its_logits(tmp_path):
   imgs, _ = inputs(3)
   with torch.no_grad():
     theirs = ref(nchw(imgs)).numpy()
-  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, imgs)), theirs, **TOL)
+  assert_close([np.asarray(model.apply({"params": params}, imgs))], [theirs], names=("logits",))
 
 
 def test_export_round_trip_is_bit_identical_and_pytorch_reads_each_format(tmp_path):
@@ -228,6 +233,13 @@ def test_export_round_trip_is_bit_identical_and_pytorch_reads_each_format(tmp_pa
     expected = params if fmt != "timm" else {"encoder": params["encoder"]}  # timm: the encoder
     jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, expected))
 
+  # A workdir of scanned (stacked) layers exports the same file as the unrolled one.
+  from mae_jax.model import stack_layers
+  convert.write_workdir(stack_layers(params), saved, str(tmp_path / "scanned"))
+  assert convert.main([str(tmp_path / "scanned"), str(tmp_path / "scanned.pth"), "--to=official"]) == 0
+  a = torch.load(str(tmp_path / "scanned.pth"), weights_only=True)["model"]
+  b = torch.load(str(tmp_path / "out.pth"), weights_only=True)["model"]
+  assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
   # The official file holds the official module's state dict, key for key.
   official = torch.load(str(tmp_path / "out.pth"), weights_only=True)["model"]
   assert official.keys() == ref.state_dict().keys()
@@ -246,7 +258,7 @@ def test_export_round_trip_is_bit_identical_and_pytorch_reads_each_format(tmp_pa
   model = mae_from_config(ml_collections.ConfigDict(saved["model"]), IMG)
   ours = model.apply({"params": params}, imgs, method=lambda m, x: m.encoder(x)[0])
   with torch.no_grad():
-    np.testing.assert_allclose(np.asarray(ours), vit.forward_features(nchw(imgs)).numpy(), **TOL)
+    assert_close([np.asarray(ours)], [vit.forward_features(nchw(imgs))], names=("timm features",))
 
 
 def test_bad_checkpoints_say_what_is_wrong(tmp_path):
