@@ -613,7 +613,9 @@ def main(argv=None) -> int:
           f"{config['dataset']['image_size']}, encoder {m['encoder_width']} x {m['encoder_depth']} "
           f"({m['encoder_heads']} heads)" + (f", decoder {m['decoder_width']} x {m['decoder_depth']} "
           f"({m['decoder_heads']} heads)" if "decoder" in params else "")
-          + f" | norm_pix_loss {m['norm_pix_loss']}, layer_norm_eps {m['layer_norm_eps']:g}")
+          + f" | layer_norm_eps {m['layer_norm_eps']:g}, norm_pix_loss "
+          + (str(m["norm_pix_loss"]) if "norm_pix_loss" in config["converted_from"]["settings"]
+             else "not said (the job's config decides; --norm_pix_loss=true|false to set)"))
     return 0
   except ConvertError as e:
     print(f"error: {e}", file=sys.stderr)
