@@ -201,6 +201,34 @@ def test_hugging_face_pretraining_model_gives_its_outputs_and_its_config(tmp_pat
     out = hf(pixel_values=nchw(imgs), noise=torch.from_numpy(noise))
     latent = hf.vit(pixel_values=nchw(imgs), noise=torch.from_numpy(noise)).last_hidden_state
   assert_close(run_mae(params, config, imgs, noise), (out.loss, out.logits, out.mask, latent))
+  # The encoder alone (ViTMAEModel, no "vit." prefix), in the older file (pytorch_model.bin),
+  # which transformers 5 no longer writes.
+  folder = tmp_path / "hf_encoder"
+  hf.vit.save_pretrained(str(folder))
+  from safetensors.torch import load_file
+  torch.save(load_file(str(folder / "model.safetensors")), str(folder / "pytorch_model.bin"))
+  os.remove(folder / "model.safetensors")
+  encoder, _ = convert.load_foreign(str(tmp_path / "hf_encoder"))
+  assert set(encoder) == {"encoder"}
+  jax.tree.map(np.testing.assert_array_equal, encoder["encoder"], params["encoder"])
+
+
+def test_timm_mae_encoder_gives_its_features(tmp_path):
+  """timm's MAE encoder layout (vit_*.mae: cls-token pooling, final norm, no head)."""
+  from safetensors.torch import save_file
+  ref = randomize(timm_vit.VisionTransformer(img_size=IMG, patch_size=P, embed_dim=D, depth=DEPTH,
+                                             num_heads=HEADS, num_classes=0), 8)
+  with torch.no_grad():
+    ref.pos_embed.copy_(torch.from_numpy(sincos_2d(D, (8, 8), True))[None])  # as MAE pretrained it
+  path = str(tmp_path / "vit_tiny.mae.safetensors")
+  save_file(ref.state_dict(), path)
+  params, config = convert.load_foreign(path, encoder_heads=HEADS)
+  assert set(params) == {"encoder"} and "pos_embed" not in params["encoder"]
+  model = mae_from_config(ml_collections.ConfigDict(config["model"]), IMG)
+  imgs, _ = inputs(5)
+  ours = model.apply({"params": params}, imgs, method=lambda m, x: m.encoder(x)[0])
+  with torch.no_grad():
+    assert_close([np.asarray(ours)], [ref.forward_features(nchw(imgs))], names=("timm features",))
 
 
 def test_timm_fine_tuned_classifier_gives_its_logits(tmp_path):
@@ -255,6 +283,11 @@ def test_export_round_trip_is_bit_identical_and_pytorch_reads_each_format(tmp_pa
   vit = timm_vit.VisionTransformer(img_size=IMG, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS,
                                    num_classes=0).eval()
   vit.load_state_dict(load_file(str(tmp_path / "out.safetensors")), strict=True)
+  timm = torch_cpu.tolerant_import("timm")  # and as a user would: create_model with the file
+  created = timm.create_model("vit_tiny_patch16_224", img_size=IMG, patch_size=P, embed_dim=D, depth=DEPTH,
+                              num_heads=HEADS, num_classes=0, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "out.safetensors")))
+  assert all(torch.equal(a, b) for a, b in zip(created.state_dict().values(), vit.state_dict().values()))
   model = mae_from_config(ml_collections.ConfigDict(saved["model"]), IMG)
   ours = model.apply({"params": params}, imgs, method=lambda m, x: m.encoder(x)[0])
   with torch.no_grad():
