@@ -114,7 +114,7 @@ def official_to_params(sd: dict) -> dict:
   two are only ever added)."""
   shape = describe_official(sd)
   p, width, grid = shape["patch_size"], shape["encoder_width"], (shape["image_size"] // shape["patch_size"],) * 2
-  check_keys(sd, expected_official_keys(shape))
+  check_keys(sd, expected_official_shapes(shape))
   w = sd["patch_embed.proj.weight"]  # (D, C, p, p) -> (p * p * C, D): mae_jax flattens patches (p, p, C)
   enc = {"patch_embed": {"kernel": w.transpose(2, 3, 1, 0).reshape(p * p * 3, width),
                          "bias": sd["patch_embed.proj.bias"]},
@@ -202,55 +202,68 @@ def params_to_official(params: dict, patch_size: int, image_size: int) -> dict:
   return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
 
 
-def expected_official_keys(shape: dict) -> list[str]:
-  def block(prefix):
-    return [f"{prefix}{n}.{t}" for n in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
-            for t in ("weight", "bias")]
-  keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+def expected_official_shapes(shape: dict) -> dict:
+  """Every key a state dict of this model shape has in the official names, with its shape."""
+  p, d, grid_len = shape["patch_size"], shape["encoder_width"], (shape["image_size"] // shape["patch_size"]) ** 2
+
+  def block(prefix, w):
+    h = int(w * shape["mlp_ratio"])
+    sizes = {"norm1": (w,), "attn.qkv": (3 * w, w), "attn.proj": (w, w), "norm2": (w,),
+             "mlp.fc1": (h, w), "mlp.fc2": (w, h)}
+    return dense(prefix, sizes)
+
+  def dense(prefix, sizes):  # {name: weight shape} -> weight and bias keys
+    return {k: v for n, s in sizes.items() for k, v in ((f"{prefix}{n}.weight", s), (f"{prefix}{n}.bias", s[:1]))}
+
+  out = {"cls_token": (1, 1, d), "pos_embed": (1, grid_len + 1, d), **dense("patch_embed.", {"proj": (d, 3, p, p)})}
   for i in range(shape["encoder_depth"]):
-    keys += block(f"blocks.{i}.")
+    out.update(block(f"blocks.{i}.", d))
   if not shape["fc_norm"] or not shape["head"]:
-    keys += ["norm.weight", "norm.bias"]
+    out.update(dense("", {"norm": (d,)}))
   if shape["decoder"]:
-    keys += ["mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias",
-             "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
+    dd = shape["decoder_width"]
+    out.update({"mask_token": (1, 1, dd), "decoder_pos_embed": (1, grid_len + 1, dd),
+                **dense("decoder_", {"embed": (dd, d), "norm": (dd,), "pred": (p * p * 3, dd)})})
     for i in range(shape["decoder_depth"]):
-      keys += block(f"decoder_blocks.{i}.")
+      out.update(block(f"decoder_blocks.{i}.", dd))
   if shape["fc_norm"]:
-    keys += ["fc_norm.weight", "fc_norm.bias"]
+    out.update(dense("", {"fc_norm": (d,)}))
   if shape["head"]:
-    keys += ["head.weight", "head.bias"]
-  return keys
+    out.update(dense("", {"head": (shape["num_classes"], d)}))
+  return out
 
 
-def _closest(name, names) -> str:
-  near = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-  return f"{name} (expected e.g. {near[0]})" if near else name
+def _listed(names: list, among: list, hint: str, most: int = 5) -> str:
+  """A handful of `names`, each with its closest match in `among` ('x (hint y)')."""
+  def one(name):
+    near = difflib.get_close_matches(name, among, n=1, cutoff=0.5)
+    return f"{name} ({hint} {near[0]})" if near else name
+  return ", ".join(one(n) for n in names[:most]) + (", ..." if len(names) > most else "")
 
 
 def need(sd: dict, keys) -> None:
+  """The keys every MAE ViT state dict has, before anything else is read."""
   missing = [k for k in keys if k not in sd]
   if missing:
-    some = ", ".join(_closest(k, list(sd)) for k in missing[:5])
-    raise ConvertError(f"not a MAE ViT state dict: {len(missing)} key(s) missing: {some}"
-                       + ("" if len(missing) <= 5 else ", ..."))
+    raise ConvertError(f"not a MAE ViT state dict: {len(missing)} key(s) missing: "
+                       + _listed(missing, list(sd), "closest present:"))
 
 
-def check_keys(sd: dict, expected: list[str]) -> None:
-  """Unknown or missing keys, a handful listed with the closest expected names."""
-  # Official extras that carry nothing: a head of 0 classes (timm's num_classes=0 export).
-  known = set(expected)
-  unknown = [k for k in sd if k not in known]
+def check_keys(sd: dict, expected: dict) -> None:
+  """Unknown or missing keys, a handful listed with the closest names; then each tensor's shape."""
+  unknown = [k for k in sd if k not in expected]
   missing = [k for k in expected if k not in sd]
   problems = []
   if missing:
-    problems.append(f"{len(missing)} missing: " + ", ".join(_closest(k, list(sd)) for k in missing[:5])
-                    + (", ..." if len(missing) > 5 else ""))
+    problems.append(f"{len(missing)} missing: " + _listed(missing, list(sd), "closest present:"))
   if unknown:
-    problems.append(f"{len(unknown)} unknown: " + ", ".join(_closest(k, expected) for k in unknown[:5])
-                    + (", ..." if len(unknown) > 5 else ""))
+    problems.append(f"{len(unknown)} unknown: " + _listed(unknown, list(expected), "expected e.g."))
   if problems:
     raise ConvertError("the state dict's keys are not a MAE ViT's (" + "; ".join(problems) + ")")
+  for k, want in expected.items():
+    if tuple(sd[k].shape) != want:
+      raise ConvertError(f"{k} has shape {tuple(sd[k].shape)}, but a model of these widths "
+                         f"(read from patch_embed, pos_embed and the first block) needs {want}")
 
 
 # ----------------------------------------------------------------------------
@@ -440,6 +453,7 @@ def load_foreign(src: str, fmt: str = "", encoder_heads: int = 0, decoder_heads:
     sd, facts = read_hf(src)
   elif fmt in ("official", "timm"):
     sd, facts = read_state_dict(src), {}
+    # A head of 0 classes (saved from timm with num_classes=0) carries nothing.
     sd = {k: v for k, v in sd.items() if not (k.startswith("head.") and v.shape[0] == 0)}
   else:
     raise ConvertError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -471,7 +485,6 @@ def load_foreign(src: str, fmt: str = "", encoder_heads: int = 0, decoder_heads:
     c.model.norm_pix_loss = norm_pix_loss
   elif "norm_pix_loss" in facts:
     c.model.norm_pix_loss = facts["norm_pix_loss"]
-  check_shapes(params, c)
   config = c.to_dict()
   # `settings`: what the source (or a flag) said of how its weights compute, which a job using
   # them adopts over its own config (checkpointing.adopt_pretrained_settings).
@@ -481,33 +494,6 @@ def load_foreign(src: str, fmt: str = "", encoder_heads: int = 0, decoder_heads:
   config["converted_from"] = {"path": os.path.abspath(src), "format": fmt, "settings": settings,
                               "parts": [p for p in ("encoder", "decoder", "fc_norm", "head") if p in params]}
   return params, config
-
-
-def check_shapes(params: dict, config) -> None:
-  """Every tensor against the shape the config's model gives it (a tensor of another size in a
-  state dict whose keys are right)."""
-  import jax
-  from mae_jax.classifier import Classifier
-  from mae_jax.model import mae_from_config
-  m, size = config.model, config.dataset.image_size
-  x = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
-  if "decoder" in params:
-    model = mae_from_config(m, size, scan_layers=False)
-    want = jax.eval_shape(model.init, jax.random.PRNGKey(0), x,
-                          jax.ShapeDtypeStruct((1, model.num_patches), np.float32))["params"]
-  else:
-    model = Classifier(num_classes=max(1, params.get("head", {}).get("bias", np.zeros(1)).shape[0]),
-                       image_size=(size, size), patch_size=m.patch_size, width=m.encoder_width,
-                       depth=m.encoder_depth, num_heads=m.encoder_heads, mlp_ratio=m.mlp_ratio,
-                       global_pool="fc_norm" in params, learned_pos_embed="pos_embed" in params["encoder"])
-    want = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
-  have = jax.tree_util.tree_flatten_with_path(params)[0]
-  wanted = dict((jax.tree_util.keystr(k), v.shape) for k, v in jax.tree_util.tree_flatten_with_path(want)[0])
-  for path, value in have:
-    name = jax.tree_util.keystr(path)
-    if name in wanted and tuple(value.shape) != tuple(wanted[name]):
-      raise ConvertError(f"tensor {name} has shape {tuple(value.shape)}, but a model of these widths "
-                         f"needs {tuple(wanted[name])}")
 
 
 def write_workdir(params: dict, config: dict, workdir: str) -> None:
