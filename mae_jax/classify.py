@@ -35,7 +35,7 @@ def create_train_state(tx, seed: int, variables: dict) -> TrainState:
 
 def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_classes: int,
                   label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
-                  random_erasing: float = 0.0, micro_batches: int = 1):
+                  random_erasing: float = 0.0, micro_batches: int = 1, interpolation: str = "bicubic"):
   """One optimizer update: device-side mixup/cutmix/erasing, cross-entropy on soft targets. With
   `micro_batches` K > 1 the gradients of the K micro-batches of `batch` (leaves (K, m, ...)) are
   averaged inside the step (`trainer.accumulate`; BatchNorm statistics pass from one to the next).
@@ -45,7 +45,7 @@ def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_c
   def grads_of(params, k, micro, model_state):
     key = jax.random.fold_in(state.rng, micro_batches * state.step + k)
     k_mix, k_erase, k_drop = jax.random.split(key, 3)
-    images = data.normalize(micro["image"], mean, std)
+    images = data.normalize(data.train_images(micro, interpolation), mean, std)
     targets = augment.one_hot(micro["label"], num_classes, label_smoothing)
     images, targets = augment.mixup_cutmix(k_mix, images, targets, mixup, cutmix)
     images = augment.random_erasing(k_erase, images, random_erasing)
@@ -165,7 +165,8 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
       init_state=functools.partial(create_train_state, tx, config.seed),
       init_args=(variables,),
       train_step=functools.partial(classify_step, model=model, tx=tx, mean=mean, std=std,
-                                   num_classes=n_classes, micro_batches=accum, **aug),
+                                   num_classes=n_classes, micro_batches=accum,
+                                   interpolation=config.dataset.interpolation, **aug),
       batch_fields=("image", "label"),
       hooks=[Hook(max(1, section.eval_every_epochs * updates_per_epoch), eval_hook)],
   )

@@ -45,6 +45,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
                                  # 0: decode in the main process)
       read_threads=2,            # threads per loader process reading records ahead (raise for
                                  # remote storage: GCS, NFS); 0 reads in the decoding thread
+      resize_on="auto",          # where the train crop is resampled: 'host' (the loader's
+                                 # workers), 'device' (the train step; the workers decode and
+                                 # crop only) or 'auto' (device on GPU/TPU, host on CPU)
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -343,6 +346,11 @@ def validate(config, jobs=("pretrain",)) -> None:
     need(0.0 < lo <= hi <= 1.0, f"{name}.crop_scale={(lo, hi)} must satisfy 0 < low <= high <= 1")
   need(d.interpolation in ("bicubic", "bilinear", "nearest"),
        f"dataset.interpolation={d.interpolation!r} must be bicubic, bilinear or nearest")
+  need(d.resize_on in data.RESIZE_ON,
+       f"dataset.resize_on={d.resize_on!r} must be one of {', '.join(data.RESIZE_ON)}")
+  need(d.resize_on != "device" or d.interpolation in data.DEVICE_INTERPOLATIONS,
+       f"dataset.resize_on='device' resamples with {' or '.join(data.DEVICE_INTERPOLATIONS)}, not "
+       f"{d.interpolation!r}; use --config.dataset.resize_on=host for it")
 
   need(config.warmup_epochs <= config.num_epochs,
        f"warmup_epochs={config.warmup_epochs} must be within [0, num_epochs={config.num_epochs}]")

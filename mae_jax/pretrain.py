@@ -34,7 +34,7 @@ def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int,
 
 def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
                   mask_sampling: str = "random", variant=None, micro_batches: int = 1,
-                  mesh: Optional[Mesh] = None, fsdp: bool = False):
+                  mesh: Optional[Mesh] = None, fsdp: bool = False, interpolation: str = "bicubic"):
   """One optimizer update: fresh masking noise (or the batch's block masks), loss, gradients,
   AdamW. `variant`, when given, is this step's (curriculum) mask ratio.
 
@@ -42,7 +42,8 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
   gradients are averaged inside this one step (`trainer.accumulate`). Given the `mesh`, a
   replicated state has each device accumulate its own rows and the gradients all-reduced once per
   update; an FSDP state (`fsdp`) accumulates in its shards. The masking noise of micro-batch k is
-  drawn from fold_in(rng, K * step + k), the key a run without accumulation would use for it."""
+  drawn from fold_in(rng, K * step + k), the key a run without accumulation would use for it.
+  Crops sent on canvases (dataset.resize_on='device') are resampled first (`data.train_images`)."""
   if variant is not None:
     model = model.clone(mask_ratio=variant)
   if "mask_noise" in batch:  # block masks, drawn by the data pipeline
@@ -57,7 +58,7 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
     noise = jax.vmap(draw)(jnp.arange(micro_batches)) if micro_batches > 1 else draw(0)
 
   def grads_of(params, _, micro, carry):
-    images = data.normalize(micro["image"], mean, std)
+    images = data.normalize(data.train_images(micro, interpolation), mean, std)
 
     def loss_fn(params):
       (loss, _, _), sown = model.apply({"params": params}, images, micro["noise"], mutable=["losses"])
@@ -69,7 +70,7 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
       metrics.update({f"loss_{name}": v for name, v in parts.items()})
     return (metrics, grads), carry
 
-  micro = {"image": batch["image"], "noise": noise}
+  micro = {**{k: batch[k] for k in ("image", data.CROP_FIELD) if k in batch}, "noise": noise}
   # The uniformity loss compares the rows of a micro-batch with each other: it needs all of them.
   if micro_batches > 1 and mesh is not None and not fsdp and not model.uniformity_weight > 0:
     (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, micro_batches, mesh)
@@ -110,7 +111,7 @@ def step_function(config, model: MAE, tx, mesh: Mesh):
   return functools.partial(pretrain_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
                            std=tuple(config.dataset.std), mask_sampling=config.model.mask_sampling,
                            micro_batches=config.grad_accum_steps, mesh=mesh,
-                           fsdp=bool(config.sharding.fsdp))
+                           fsdp=bool(config.sharding.fsdp), interpolation=config.dataset.interpolation)
 
 
 def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):

@@ -204,11 +204,15 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   intervals default to the config's top-level `log_every_steps` and `checkpoint_every_steps`.
   """
   log_every = log_every or config.log_every_steps
+  augment = augment or data.train_augment(config.dataset)
   loader = data.make_loader(config, train_source, train=True,
                             global_batch_size=batch_size // micro_batches, seed=config.seed,
                             augment=augment)
+  augments = augment if isinstance(augment, (list, tuple)) else [augment]
+  on_device = any(getattr(a, "resize_on_device", False) for a in augments)
+  fields = (*task.batch_fields, data.CROP_FIELD)  # crops: dataset.resize_on='device'
   data_iter = DeviceFeed(iter(loader), lambda local: mesh.put_batch(
-      {k: local[k] for k in task.batch_fields}, micro_batches), depth=2, group=micro_batches)
+      {k: local[k] for k in fields if k in local}, micro_batches), depth=2, group=micro_batches)
   ckpt = checkpointing.Checkpointer(workdir, checkpoint_every or config.checkpoint_every_steps,
                                     config.keep_checkpoints)
   config_dict = config.to_dict()
@@ -226,7 +230,8 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                   f"processes{', state sharded (FSDP)' if config.sharding.fsdp else ''} | "
                   f"{len(train_source):,} training examples | batch {batch_size}"
                   + (f" = {micro_batches} x {batch_size // micro_batches}" if micro_batches > 1 else "")
-                  + f" | steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else ""))
+                  + f" | steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else "")
+                  + (" | train crops resampled on the device" if on_device else ""))
 
   compiled = {}  # variant -> jitted train step
 

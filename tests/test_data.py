@@ -3,6 +3,7 @@
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -99,6 +100,13 @@ def _photo_jpeg(path, w, h):
   return str(path)
 
 
+def _crop_of(image, seed: int, size: int, scale=(0.5, 1.0)):
+  """TrainAugment's host crop of an encoded image (a path) with a fixed seed."""
+  rng = np.random.default_rng(seed)
+  region, box = data.decode_image(image, lambda b: data.decode_crop_region(b, rng, size, scale))
+  return region, box, data.resize_region(region, box, size, "bicubic")
+
+
 def test_random_crop_decodes_only_what_the_box_needs(tmp_path):
   """A big crop of a big JPEG decodes at a reduced DCT scale, draws the same box as decoding
   first, and gives nearly the same pixels; other formats go the decode-first way, bit for bit."""
@@ -107,15 +115,31 @@ def test_random_crop_decodes_only_what_the_box_needs(tmp_path):
   Image.open(jpeg).save(png)
   full = data.decode_image(jpeg)
   for seed in range(8):
-    crop = lambda im: data.decode_random_crop(im, np.random.default_rng(seed), 64, (0.5, 1.0), "bicubic")
-    with Image.open(jpeg) as im:
-      fast = crop(im)
-      assert im.size[0] <= 1600 // 4  # the box is >= 800 px wide: 1/4 scale or less still gives 64
+    region, box, fast = _crop_of(jpeg, seed, 64)
     top, left, ch, cw = data.random_resized_crop_box(1200, 1600, np.random.default_rng(seed), (0.5, 1.0))
+    assert region.shape[1] <= cw // 4 + 2  # the box is >= 800 px wide: 1/4 scale or less still gives 64
+    assert min(box[2] - box[0], box[3] - box[1]) >= 64
     slow = data.resize(full[top:top + ch, left:left + cw], (64, 64), "bicubic")
     assert fast.shape == (64, 64, 3) and fast.dtype == np.uint8
     assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0  # of 255
-    np.testing.assert_array_equal(data.decode_image(str(png), crop), slow)
+    np.testing.assert_array_equal(_crop_of(str(png), seed, 64)[2], slow)
+
+
+def test_jpeg_crops_decode_as_pillow_does(tmp_path):
+  """At full scale the JPEG path (libjpeg-turbo through simplejpeg) gives Pillow's decode of the
+  box, bit for bit, for colour and greyscale files; CMYK files go through Pillow."""
+  jpeg = _photo_jpeg(tmp_path / "small.jpg", 300, 200)
+  grey = tmp_path / "grey.jpg"
+  Image.open(jpeg).convert("L").save(grey, quality=90)
+  cmyk = tmp_path / "cmyk.jpg"
+  Image.open(jpeg).convert("CMYK").save(cmyk, quality=90)
+  for path in (jpeg, str(grey), str(cmyk)):
+    full = data.decode_image(path)  # Pillow
+    for seed in range(4):
+      region, box, _ = _crop_of(path, seed, 128, (0.2, 1.0))  # boxes < 256 px: no DCT scaling
+      top, left, ch, cw = data.random_resized_crop_box(200, 300, np.random.default_rng(seed), (0.2, 1.0))
+      assert box == (0.0, 0.0, float(cw), float(ch))
+      np.testing.assert_array_equal(region, full[top:top + ch, left:left + cw])
 
 
 def test_a_corrupt_jpeg_is_named_when_the_crop_decodes_it(tmp_path):
@@ -124,9 +148,54 @@ def test_a_corrupt_jpeg_is_named_when_the_crop_decodes_it(tmp_path):
     head = f.read(300)
   with open(path, "wb") as f:
     f.write(head)
-  crop = lambda im: data.decode_random_crop(im, np.random.default_rng(0), 32, (0.2, 1.0), "bicubic")
   with pytest.raises(data.DataError, match="cut.jpg"):
-    data.decode_image(path, crop)
+    _crop_of(path, 0, 32, (0.2, 1.0))
+
+
+def test_crops_resampled_on_device_match_pillow(tmp_path):
+  """dataset.resize_on='device': the crop goes out on a canvas, flipped or not, and the step's
+  `resize_crops` gives Pillow's resample of it: bicubic and bilinear, boxes that fall between
+  pixels (DCT-scaled), smaller than the output (upsampling) and too large for the canvas."""
+  size = 48
+  shapes = [(400, 300), (300, 400), (160, 120), (90, 70), (600, 75)]
+  paths = [_photo_jpeg(tmp_path / f"p{i}.jpg", w, h) for i, (w, h) in enumerate(shapes)]
+  for interpolation in ("bicubic", "bilinear"):
+    canvases, crops, expected = [], [], []
+    for i in range(20):
+      rng = np.random.default_rng(i)
+      region, box = data.decode_image(paths[i % len(paths)],
+                                      lambda b: data.decode_crop_region(b, rng, size, (0.1, 1.0)))
+      flip = i % 2 == 1
+      canvas, crop = data.crop_on_canvas(region, box, size, flip, interpolation)
+      assert canvas.shape == (2 * size, 2 * size, 3) and crop.dtype == np.float32
+      want = data.resize_region(region, box, size, interpolation)
+      canvases.append(canvas), crops.append(crop), expected.append(want[:, ::-1] if flip else want)
+    got = np.asarray(jax.jit(data.train_images, static_argnums=1)(
+        {"image": np.stack(canvases), data.CROP_FIELD: np.stack(crops)}, interpolation))
+    diff = np.abs(got.astype(int) - np.stack(expected).astype(int))
+    assert got.shape == (20, size, size, 3) and got.dtype == np.uint8
+    # Pillow rounds to 8 bits between its two passes and (in Pillow 13) picks their order
+    # itself; this resample goes horizontal first.
+    assert (diff <= 1).mean() > 0.995 and diff.mean() < 0.02, (diff.max(), diff.mean())
+  assert all(c[4] <= 2 * size and c[5] <= 2 * size for c in crops)
+  # The 600 x 75 image's boxes (mostly its central 100 x 75) exceed the 96 px canvas: resampled
+  # on the host, sent as they are.
+  assert any(tuple(c) == (0, 0, size, size, size, size) for c in crops)
+
+
+def test_loader_sends_canvases_when_the_device_resamples(cifar_folder):
+  """The same seed gives the same crops both ways: the host's batch equals the device's
+  resample of the canvases (up to rounding)."""
+  c = tiny_config(cifar_folder)
+  c.dataset.random_resized_crop, c.dataset.hflip = True, True
+  src = data.ImageFolderSource(cifar_folder, "test")
+  host = next(iter(data.make_loader(c, src, train=True, global_batch_size=8, seed=5)))
+  c.dataset.resize_on = "device"
+  dev = next(iter(data.make_loader(c, src, train=True, global_batch_size=8, seed=5)))
+  assert dev["image"].shape == (8, 64, 64, 3) and dev[data.CROP_FIELD].shape == (8, 6)
+  got = np.asarray(data.train_images(dev))
+  assert np.abs(got.astype(int) - host["image"].astype(int)).max() <= 4
+  assert (got == host["image"]).mean() > 0.97
 
 
 def test_worker_count_from_the_cores():

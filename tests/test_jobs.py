@@ -58,9 +58,12 @@ def test_probe_and_knn_learn_from_pretraining(cifar_folder, pretrained, tmp_path
 def test_probe_finetune_evaluate_from_the_cli(cifar_folder, pretrained, tmp_path):
   config = ["--config.max_steps=20", "--config.evaluate.num_images=200"]
   for job in ("probe", "finetune"):
-    out = _cli(tmp_path / job, *config, f"--pretrained={pretrained}", folder=cifar_folder,
-               module=f"mae_jax.{job}")
+    # The probe's random crops are resampled in its step; fine-tuning's RandAugment keeps them on
+    # the host.
+    out = _cli(tmp_path / job, *config, f"--pretrained={pretrained}", "--config.dataset.resize_on=device",
+               "--config.probe.random_resized_crop=True", folder=cifar_folder, module=f"mae_jax.{job}")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert ("train crops resampled on the device" in out.stdout) == (job == "probe"), out.stdout
     r = json.load(open(tmp_path / job / "results.json"))
     assert r["mode"] == job and r["step"] == 20 and r["pretrained"]["workdir"] == pretrained
     assert 0 <= r["metrics"]["top1"] <= r["metrics"]["top5"] <= 100

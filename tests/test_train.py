@@ -54,6 +54,22 @@ def test_resume_gives_the_same_losses_step_for_step(cifar_folder, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_crops_resampled_on_device_train_as_those_resampled_on_the_host(cifar_folder, tmp_path):
+  """dataset.resize_on='device' (the default on GPU/TPU): the loader sends canvases and crops, the
+  step resamples them; with accumulation, the losses are the host run's (up to the resample's
+  rounding of a few pixels), and resume stays exact."""
+  def run(where, steps, workdir):
+    c = tiny_config(cifar_folder, max_steps=steps, log_every_steps=1, checkpoint_every_steps=2,
+                    figure_every_steps=1000, grad_accum_steps=2)
+    c.dataset.resize_on = where
+    pretrain.run(c, str(tmp_path / workdir))
+    return _losses(tmp_path / workdir)
+  host, device = run("host", 4, "host"), run("device", 4, "device")
+  np.testing.assert_allclose([device[s] for s in range(1, 5)], [host[s] for s in range(1, 5)], rtol=2e-3)
+  run("device", 2, "split")
+  assert run("device", 4, "split") == device
+
+
 def test_checkpoint_restores_bit_identically(cifar_folder, tmp_path):
   c = tiny_config(cifar_folder, max_steps=3, log_every_steps=1, figure_every_steps=1000)
   state = pretrain.run(c, str(tmp_path))
