@@ -1,11 +1,14 @@
 """mae_jax's training input feed against torchvision's, side by side on this machine.
 
   python benchmarks/feed_vs_torch.py [--folder=DIR] [--workers=2] [--batch=64] [--reps=5]
+                                    [--resize_on=device|host]
 
 Both sides read the same image folder (DIR/train/<class>/*.jpg) and do the MAE pretraining
 augmentation: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic), horizontal flip, batching.
 mae_jax: its grain loader (`data.make_loader`), uint8 batches as they go to the device (where
-the normalisation happens). torchvision: `ImageFolder` + `RandomResizedCrop` + `RandomHorizontalFlip`
+the normalisation happens). With --resize_on=device (the default here, and what a GPU or TPU run
+does) the workers decode and crop, and the bicubic resample runs in the train step: its cost
+on this machine's JAX backend is printed separately, not counted in the feed's figures. torchvision: `ImageFolder` + `RandomResizedCrop` + `RandomHorizontalFlip`
 + `ToTensor` + `Normalize` in a `DataLoader`, as the official MAE's main_pretrain.py. Each side
 runs `--workers` worker processes; the repetitions alternate and the figures are medians, in
 images per second per worker. The last line reads
@@ -56,13 +59,14 @@ def write_folder(root: str, count: int, seed: int = 0) -> str:
   return root
 
 
-def mae_jax_feed(folder: str, workers: int, batch: int, prepared: str = ""):
-  """An endless iterator of mae_jax's training batches from `folder` (or the `prepared` one)."""
+def mae_jax_feed(folder: str, workers: int, batch: int, prepared: str = "", resize_on: str = "host"):
+  """An endless iterator of mae_jax's training batches from `folder` (or the `prepared` one);
+  with resize_on='device', canvases and crops for the train step to resample."""
   from mae_jax import config_lib, data
   config = config_lib.load_config_file(os.path.join(REPO, "configs", "imagenet_vit_b.py"), None)
   config.dataset.update(source="prepared" if prepared else "folder", folder=prepared or folder, image_size=SIZE, random_resized_crop=True,
                         crop_scale=(0.2, 1.0), hflip=True, interpolation="bicubic",
-                        num_workers=workers)
+                        num_workers=workers, resize_on=resize_on)
   source = data.make_source(config.dataset, "train")
   return iter(data.make_loader(config, source, train=True, global_batch_size=batch, seed=0))
 
@@ -93,6 +97,21 @@ def torchvision_feed(folder: str, workers: int, batch: int):
   return forever()
 
 
+def device_resample_ms(folder: str, batch: int, prepared: str = "", reps: int = 5) -> float:
+  """Milliseconds per image of the train step's resample (`data.resize_crops`) on this machine's
+  JAX backend, compiled, on one batch of the device feed."""
+  import jax
+  from mae_jax import data
+  batches = mae_jax_feed(folder, 0, batch, prepared, "device")
+  b = {k: jax.device_put(v) for k, v in next(batches).items() if k in ("image", data.CROP_FIELD)}
+  resample = jax.jit(data.train_images)
+  resample(b).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    resample(b).block_until_ready()
+  return (time.perf_counter() - t) / reps / batch * 1e3
+
+
 def stop(batches) -> None:
   """Ends the worker processes of a side's iterator: the torch side's generator shuts its
   loader's workers down on close(); grain's iterator stops its workers once collected."""
@@ -119,17 +138,21 @@ def main():
   p.add_argument("--batches", type=int, default=24, help="batches per timed repetition")
   p.add_argument("--warmup", type=int, default=2, help="untimed batches after the workers start")
   p.add_argument("--reps", type=int, default=5, help="alternated repetitions per side")
+  p.add_argument("--resize_on", choices=("host", "device"), default="device",
+                 help="mae_jax's dataset.resize_on: 'device' (what 'auto' picks on GPU/TPU) sends "
+                 "each crop on a canvas and the train step resamples it; 'host' resamples in the workers")
   a = p.parse_args()
   folder = a.folder
   if not folder:
     folder = tempfile.mkdtemp(prefix="mae_jax_feed_")
     print(f"writing {a.images} JPEGs of about 500x375 to {folder} ...", flush=True)
     write_folder(folder, a.images)
-  sides = {"mae_jax": lambda: mae_jax_feed(folder, a.workers, a.batch, a.prepared),
+  sides = {"mae_jax": lambda: mae_jax_feed(folder, a.workers, a.batch, a.prepared, a.resize_on),
            "torchvision": lambda: torchvision_feed(folder, a.workers, a.batch)}
   per_worker = max(a.workers, 1)
   print(f"{a.workers} worker(s) per side | folder {folder}"
-        + (f" (mae_jax: prepared {a.prepared})" if a.prepared else "") + f" | batch {a.batch} | {a.reps} alternated "
+        + (f" (mae_jax: prepared {a.prepared})" if a.prepared else "")
+        + f" | mae_jax resamples on the {a.resize_on} | batch {a.batch} | {a.reps} alternated "
         f"repetitions of {a.batches} batches | RandomResizedCrop({SIZE}, scale=(0.2, 1.0), bicubic) + flip",
         flush=True)
   rates = {name: [] for name in sides}
@@ -146,6 +169,11 @@ def main():
       gc.collect()
     print(f"rep {rep + 1}: " + ", ".join(f"{n} {r[-1]:.1f} img/s/worker" for n, r in rates.items()),
           flush=True)
+  if a.resize_on == "device":
+    import jax
+    print(f"the train step's resample, not in the figures above: "
+          f"{device_resample_ms(folder, a.batch, a.prepared):.2f} ms per image on "
+          f"this machine's {jax.default_backend()} backend", flush=True)
   ours, theirs = (statistics.median(rates[n]) for n in ("mae_jax", "torchvision"))
   print(f"feed: mae_jax {ours:.1f} img/s/worker, torchvision {theirs:.1f} img/s/worker, "
         f"ratio {ours / theirs:.2f}x")

@@ -99,12 +99,18 @@ def gradient_reductions(hlo_text: str) -> int:
 
 
 def _abstract_batch(config, mesh):
-  """The pretraining step's input batch, as `Mesh.put_batch` lays it out, without data."""
+  """The pretraining step's input batch, as `Mesh.put_batch` lays it out, without data: with
+  dataset.resize_on='device', canvases and crops (the step's resample counted too)."""
   import jax
+  from mae_jax import data
   k, size = config.grad_accum_steps, config.dataset.image_size
-  shape = (config.batch_size, size, size, 3)
-  shape = shape if k == 1 else (k, config.batch_size // k, *shape[1:])
-  return {"image": jax.ShapeDtypeStruct(shape, jax.numpy.uint8, sharding=mesh.batch_sharding(k))}
+  on_device = data.resize_on_device(config.dataset, config.dataset.random_resized_crop)
+  lead = (config.batch_size,) if k == 1 else (k, config.batch_size // k)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(lead + shape, dtype, sharding=mesh.batch_sharding(k))
+  if not on_device:
+    return {"image": spec((size, size, 3), jax.numpy.uint8)}
+  n = data.CANVAS_FACTOR * size
+  return {"image": spec((n, n, 3), jax.numpy.uint8), data.CROP_FIELD: spec((6,), jax.numpy.float32)}
 
 
 def flops_per_image(config, lowered=None) -> float:

@@ -387,15 +387,16 @@ def random_resized_crop(img: np.ndarray, rng: np.random.Generator, size: int, sc
 # image size (448 x 448 for 224) and the train step resamples it (`resize_crops`).
 CANVAS_FACTOR = 2
 # The crop field then sent with each canvas: the box (left, top, right, bottom) and the region's
-# (width, height), in canvas pixels from its top-left corner.
+# (width, height), in canvas pixels from its top-left corner. A mirrored crop has left > right.
 CROP_FIELD = "crop"
 
 
 def crop_on_canvas(region: np.ndarray, box, size: int, flip: bool, interpolation: str):
   """(canvas uint8 (F*size, F*size, 3), crop float32 (6,)): the region in the canvas's top-left
-  corner, mirrored when `flip`, for the train step to resample. A region larger than the canvas
-  (a box wider than 2 * size at the decoded scale, e.g. a tall box of a wide image) is resampled
-  here instead and sent as a size x size region."""
+  corner for the train step to resample; `flip` swaps the box's left and right, which mirrors
+  the resampled image. A region larger than the canvas (a box wider than F * size at the
+  decoded scale, e.g. a tall box of a wide image) is resampled here instead and sent as a
+  size x size region."""
   n = CANVAS_FACTOR * size
   canvas = np.zeros((n, n, 3), np.uint8)
   rh, rw = region.shape[:2]
@@ -403,17 +404,18 @@ def crop_on_canvas(region: np.ndarray, box, size: int, flip: bool, interpolation
   if rh > n or rw > n:
     region = resize_region(region, box, size, interpolation)
     (rh, rw), (x0, y0, x1, y1) = (size, size), (0, 0, size, size)
-  if flip:  # mirroring the region and its box mirrors the resampled image
-    region, (x0, x1) = region[:, ::-1], (rw - x1, rw - x0)
   canvas[:rh, :rw] = region
+  if flip:
+    x0, x1 = x1, x0
   return canvas, np.array([x0, y0, x1, y1, rw, rh], np.float32)
 
 
 def _resample_weights(start, end, extent, out: int, n: int, interpolation: str):
   """(out, n) weights of Pillow's antialiased resample along one axis: output pixel i takes the
-  box [start, end) of a row whose first `extent` of n pixels are the image (the rest padding)."""
+  box [start, end) of a row whose first `extent` of n pixels are the image (the rest padding);
+  start > end samples it mirrored."""
   scale = (end - start) / out
-  support = jnp.maximum(scale, 1.0)  # downsampling widens the filter (antialiasing)
+  support = jnp.maximum(jnp.abs(scale), 1.0)  # downsampling widens the filter (antialiasing)
   center = start + (jnp.arange(out) + 0.5) * scale
   x = jnp.abs((jnp.arange(n) + 0.5 - center[:, None]) / support)
   if interpolation == "bicubic":  # Pillow's cubic, a = -0.5

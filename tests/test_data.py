@@ -434,3 +434,20 @@ def test_splits_with_different_classes_are_an_error_naming_the_class(tmp_path, l
   d = _labelled_folder(tmp_path, layout)
   with pytest.raises(data.DataError, match=message):
     data.labelled_sources(d)
+
+
+def test_resize_on_is_checked_and_auto_keeps_the_cpu_on_the_host(cifar_folder):
+  from mae_jax import config_lib
+  c = tiny_config(cifar_folder)
+  c.dataset.random_resized_crop = True
+  assert jax.default_backend() == "cpu" and not data.train_augment(c.dataset).resize_on_device
+  c.dataset.resize_on = "device"
+  assert data.train_augment(c.dataset).resize_on_device
+  c.finetune.random_resized_crop, c.finetune.randaug_num_ops = True, 2  # RandAugment: on the host
+  assert not data.train_augment(c.dataset, c.finetune).resize_on_device
+  c.dataset.resize_on = "gpu"
+  with pytest.raises(config_lib.ConfigError, match="dataset.resize_on='gpu' must be one of auto, host, device"):
+    config_lib.validate(c)
+  c.dataset.resize_on, c.dataset.interpolation = "device", "nearest"
+  with pytest.raises(config_lib.ConfigError, match="use --config.dataset.resize_on=host"):
+    config_lib.validate(c)
