@@ -100,6 +100,22 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def is_workdir(path: str) -> bool:
+  """Whether `path` is a folder with mae_jax checkpoints (rather than, e.g., a Hugging Face model)."""
+  return os.path.isdir(checkpoint_dir(path))
+
+
+def saved_tree_paths(root: str, step: int) -> Optional[list]:
+  """The tree paths of the state saved at `step` under `root` (a workdir's checkpoints/), as
+  the metadata orbax writes beside it names them ("('params', 'encoder', ...)"); None when it
+  cannot be read (a restore then says what is wrong)."""
+  try:
+    with open(os.path.join(root, str(step), "state", "_METADATA")) as f:
+      return list(json.load(f)["tree_metadata"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
 class Checkpointer:
   """Saves every `every_steps` steps and on demand; keeps the last `keep`."""
 
@@ -164,10 +180,8 @@ class Checkpointer:
     """Whether the parameters saved at `step` hold scanned (stacked) layers, from the tree
     metadata orbax writes beside them (`default` when it cannot be read: the restore then reports
     what is wrong)."""
-    try:
-      with open(os.path.join(self.root, str(step), "state", "_METADATA")) as f:
-        paths = json.load(f)["tree_metadata"]
-    except (OSError, ValueError, KeyError):
+    paths = saved_tree_paths(self.root, step)
+    if paths is None:
       return default
     return any(p.startswith("('params',") and "'blocks'" in p for p in paths)
 

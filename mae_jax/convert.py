@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from mae_jax import checkpointing
 from mae_jax.model import LN_EPS, sincos_2d
 
 FORMATS = ("official", "timm", "hf")
@@ -384,13 +385,9 @@ def write_state_dict(sd: dict, path: str, wrap: bool) -> None:
   torch.save({"model": tensors} if wrap else tensors, path)
 
 
-def is_workdir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "checkpoints"))
-
-
 def detect_format(path: str) -> str:
   if os.path.isdir(path):
-    if is_workdir(path):
+    if checkpointing.is_workdir(path):
       return "mae_jax"
     if is_hf_folder(path):
       return "hf"
@@ -499,7 +496,6 @@ def load_foreign(src: str, fmt: str = "", encoder_heads: int = 0, decoder_heads:
 def write_workdir(params: dict, config: dict, workdir: str) -> None:
   """A workdir holding `params` as the step-0 checkpoint, as `restore_params` reads it."""
   import orbax.checkpoint as ocp
-  from mae_jax import checkpointing
   if os.path.exists(checkpointing.checkpoint_dir(workdir)):
     raise ConvertError(f"{workdir} holds checkpoints already; give a new folder")
   step = os.path.join(checkpointing.checkpoint_dir(workdir), "0")
@@ -513,7 +509,7 @@ def write_workdir(params: dict, config: dict, workdir: str) -> None:
 def is_foreign(path: str) -> bool:
   """Whether a `--pretrained` path is a PyTorch checkpoint (a file, or a Hugging Face folder)
   rather than a mae_jax workdir."""
-  return os.path.isfile(path) or (os.path.isdir(path) and not is_workdir(path) and is_hf_folder(path))
+  return os.path.isfile(path) or (os.path.isdir(path) and not checkpointing.is_workdir(path) and is_hf_folder(path))
 
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -530,17 +526,13 @@ def is_hf_folder(path: str) -> bool:
 # Export: a mae_jax workdir -> a PyTorch checkpoint.
 # ----------------------------------------------------------------------------
 def _has_batch_stats(workdir: str, step: int) -> bool:
-  from mae_jax import checkpointing
-  try:
-    with open(os.path.join(checkpointing.checkpoint_dir(workdir), str(step), "state", "_METADATA")) as f:
-      return "batch_stats" in f.read()
-  except OSError:
-    return False
+  """Whether the checkpoint holds BatchNorm statistics: a linear probe's."""
+  paths = checkpointing.saved_tree_paths(checkpointing.checkpoint_dir(workdir), step) or []
+  return any("'batch_stats'" in p for p in paths)
 
 
 def export(workdir: str, dst: str, fmt: str) -> int:
   """Writes the newest checkpoint of `workdir` to `dst` in `fmt`; returns the tensors written."""
-  from mae_jax import checkpointing
   params, config, step = checkpointing.restore_params(workdir)
   params = {k: v for k, v in params.items() if k in ("encoder", "decoder", "fc_norm", "head")}
   if _has_batch_stats(workdir, step):

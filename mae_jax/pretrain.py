@@ -19,15 +19,19 @@ from mae_jax.trainer import (Hook, Task, TrainState, accumulate, accumulate_per_
                              skip_if_nonfinite, steps_per_epoch)
 
 
+def init_params(model: MAE, key) -> dict:
+  """Fresh parameters of `model` (traced with a one-image batch of zeros)."""
+  h, w = model.image_size
+  return model.init(key, jnp.zeros((1, h, w, model.channels)), jnp.zeros((1, model.num_patches)))["params"]
+
+
 def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int,
                        params=None) -> TrainState:
   """Pure: initial parameters (or the given ones: --pretrained), optimizer state and the base
   PRNG key."""
   init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-  h, w = model.image_size
   if params is None:
-    params = model.init(init_key, jnp.zeros((1, h, w, model.channels)),
-                        jnp.zeros((1, model.num_patches)))["params"]
+    params = init_params(model, init_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=train_key)
 
@@ -165,9 +169,7 @@ def starting_params(config, model: MAE, pretrained: str) -> dict:
   params = {k: params[k] for k in ("encoder", "decoder")}
   if model.scan_layers:
     params = stack_layers(params)
-  h, w = model.image_size
-  want = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, h, w, model.channels)),
-                        jnp.zeros((1, model.num_patches)))["params"]
+  want = jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0))
   if jax.tree.map(np.shape, params) != jax.tree.map(lambda a: a.shape, want):
     raise checkpointing.CheckpointMismatchError(
         f"the weights in {pretrained} do not fit this config's model (its mask-token ablation or "
