@@ -104,7 +104,7 @@ def _abstract_batch(config, mesh):
   import jax
   from mae_jax import data
   k, size = config.grad_accum_steps, config.dataset.image_size
-  on_device = data.resize_on_device(config.dataset, config.dataset.random_resized_crop)
+  on_device = data.train_augment(config.dataset).resize_on_device  # as the trainer's loader decides
   lead = (config.batch_size,) if k == 1 else (k, config.batch_size // k)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(lead + shape, dtype, sharding=mesh.batch_sharding(k))
   if not on_device:

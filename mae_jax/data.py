@@ -348,7 +348,7 @@ def decode_crop_region(data: bytes, rng: np.random.Generator, size: int, scale):
   hw = _jpeg_header(data)
   if hw is None:
     with Image.open(io.BytesIO(data)) as im:
-      return crop_region(to_rgb8(im), rng, size, scale)
+      return crop_region(to_rgb8(im), rng, scale)
   h, w = hw
   top, left, ch, cw = random_resized_crop_box(h, w, rng, scale)
   k = 1  # the DCT scale 1/k; libjpeg-turbo's other (m/8) scales decode more slowly than 1/1
@@ -362,7 +362,7 @@ def decode_crop_region(data: bytes, rng: np.random.Generator, size: int, scale):
   return region, (x0 - fx, y0 - fy, x1 - fx, y1 - fy)
 
 
-def crop_region(img: np.ndarray, rng: np.random.Generator, size: int, scale):
+def crop_region(img: np.ndarray, rng: np.random.Generator, scale):
   """`decode_crop_region` for a decoded uint8 image: (the box's pixels, the whole of them)."""
   top, left, ch, cw = random_resized_crop_box(img.shape[0], img.shape[1], rng, scale)
   return img[top:top + ch, left:left + cw], (0.0, 0.0, float(cw), float(ch))
@@ -375,12 +375,6 @@ def resize_region(region: np.ndarray, box, size: int, interpolation: str) -> np.
     return region
   im = Image.fromarray(np.ascontiguousarray(region))
   return np.asarray(im.resize((size, size), _RESAMPLE[interpolation], box=tuple(box)))
-
-
-def random_resized_crop(img: np.ndarray, rng: np.random.Generator, size: int, scale,
-                        interpolation: str) -> np.ndarray:
-  """RandomResizedCrop of a decoded uint8 image."""
-  return resize_region(*crop_region(img, rng, size, scale), size, interpolation)
 
 
 # With dataset.resize_on='device', the loader sends each crop on a canvas this many times the
@@ -527,7 +521,7 @@ class TrainAugment(grain.transforms.RandomMap):
       if is_encoded(img):  # decoded here, only as much as the crop needs
         region, box = decode_image(img, lambda b: decode_crop_region(b, rng, self.size, self.crop_scale))
       else:
-        region, box = crop_region(img, rng, self.size, self.crop_scale)
+        region, box = crop_region(img, rng, self.crop_scale)
       flip = self.hflip and rng.random() < 0.5
       if self.resize_on_device:
         canvas, crop = crop_on_canvas(region, box, self.size, flip, self.interpolation)
