@@ -1,14 +1,28 @@
 """Shared fixtures. Tests run on CPU, offline; the CIFAR-10 copy comes from ../shared/data."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import tarfile
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = pathlib.Path(os.environ.get(
     "MAE_JAX_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"))
+
+# One persistent XLA compilation cache for the session, its subprocesses included (they inherit
+# the environment; JAX reads it when first imported, after this file). Many tests and CLI runs
+# compile the same tiny-preset programs; with the cache each is compiled once per session. A
+# JAX_COMPILATION_CACHE_DIR set by the caller is used instead and kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _xla_cache = tempfile.mkdtemp(prefix="mae_jax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+  atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 @pytest.fixture(scope="session")
