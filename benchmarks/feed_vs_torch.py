@@ -87,13 +87,14 @@ def torchvision_feed(folder: str, workers: int, batch: int):
                                        drop_last=True, persistent_workers=workers > 0)
 
   def forever():
-    while True:
-      it = iter(loader)
-      try:
+    it = None
+    try:
+      while True:  # epoch after epoch; the persistent workers carry on between them
+        it = iter(loader)
         yield from it
-      finally:
-        if hasattr(it, "_shutdown_workers"):  # on close(): stop this iterator's workers now
-          it._shutdown_workers()
+    finally:
+      if hasattr(it, "_shutdown_workers"):  # on close(): stop the workers now
+        it._shutdown_workers()
   return forever()
 
 
