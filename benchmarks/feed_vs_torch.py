@@ -136,7 +136,8 @@ def main():
   p.add_argument("--images", type=int, default=2000, help="images to write when --folder is not given")
   p.add_argument("--workers", type=int, default=2, help="worker processes per side")
   p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--batches", type=int, default=24, help="batches per timed repetition")
+  p.add_argument("--batches", type=int, default=48, help="batches per timed repetition "
+                 "(48 of 64: longer than one of torchvision's epochs of the default folder)")
   p.add_argument("--warmup", type=int, default=2, help="untimed batches after the workers start")
   p.add_argument("--reps", type=int, default=5, help="alternated repetitions per side")
   p.add_argument("--resize_on", choices=("host", "device"), default="device",
