@@ -152,7 +152,8 @@ def main():
   sides = {"mae_jax": lambda: mae_jax_feed(folder, a.workers, a.batch, a.prepared, a.resize_on),
            "torchvision": lambda: torchvision_feed(folder, a.workers, a.batch)}
   per_worker = max(a.workers, 1)
-  print(f"{a.workers} worker(s) per side | folder {folder}"
+  from mae_jax import host
+  print(f"{host.cpu_description()} | {a.workers} worker(s) per side | folder {folder}"
         + (f" (mae_jax: prepared {a.prepared})" if a.prepared else "")
         + f" | mae_jax resamples on the {a.resize_on} | batch {a.batch} | {a.reps} alternated "
         f"repetitions of {a.batches} batches | RandomResizedCrop({SIZE}, scale=(0.2, 1.0), bicubic) + flip",

@@ -103,18 +103,19 @@ def main():
   malloc_kept = host.keep_freed_memory()  # as the mae_jax entry points do, before JAX starts
   import jax
   import numpy as np
-  from mae_jax import config_lib, data
+  from mae_jax import config_lib
   path, _, arg = a.config.partition(":")
   config = config_lib.load_config_file(path, arg or None)
   config.model.dtype = "float32"
   size = config.dataset.image_size
   images = np.random.default_rng(0).integers(0, 256, (a.batch, size, size, 3), dtype=np.uint8)
-  threads = data.available_cores()
+  threads = host.available_cores()
   sides = {"mae_jax": mae_jax_step(config, images), "PyTorch": pytorch_step(config, images, threads)}
   for run in sides.values():
     for _ in range(a.warmup):
       run()
-  print(f"{jax.devices()[0].platform} ({jax.device_count()} device(s)), {threads} threads | {a.config} | "
+  print(f"{host.cpu_description()} | {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
+        f"{threads} threads | {a.config} | "
         f"batch {a.batch} | {a.reps} alternated repetitions of {a.steps} steps, float32 | "
         f"host malloc keeps freed memory: {'yes' if malloc_kept else 'no'}", flush=True)
   rates = {name: [] for name in sides}

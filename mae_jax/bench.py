@@ -22,7 +22,7 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mae_jax import cli
+from mae_jax import cli, host
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed train steps (after 2 untimed warm-up steps).")
@@ -45,7 +45,6 @@ def _flops(compiled) -> float:
 def simulate_devices(n: int) -> bool:
   """Before JAX starts: `n` simulated CPU devices when JAX will run on the CPU. Returns whether
   the devices are simulated."""
-  from mae_jax import host
   if not host.cpu_backend_expected():
     return False
   xla_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
@@ -144,6 +143,7 @@ def aot_train_step(config) -> dict:
   return {
       "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind,
+      "host_cpu": host.cpu_description(),  # compiles and CPU steps run here
       "devices": devices,
       "lower_s": lower_s,
       "compile_s": compile_s,
@@ -195,6 +195,7 @@ def bench_train_step(config, steps: int) -> dict:
   return {
       "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind,
+      "host_cpu": host.cpu_description(),  # compiles and CPU steps run here
       "devices": jax.device_count(),
       "batch_size": config.batch_size,
       "grad_accum_steps": config.grad_accum_steps,
@@ -238,7 +239,7 @@ def _aot_main(config, simulated: bool) -> int:
         f"{', simulated' if r['simulated'] else ''}) | {c['model']} | {c['image_size']} px | batch "
         f"{c['batch_size']} = {c['grad_accum_steps']} x micro-batch {c['micro_batch']} "
         f"({c['micro_batch_per_device']} per device) | {c['dtype']} | fsdp {c['fsdp']}, scan_layers "
-        f"{c['scan_layers']}, remat {c['remat']}")
+        f"{c['scan_layers']}, remat {c['remat']} | host {r['host_cpu']}")
   print(f"lower_s: {r['lower_s']:.1f}")
   print(f"compile_s: {r['compile_s']:.1f}")
   print(f"flops_per_image: {r['flops_per_image'] / 1e9:.4g} GFLOP")
@@ -270,7 +271,7 @@ def main(argv):
         f"{m.encoder_width}, decoder {m.decoder_depth}x{m.decoder_width}, patch {m.patch_size}, "
         f"{config.dataset.image_size} px, mask {m.mask_ratio} | batch {r['batch_size']}"
         + (f" = {r['grad_accum_steps']} micro-batches" if r["grad_accum_steps"] > 1 else "") + " | "
-        f"compute {r['compute_dtype']}")
+        f"compute {r['compute_dtype']} | host {r['host_cpu']}")
   print(f"compile: {r['compile_s']:.1f} s")
   print(f"train step: median {r['step_ms_median']:.1f} ms (min {r['step_ms_min']:.1f}, max "
         f"{r['step_ms_max']:.1f}) over {flags.FLAGS.steps} steps -> {r['images_per_s']:,.0f} img/s")

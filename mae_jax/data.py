@@ -32,6 +32,7 @@ from PIL import Image
 import simplejpeg
 
 from mae_jax import augment, masking
+from mae_jax.host import available_cores
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Where an image has transparency, it is composited onto this colour (as it shows on a white page).
@@ -601,11 +602,6 @@ def read_options(read_threads: int) -> grain.ReadOptions:
   """
   return grain.ReadOptions(num_threads=read_threads,
                            prefetch_buffer_size=READ_AHEAD_PER_THREAD * read_threads)
-
-
-def available_cores() -> int:
-  """The cores this process may run on (its CPU affinity where the OS has one)."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_workers(num_workers: int, cores: Optional[int] = None) -> int:

@@ -14,6 +14,7 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import os
+import platform
 import sys
 
 # glibc's mallopt parameters (malloc.h).
@@ -51,3 +52,31 @@ def keep_freed_memory() -> bool:
               (M_MMAP_MAX, 0),         # big blocks come from the heap, not from fresh mappings
               (M_TRIM_THRESHOLD, -1))  # freed memory stays in the heap for the next step
   return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def available_cores() -> int:
+  """The cores this process may run on (its CPU affinity where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# The widest vector instruction set a CPU offers, by the flags Linux lists for it, widest first.
+_VECTOR_ISAS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sve", "SVE"),
+                ("asimd", "NEON"))
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+  """The host CPU for labelling a measurement: model, cores this process may use, and its widest
+  vector instruction set, e.g. 'AMD EPYC, 2 cores, AVX2'. CPU speed figures depend on the last
+  (XLA's and PyTorch's matrix kernels differ most between AVX2 and AVX-512 hosts).
+  `cpuinfo`: the text of /proc/cpuinfo (read on Linux when not given)."""
+  if cpuinfo is None and os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      cpuinfo = f.read()
+  fields = {}
+  for line in (cpuinfo or "").splitlines():
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())  # the first processor's
+  model = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+  flags = set((fields.get("flags") or fields.get("Features") or "").split())
+  isa = next((name for flag, name in _VECTOR_ISAS if flag in flags), None)
+  return ", ".join([model, f"{available_cores()} cores"] + ([isa] if isa else []))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mae_jax import config_lib
+from mae_jax import config_lib, host
 from conftest import REPO, tiny_config
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.py")))
@@ -297,6 +297,7 @@ def test_bench_aot_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_
                 "gradient_reductions_per_update"):
     assert f"{field}: " in printed and field in replicated
   assert "8 x cpu (cpu, simulated)" in printed and replicated["devices"] == 8
+  assert f"| host {host.cpu_description()}" in printed  # the machine that compiled it
   assert replicated["config"]["micro_batch_per_device"] == 8 and replicated["gradient_reductions_per_update"] >= 1
   _, fsdp2 = _aot(tmp_path, 2, "--config.sharding.fsdp=True")
   _, fsdp8 = _aot(tmp_path, 8, "--config.sharding.fsdp=True")

@@ -57,3 +57,24 @@ def test_applied_only_where_jax_runs_on_the_cpu(monkeypatch):
   assert host.cpu_backend_expected()
   monkeypatch.setenv("MAE_JAX_SYSTEM_MALLOC", "1")
   assert not host.keep_freed_memory()
+
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse4_2 avx f16c avx2 fma
+processor\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse4_2 avx f16c avx2 fma
+"""
+ZEN4 = "model name\t: AMD EPYC 9B14\nflags\t\t: fpu avx avx2 avx512f avx512bw avx512_bf16\n"
+GRAVITON = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm aes sve\n"
+
+
+def test_cpu_description_names_the_widest_vector_instruction_set():
+  cores = host.available_cores()
+  assert host.cpu_description(ZEN3) == f"AMD EPYC 7B13, {cores} cores, AVX2"
+  assert host.cpu_description(ZEN4) == f"AMD EPYC 9B14, {cores} cores, AVX-512"
+  # aarch64 lists no model name: the machine's processor name stands in for it.
+  assert host.cpu_description(GRAVITON).endswith(f", {cores} cores, SVE")
+  assert host.cpu_description("").endswith(f"{cores} cores")
