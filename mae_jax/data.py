@@ -227,7 +227,9 @@ def is_encoded(image: Any) -> bool:
 
 
 def decode_image(image: Any, crop=None):
-  """A file path (str), encoded bytes or an array -> uint8 (H, W, 3).
+  """A file path (str), encoded bytes or an array -> uint8 (H, W, 3). JPEGs in the colour
+  spaces Pillow and libjpeg-turbo convert alike decode with simplejpeg, other files with Pillow
+  (`to_rgb8`).
 
   With `crop`, a function (encoded bytes) -> anything that decodes only what it needs
   (`decode_crop_region`), an encoded image is handed to it instead of being decoded whole; its
@@ -241,6 +243,8 @@ def decode_image(image: Any, crop=None):
           image = f.read()
       if crop is not None:
         return crop(image)
+      if _jpeg_header(image) is not None:  # Pillow's pixels, 9x faster for a 32 px CIFAR image
+        return simplejpeg.decode_jpeg(image, "RGB")
       with Image.open(io.BytesIO(image)) as im:
         return to_rgb8(im)
     except DataError as e:

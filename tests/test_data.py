@@ -113,7 +113,7 @@ def test_random_crop_decodes_only_what_the_box_needs(tmp_path):
   jpeg = _photo_jpeg(tmp_path / "big.jpg", 1600, 1200)
   png = tmp_path / "big.png"
   Image.open(jpeg).save(png)
-  full = data.decode_image(jpeg)
+  full = _pillow_decode(jpeg)
   for seed in range(8):
     region, box, fast = _crop_of(jpeg, seed, 64)
     top, left, ch, cw = data.random_resized_crop_box(1200, 1600, np.random.default_rng(seed), (0.5, 1.0))
@@ -125,16 +125,41 @@ def test_random_crop_decodes_only_what_the_box_needs(tmp_path):
     np.testing.assert_array_equal(_crop_of(str(png), seed, 64)[2], slow)
 
 
-def test_jpeg_crops_decode_as_pillow_does(tmp_path):
-  """At full scale the JPEG path (libjpeg-turbo through simplejpeg) gives Pillow's decode of the
-  box, bit for bit, for colour and greyscale files; CMYK files go through Pillow."""
-  jpeg = _photo_jpeg(tmp_path / "small.jpg", 300, 200)
+def _pillow_decode(path):
+  with Image.open(path) as im:
+    return data.to_rgb8(im)
+
+
+def _jpegs_of_each_colour_space(tmp_path, w=300, h=200):
+  """A colour, a greyscale and a CMYK JPEG of one photograph."""
+  jpeg = _photo_jpeg(tmp_path / "small.jpg", w, h)
   grey = tmp_path / "grey.jpg"
   Image.open(jpeg).convert("L").save(grey, quality=90)
   cmyk = tmp_path / "cmyk.jpg"
   Image.open(jpeg).convert("CMYK").save(cmyk, quality=90)
-  for path in (jpeg, str(grey), str(cmyk)):
-    full = data.decode_image(path)  # Pillow
+  return [jpeg, str(grey), str(cmyk)]
+
+
+def test_jpegs_decode_as_pillow_does(tmp_path):
+  """Whole JPEGs (libjpeg-turbo through simplejpeg for colour and greyscale files, Pillow for
+  CMYK) give Pillow's pixels bit for bit, a 32 px CIFAR-sized file too; a truncated one is named."""
+  paths = _jpegs_of_each_colour_space(tmp_path) + [_photo_jpeg(tmp_path / "cifar.jpg", 32, 32)]
+  for path in paths:
+    got = data.decode_image(path)
+    assert got.dtype == np.uint8 and got.shape[2] == 3
+    np.testing.assert_array_equal(got, _pillow_decode(path))
+  with open(paths[0], "rb") as f:
+    head = f.read(2000)
+  (tmp_path / "cut.jpg").write_bytes(head)
+  with pytest.raises(data.DataError, match="cut.jpg.*remove or replace it"):
+    data.decode_image(str(tmp_path / "cut.jpg"))
+
+
+def test_jpeg_crops_decode_as_pillow_does(tmp_path):
+  """At full scale the JPEG path (libjpeg-turbo through simplejpeg) gives Pillow's decode of the
+  box, bit for bit, for colour and greyscale files; CMYK files go through Pillow."""
+  for path in _jpegs_of_each_colour_space(tmp_path):
+    full = _pillow_decode(path)
     for seed in range(4):
       region, box, _ = _crop_of(path, seed, 128, (0.2, 1.0))  # boxes < 256 px: no DCT scaling
       top, left, ch, cw = data.random_resized_crop_box(200, 300, np.random.default_rng(seed), (0.2, 1.0))
