@@ -139,39 +139,40 @@ def test_accumulation_on_eight_devices_matches_one_device(cifar_folder):
   assert one["losses"][-1] != one["losses"][0]
 
 
-def _pretrain_on(devices: int, folder: str, workdir, steps: int, fsdp: bool):
-  """pretrain.run of the tiny preset to `steps` in a fresh interpreter with `devices` CPU devices."""
-  code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+def _pretrain_on(devices: int, folder: str, *runs):
+  """In one fresh interpreter with `devices` CPU devices, for each (workdir, steps, fsdp[,
+  copy_from]) of `runs` in order: pretrain.run of the tiny preset to `steps` in `workdir`, which
+  starts as a copy of `copy_from` where that is given."""
+  code = ("import sys, json, shutil; sys.path.insert(0, sys.argv[1])\n"
           "from conftest import tiny_config\nfrom mae_jax import pretrain\n"
-          "c = tiny_config(sys.argv[2], max_steps=int(sys.argv[4]), log_every_steps=1,\n"
-          "                checkpoint_every_steps=4, figure_every_steps=1000)\n"
-          "c.sharding.fsdp = sys.argv[5] == '1'\npretrain.run(c, sys.argv[3])\n")
+          "for workdir, steps, fsdp, *copy_from in json.loads(sys.argv[3]):\n"
+          "  if copy_from:\n    shutil.copytree(copy_from[0], workdir)\n"
+          "  c = tiny_config(sys.argv[2], max_steps=steps, log_every_steps=1,\n"
+          "                  checkpoint_every_steps=4, figure_every_steps=1000)\n"
+          "  c.sharding.fsdp = fsdp\n  pretrain.run(c, workdir)\n")
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  out = subprocess.run([sys.executable, "-c", code, str(HERE), folder, str(workdir), str(steps),
-                        str(int(fsdp))], capture_output=True, text=True, env=env, timeout=300)
+  runs = json.dumps([[str(r[0]), *r[1:3], *map(str, r[3:])] for r in runs])
+  out = subprocess.run([sys.executable, "-c", code, str(HERE), folder, runs],
+                       capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_an_fsdp_checkpoint_restores_on_other_device_counts(cifar_folder, tmp_path):
   """Saved sharded over 8 devices, resumed on 1 (and saved on 1, resumed sharded over 4): the
   later losses are the uninterrupted 8-device run's; resumed on 8 they are bit-identical."""
-  import shutil
-  _pretrain_on(8, cifar_folder, tmp_path / "full", 8, fsdp=True)
-  _pretrain_on(8, cifar_folder, tmp_path / "eight", 4, fsdp=True)
-  shutil.copytree(tmp_path / "eight", tmp_path / "eight_then_eight")
-  _pretrain_on(1, cifar_folder, tmp_path / "eight", 8, fsdp=False)
-  _pretrain_on(8, cifar_folder, tmp_path / "eight_then_eight", 8, fsdp=True)
-  _pretrain_on(1, cifar_folder, tmp_path / "one", 4, fsdp=False)
-  _pretrain_on(4, cifar_folder, tmp_path / "one", 8, fsdp=True)
-  full = _losses(tmp_path / "full")
-  assert sorted(full) == list(range(1, 9))
-  for resumed in ("eight", "one"):
-    losses = _losses(tmp_path / resumed)
+  full, eight, again, one = (tmp_path / name for name in ("full", "eight", "eight_then_eight", "one"))
+  _pretrain_on(8, cifar_folder, (full, 8, True), (eight, 4, True), (again, 8, True, eight))
+  _pretrain_on(1, cifar_folder, (eight, 8, False), (one, 4, False))
+  _pretrain_on(4, cifar_folder, (one, 8, True))
+  full_losses = _losses(full)
+  assert sorted(full_losses) == list(range(1, 9))
+  for resumed in (eight, one):
+    losses = _losses(resumed)
     assert sorted(losses) == list(range(1, 9))
-    np.testing.assert_allclose([losses[s] for s in range(5, 9)], [full[s] for s in range(5, 9)],
+    np.testing.assert_allclose([losses[s] for s in range(5, 9)], [full_losses[s] for s in range(5, 9)],
                                rtol=2e-5)
-  assert _losses(tmp_path / "eight_then_eight") == full
+  assert _losses(again) == full_losses
 
 
 def test_fsdp_splits_the_largest_divisible_dimension_of_large_tensors():
