@@ -126,6 +126,14 @@ def flops_per_image(config, lowered=None) -> float:
   return _flops(lowered) / micro
 
 
+def _machine() -> dict:
+  """The fields naming where a figure came from: the backend, its device kind, and the host CPU
+  (compiles and CPU steps run there)."""
+  import jax
+  return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+          "host_cpu": host.cpu_description()}
+
+
 def aot_train_step(config) -> dict:
   """Compiles the train step from abstract inputs (nothing allocated, nothing run)."""
   import jax
@@ -141,9 +149,7 @@ def aot_train_step(config) -> dict:
   devices = jax.device_count()
   m = config.model
   return {
-      "backend": jax.default_backend(),
-      "device_kind": jax.devices()[0].device_kind,
-      "host_cpu": host.cpu_description(),  # compiles and CPU steps run here
+      **_machine(),
       "devices": devices,
       "lower_s": lower_s,
       "compile_s": compile_s,
@@ -193,9 +199,7 @@ def bench_train_step(config, steps: int) -> dict:
   mem = compiled.memory_analysis()
   stats = jax.local_devices()[0].memory_stats() or {}
   return {
-      "backend": jax.default_backend(),
-      "device_kind": jax.devices()[0].device_kind,
-      "host_cpu": host.cpu_description(),  # compiles and CPU steps run here
+      **_machine(),
       "devices": jax.device_count(),
       "batch_size": config.batch_size,
       "grad_accum_steps": config.grad_accum_steps,

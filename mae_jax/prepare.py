@@ -24,7 +24,7 @@ import sys
 from absl import flags
 from PIL import Image
 
-from mae_jax import cli, data
+from mae_jax import cli, data, host
 
 flags.DEFINE_string("folder", None, "Image folder: <folder>/<split>/<class>/<images>.")
 flags.DEFINE_string("out", None, "Where the shards and metadata.json go (a new or empty folder).")
@@ -78,7 +78,7 @@ def prepare(folder: str, out: str, splits=(), max_side: int = 0, quality: int = 
   os.makedirs(out, exist_ok=True)
   meta = {"classes": classes, "source": os.path.abspath(folder), "max_side": max_side, "splits": {}}
   # spawn, not fork: this process has imported JAX, whose threads a fork would copy mid-flight.
-  pool = concurrent.futures.ProcessPoolExecutor(workers or data.available_cores(),
+  pool = concurrent.futures.ProcessPoolExecutor(workers or host.available_cores(),
                                                 mp_context=multiprocessing.get_context("spawn"))
   try:
     for split, source in sources.items():

@@ -9,7 +9,7 @@ from mae_jax import checkpointing, classify, evaluate, pretrain
 from conftest import REPO, tiny_config
 from test_cli import _cli
 
-# The learning check: the tiny preset pretrained for 2,000 steps (about 2.5 minutes on two CPU
+# The learning check: the tiny preset pretrained for 2,000 steps (about 2 minutes on two CPU
 # cores). Measured on this recipe: probe 34.1% vs 28.5% for a random encoder, kNN 32.0% vs 27.1%,
 # with mean-pooled patch features; the cls token, barely trained this early, is no better than
 # random, so the check pools. The images are read in the main process: on two cores, worker
