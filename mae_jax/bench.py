@@ -13,6 +13,7 @@ included, compiles on a laptop this way.
 """
 
 import json
+import math
 import os
 import re
 import statistics
@@ -63,15 +64,18 @@ def train_step_program(config):
 
 # Cross-device reductions in compiled HLO: all-reduce (also as an async -start) and reduce-scatter.
 _REDUCTION = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-reduce-start|all-reduce|reduce-scatter)\(")
+# Every collective, its result shape (async -start forms: a tuple whose last shape is the result).
+_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+)(\d*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s+\(")
 _CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
-def gradient_reductions(hlo_text: str) -> int:
-  """Cross-device reductions of non-scalar values (the gradients'; the loss and metrics are
-  scalars) that one run of a compiled program executes: one inside a loop body (scanned layers)
-  counts once per iteration. XLA may combine several tensors into one reduction."""
+def _per_run(hlo_text: str, count) -> int:
+  """The sum of `count(line)` over the instructions one run of a compiled program executes: a line
+  inside a loop body (scanned layers, accumulated micro-batches) counts once per iteration."""
   own, calls, entry, name = {}, {}, None, None
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
@@ -82,9 +86,7 @@ def gradient_reductions(hlo_text: str) -> int:
       continue
     if name is None:
       continue
-    r = _REDUCTION.search(line)
-    if r and any(re.findall(r"[a-z0-9]+\[([0-9,]+)\]", r.group(1))):
-      own[name] += 1
+    own[name] += count(line)
     trips = _TRIP_COUNT.search(line)
     for callee in _CALLEE.findall(line):
       body = " while(" in line and f"body=%{callee}" in line
@@ -95,6 +97,34 @@ def gradient_reductions(hlo_text: str) -> int:
       return 0
     return own[comp] + sum(n * total(c, seen + (comp,)) for c, n in calls[comp])
   return total(entry)
+
+
+def gradient_reductions(hlo_text: str) -> int:
+  """Cross-device reductions of non-scalar values (the gradients'; the loss and metrics are
+  scalars) that one run of a compiled program executes: one inside a loop body (scanned layers)
+  counts once per iteration. XLA may combine several tensors into one reduction."""
+  def count(line):
+    r = _REDUCTION.search(line)
+    return int(bool(r and any(re.findall(r"[a-z0-9]+\[([0-9,]+)\]", r.group(1)))))
+  return _per_run(hlo_text, count)
+
+
+def collective_bytes(hlo_text: str) -> int:
+  """Bytes that one device's collectives deliver in one run of a compiled (per-device) program:
+  the results of its all-gathers, all-reduces, reduce-scatters, all-to-alls and permutes, loop
+  bodies counted once per iteration. Under FSDP this is mostly the parameters gathered for the
+  forward and backward passes and the gradients reduced into the shards."""
+  def count(line):
+    c = _COLLECTIVE.search(line)
+    if not c:
+      return 0
+    shapes = _SHAPE.findall(c.group(1))
+    if c.group(3):  # an async start's shape is (operands..., result)
+      shapes = shapes[-1:]
+    # bytes = elements x bits / 8; pred[...] (no bit width) is one byte an element
+    return sum(math.prod(int(d) for d in dims.split(",") if d) * int(bits or 8) // 8
+               for _, bits, dims in shapes)
+  return _per_run(hlo_text, count)
 
 
 def _abstract_batch(config, mesh):
@@ -146,6 +176,7 @@ def aot_train_step(config) -> dict:
   compiled = lowered.compile()           # XLA's optimisation and code generation
   lower_s, compile_s = t1 - t0, time.perf_counter() - t1
   mem = compiled.memory_analysis()
+  hlo = compiled.as_text()
   devices = jax.device_count()
   m = config.model
   return {
@@ -158,7 +189,8 @@ def aot_train_step(config) -> dict:
       "argument_bytes_per_device": mem.argument_size_in_bytes,
       "temp_bytes_per_device": mem.temp_size_in_bytes,
       # One call of the step is one update, its micro-batches accumulated inside.
-      "gradient_reductions_per_update": gradient_reductions(compiled.as_text()),
+      "gradient_reductions_per_update": gradient_reductions(hlo),
+      "collective_bytes_per_device": collective_bytes(hlo),
       "config": {
           "model": f"ViT {m.encoder_depth}x{m.encoder_width} /{m.patch_size}, decoder "
                    f"{m.decoder_depth}x{m.decoder_width}",
@@ -250,6 +282,7 @@ def _aot_main(config, simulated: bool) -> int:
   print(f"argument_bytes_per_device: {_fmt_bytes(r['argument_bytes_per_device'])}")
   print(f"temp_bytes_per_device: {_fmt_bytes(r['temp_bytes_per_device'])}")
   print(f"gradient_reductions_per_update: {r['gradient_reductions_per_update']}")
+  print(f"collective_bytes_per_device: {_fmt_bytes(r['collective_bytes_per_device'])}")
   if flags.FLAGS.output:
     with open(flags.FLAGS.output, "w") as f:
       json.dump(r, f, indent=2)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mae_jax.parallel import batch_sharded
+
 LN_EPS = 1e-6
 xavier = nn.initializers.xavier_uniform()
 normal_02 = nn.initializers.normal(stddev=0.02)
@@ -206,7 +208,9 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x)). Its activations keep their
+  rows split over the devices (`batch_sharded`), so that under FSDP each device gathers the
+  layer's weights, not the other devices' activations."""
   num_heads: int
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
@@ -217,14 +221,15 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True, drop_rate=None):
     d = x.shape[-1]
+    x = batch_sharded(x)
     y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
         layer_norm(self.dtype, "norm1", self.ln_eps)(x))
-    x = x + DropPath(self.drop_path)(y, deterministic, drop_rate)
+    x = batch_sharded(x + DropPath(self.drop_path)(y, deterministic, drop_rate))
     y = layer_norm(self.dtype, "norm2", self.ln_eps)(x)
-    y = dense(int(d * self.mlp_ratio), self.dtype, "fc1")(y)
+    y = batch_sharded(dense(int(d * self.mlp_ratio), self.dtype, "fc1")(y))
     y = gelu(y)
     y = dense(d, self.dtype, "fc2")(y)
-    return x + DropPath(self.drop_path)(y, deterministic, drop_rate)
+    return batch_sharded(x + DropPath(self.drop_path)(y, deterministic, drop_rate))
 
 
 class ScanBlock(Block):

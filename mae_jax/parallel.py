@@ -1,6 +1,7 @@
 """Devices: one 1-D `data` mesh over all devices of all processes. The batch is sharded along it;
 the train state is replicated, or with FSDP each large tensor is split along it too."""
 
+import functools
 import os
 
 import jax
@@ -39,6 +40,22 @@ def fsdp_spec(shape: tuple, devices: int) -> P:
   return P()
 
 
+def batch_sharded(x):
+  """`x` with its rows (leading axis) split over the devices, when traced by `Mesh.jit`;
+  unchanged otherwise (no mesh, inside `shard_map`, or rows that do not divide evenly).
+
+  Under FSDP a layer's weights are split along the same device axis as the batch, and the
+  partitioner may meet the two either way: gather the weights, or gather the batch and keep the
+  weights split. Inside scanned layers it chose the batch (ViT-H, 8 devices: 376 GiB of
+  collectives per update per device against 59 GiB), so the blocks pin their activations here."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
+  if (axis_types.get("data") != jax.sharding.AxisType.Auto or not x.ndim
+      or x.shape[0] % mesh.shape["data"]):
+    return x
+  return jax.lax.with_sharding_constraint(x, P("data"))
+
+
 class Mesh:
   """The data-parallel mesh and the shardings the trainers use."""
 
@@ -65,6 +82,14 @@ class Mesh:
     shardings = self.state_shardings(abstract, fsdp)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings), shardings
+
+  def jit(self, fn, **jit_kwargs):
+    """`jax.jit(fn)` traced with this mesh's axes in view, so that `batch_sharded` applies."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        return fn(*args, **kwargs)
+    return jax.jit(traced, **jit_kwargs)
 
   def batch_sharding(self, micro_batches: int = 1) -> NamedSharding:
     """How `put_batch` lays a batch out: rows split over the devices; with K > 1 micro-batches,

@@ -308,7 +308,7 @@ def _aot(tmp_path, devices: int, *overrides) -> tuple[str, dict]:
 def test_bench_aot_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_path):
   printed, replicated = _aot(tmp_path, 8)
   for field in ("lower_s", "compile_s", "flops_per_image", "argument_bytes_per_device", "temp_bytes_per_device",
-                "gradient_reductions_per_update"):
+                "gradient_reductions_per_update", "collective_bytes_per_device"):
     assert f"{field}: " in printed and field in replicated
   assert "8 x cpu (cpu, simulated)" in printed and replicated["devices"] == 8
   assert f"| host {host.cpu_description()}" in printed  # the machine that compiled it
@@ -318,6 +318,12 @@ def test_bench_aot_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_
   assert fsdp8["config"]["fsdp"] and fsdp8["devices"] == 8
   assert fsdp8["argument_bytes_per_device"] < fsdp2["argument_bytes_per_device"] < replicated["argument_bytes_per_device"]
   assert abs(fsdp8["flops_per_image"] - replicated["flops_per_image"]) < 1e-3 * replicated["flops_per_image"]
+  # Scanned FSDP layers gather each layer's weights in the forward pass and again in the
+  # backward: under twice the unrolled step's traffic. Had the partitioner gathered the
+  # batch's activations instead (it did, until the blocks pinned them), 5.2x.
+  _, scanned = _aot(tmp_path, 8, "--config.sharding.fsdp=True", "--config.model.scan_layers=True")
+  assert fsdp8["collective_bytes_per_device"] < scanned["collective_bytes_per_device"]
+  assert scanned["collective_bytes_per_device"] < 2 * fsdp8["collective_bytes_per_device"]
   # 4 micro-batches accumulated inside the step: the gradients are reduced across the devices
   # once per update (one combined all-reduce), not once per micro-batch.
   _, accumulated = _aot(tmp_path, 8, "--config.grad_accum_steps=4")
