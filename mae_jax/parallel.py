@@ -29,15 +29,25 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 FSDP_MIN_ELEMENTS = 2**14
 
 
-def fsdp_spec(shape: tuple, devices: int) -> P:
+def fsdp_spec(shape: tuple, devices: int, stacked: bool = False) -> P:
   """Where FSDP splits a tensor of `shape` over `devices`: along its largest dimension divisible
-  by the device count (the first of equal ones); replicated when small or when none divides."""
+  by the device count (the first of equal ones); replicated when small or when none divides.
+  `stacked`: the leading axis stacks scanned layers (`nn.scan`), so it is never split and the
+  size floor applies to one layer's slice, as it would to the unrolled layer's own tensor."""
+  if stacked:
+    return P(None, *fsdp_spec(shape[1:], devices))
   if devices <= 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_ELEMENTS:
     return P()
   for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % devices == 0:
       return P(*[("data" if d == dim else None) for d in range(len(shape))])
   return P()
+
+
+def _in_scanned_layers(path) -> bool:
+  """Whether a state leaf sits under `blocks`, the scanned layers' stacked parameters (or their
+  optimizer moments, which mirror them)."""
+  return any(getattr(key, "key", None) == "blocks" for key in path)
 
 
 def batch_sharded(x):
@@ -72,7 +82,9 @@ class Mesh:
     if not fsdp:
       return jax.tree.map(lambda _: self.replicated, abstract_state)
     n = self.mesh.size
-    return jax.tree.map(lambda a: NamedSharding(self.mesh, fsdp_spec(a.shape, n)), abstract_state)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: NamedSharding(self.mesh, fsdp_spec(a.shape, n, _in_scanned_layers(path))),
+        abstract_state)
 
   def abstract_state(self, init, *args, fsdp: bool):
     """(abstract train state, its shardings) of `init(*args)`, without computing it: shapes and

@@ -184,6 +184,12 @@ def test_fsdp_splits_the_largest_divisible_dimension_of_large_tensors():
   assert fsdp_spec((768,), 8) == P()                      # small: replicated
   assert fsdp_spec((999, 999), 8) == P()                  # nothing divides
   assert fsdp_spec((768, 3072), 1) == P()
+  # Scanned layers: the layer axis is never split, and the size floor is one layer's.
+  assert fsdp_spec((12, 768, 3072), 8, stacked=True) == P(None, None, "data")
+  assert fsdp_spec((32, 1280), 8, stacked=True) == P(None)   # a layer norm per layer: replicated
+  assert fsdp_spec((32, 1280), 8) == P(None, "data")         # what the stack alone would get
+  assert fsdp_spec((48, 8, 100), 8) == P("data", None, None)  # only the 48 divides...
+  assert fsdp_spec((48, 8, 100), 8, stacked=True) == P(None)   # ...but it counts layers
 
 
 def _free_port():
