@@ -105,7 +105,7 @@ def gradient_reductions(hlo_text: str) -> int:
   counts once per iteration. XLA may combine several tensors into one reduction."""
   def count(line):
     r = _REDUCTION.search(line)
-    return int(bool(r and any(re.findall(r"[a-z0-9]+\[([0-9,]+)\]", r.group(1)))))
+    return int(bool(r and any(dims for _, _, dims in _SHAPE.findall(r.group(1)))))
   return _per_run(hlo_text, count)
 
 

@@ -51,7 +51,8 @@ def _in_scanned_layers(path) -> bool:
 
 
 def batch_sharded(x):
-  """`x` with its rows (leading axis) split over the devices, when traced by `Mesh.jit`;
+  """`x` with its rows (leading axis) split over the devices, when traced by
+  `Mesh.jit_train_step`;
   unchanged otherwise (no mesh, inside `shard_map`, or rows that do not divide evenly).
 
   Under FSDP a layer's weights are split along the same device axis as the batch, and the
@@ -95,13 +96,16 @@ class Mesh:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings), shardings
 
-  def jit(self, fn, **jit_kwargs):
-    """`jax.jit(fn)` traced with this mesh's axes in view, so that `batch_sharded` applies."""
+  def jit_train_step(self, fn, state_sharding, micro_batches: int = 1):
+    """`fn(state, batch) -> (state, metrics)` compiled as every training loop runs it: the state
+    in `state_sharding` and donated, the batch as `put_batch` lays it out, the metrics replicated;
+    traced with this mesh's axes in view, so that `batch_sharded` applies."""
     @functools.wraps(fn)
     def traced(*args, **kwargs):
       with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
         return fn(*args, **kwargs)
-    return jax.jit(traced, **jit_kwargs)
+    return jax.jit(traced, in_shardings=(state_sharding, self.batch_sharding(micro_batches)),
+                   out_shardings=(state_sharding, self.replicated), donate_argnums=(0,))
 
   def batch_sharding(self, micro_batches: int = 1) -> NamedSharding:
     """How `put_batch` lays a batch out: rows split over the devices; with K > 1 micro-batches,

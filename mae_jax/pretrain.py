@@ -126,9 +126,7 @@ def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
   tx = optim.make_optimizer(config.optimizer, schedule)
   init = functools.partial(create_train_state, model, tx, config.seed)
   abstract, shardings = mesh.abstract_state(init, fsdp=config.sharding.fsdp)
-  step = mesh.jit(step_function(config, model, tx, mesh),
-                 in_shardings=(shardings, mesh.batch_sharding(config.grad_accum_steps)),
-                 out_shardings=(shardings, mesh.replicated), donate_argnums=(0,))
+  step = mesh.jit_train_step(step_function(config, model, tx, mesh), shardings, config.grad_accum_steps)
   return step, init, abstract, shardings
 
 

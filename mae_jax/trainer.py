@@ -239,8 +239,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
     variant = task.step_variant(step) if task.step_variant else None
     if variant not in compiled:
       fn = functools.partial(task.train_step, variant=variant) if task.step_variant else task.train_step
-      compiled[variant] = mesh.jit(fn, in_shardings=(state_sharding, mesh.batch_sharding(micro_batches)),
-                                   out_shardings=(state_sharding, mesh.replicated), donate_argnums=(0,))
+      compiled[variant] = mesh.jit_train_step(fn, state_sharding, micro_batches)
     return compiled[variant](state, batch)
 
   writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s <= start, purge_step=start + 1)
