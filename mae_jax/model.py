@@ -15,6 +15,7 @@ Parameters are float32; `dtype` sets the compute dtype (bfloat16 on accelerators
 The loss is always computed in float32.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -118,24 +119,106 @@ def conv_default_bias(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def layer_norm(dtype: Any, name: Optional[str] = None, eps: float = LN_EPS) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize(x, scale, bias, eps: float, dtype):
+  """LayerNorm over the last axis, statistics in float32: (x - mean) * rsqrt(var + eps) * scale
+  + bias, var = E[x^2] - E[x]^2 (flax's nn.LayerNorm, bit for bit), cast to `dtype`.
+
+  Its backward pass keeps only x, the mean and 1/std, as fused LayerNorm kernels (PyTorch's
+  native_layer_norm, Apex) do. Left to autodiff, the float32 intermediates are what a scanned
+  layer saves for the backward pass: four activation-sized float32 residuals per norm."""
+  return _normalize_fwd(x, scale, bias, eps, dtype)[0]
 
 
+def _normalize_fwd(x, scale, bias, eps, dtype):
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(xf * xf, axis=-1, keepdims=True) - mean * mean)
+  rstd = jax.lax.rsqrt(var + eps)
+  y = (xf - mean) * (rstd * scale) + bias
+  return y.astype(dtype), (x, mean, rstd, scale)
+
+
+def _normalize_bwd(eps, dtype, residuals, g):
+  x, mean, rstd, scale = residuals
+  g = g.astype(jnp.float32)
+  x_hat = (x.astype(jnp.float32) - mean) * rstd
+  rows = tuple(range(g.ndim - 1))
+  g_hat = g * scale
+  dx = rstd * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
+               - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), jnp.sum(g * x_hat, axis=rows), jnp.sum(g, axis=rows)
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+class LayerNorm(nn.Module):
+  """nn.LayerNorm's parameters (`scale`, `bias`, float32) around `normalize`."""
+  epsilon: float = LN_EPS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+    return normalize(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+
+
+def layer_norm(dtype: Any, name: Optional[str] = None, eps: float = LN_EPS) -> LayerNorm:
+  return LayerNorm(epsilon=eps, dtype=dtype, name=name)
+
+
+@jax.custom_vjp
 def gelu(x):
   """Exact GELU as torch.nn.GELU() computes it: x/2 * (1 + erf(x/sqrt 2)). (jax.nn.gelu's exact
-  form uses erfc, which XLA lowers to a costlier select of two approximations.)"""
+  form uses erfc, which XLA lowers to a costlier select of two approximations.)
+
+  Its backward pass keeps only x and computes Phi(x) + x phi(x) from it in float32, as PyTorch's
+  GELU backward does; autodiff of the formula would save three more activation-sized tensors."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
+def _gelu_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(xf * np.float32(np.sqrt(0.5))))
+  pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1.0 / np.sqrt(2.0 * np.pi))
+  return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(lambda x: (gelu(x), x), _gelu_bwd)
+
+
+@jax.custom_vjp
 def attention(q, k, v):
   """softmax(q k^T / sqrt(d)) v over (B, heads, N, head_dim) inputs, the softmax in float32.
 
   Heads-first operands make both products plain batched matmuls (no per-head transposes inside
-  the backward pass). q is scaled before the product, as timm's Attention does."""
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q * np.asarray(q.shape[-1] ** -0.5, q.dtype), k)
-  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+  the backward pass). q is scaled before the product, as timm's Attention does. The backward
+  pass keeps q, k, v and the float32 probabilities, and takes the softmax's gradient from them
+  (p * (dp - sum(dp * p))); autodiff would also keep the probabilities' compute-dtype copy and
+  the softmax's unnormalised exponentials."""
+  return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+  q = q * np.asarray(q.shape[-1] ** -0.5, q.dtype)
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v), (q, k, v, probs)
+
+
+def _attention_bwd(residuals, g):
+  q, k, v, probs = residuals
+  dv = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), g)
+  dp = jnp.einsum("bhqd,bhkd->bhqk", g, v).astype(jnp.float32)
+  ds = (probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True))).astype(q.dtype)
+  dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k) * np.asarray(q.shape[-1] ** -0.5, q.dtype)
+  return dq, jnp.einsum("bhqk,bhqd->bhkd", ds, q), dv
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention_backend(requested: str, dtype, head_dims) -> str:

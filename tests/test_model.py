@@ -3,6 +3,7 @@
 import math
 
 import jax
+from jax.ad_checkpoint import print_saved_residuals
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -170,6 +171,56 @@ def test_gelu_is_torchs_exact_erf_formula():
   cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
   np.testing.assert_allclose(grad, cdf + x * np.exp(-0.5 * x.astype(np.float64) ** 2) / math.sqrt(2 * math.pi),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_is_flax_s_with_a_backward_pass_from_the_saved_statistics():
+  """`normalize` (mean and 1/std kept for the backward pass) against flax's nn.LayerNorm: the same
+  outputs bit for bit, and gradients within float32 rounding of autodiff's."""
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 48)) * 3 + 1
+  w = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  for dtype, rtol, atol in ((jnp.float32, 1e-4, 2e-5), (jnp.bfloat16, 1e-2, 2e-2)):  # bf16: one ulp
+    ref = nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32)
+    xi = x.astype(dtype)
+    p = ref.init(jax.random.PRNGKey(1), xi)
+    p = jax.tree.map(lambda a: a + jax.random.normal(jax.random.PRNGKey(2), a.shape), p)
+    ours = mae.LayerNorm(epsilon=1e-6, dtype=dtype)
+    assert ours.init(jax.random.PRNGKey(1), xi)["params"].keys() == p["params"].keys()
+    np.testing.assert_array_equal(np.asarray(ours.apply(p, xi), np.float32), np.asarray(ref.apply(p, xi), np.float32))
+    loss = lambda m: (lambda p, x: jnp.sum(m.apply(p, x).astype(jnp.float32) * w))
+    for got, want in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(p, xi)),
+                         jax.tree.leaves(jax.grad(loss(ref), (0, 1))(p, xi))):
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=rtol, atol=atol)
+
+
+def test_attention_gradients_equal_autodiff_of_the_softmax_formula():
+  def plain(q, k, v):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v = (2 * jax.random.normal(key, (2, 3, 17, 8)) for key in keys[:3])
+  w = jax.random.normal(keys[3], q.shape)
+  loss = lambda f: (lambda *a: jnp.sum(f(*a) * w))
+  np.testing.assert_allclose(mae.attention(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(loss(mae.attention), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bfloat16_block_keeps_few_activations_for_its_backward_pass(capsys):
+  """What a block saves for the backward pass (what a scanned layer stacks over the depth): no
+  float32 activation but the attention probabilities, and two MLP-wide tensors (fc1's output
+  and GELU's), not autodiff's five (three GELU intermediates) plus four float32 ones per norm."""
+  b, n, d = 2, 5, 8
+  blk = mae.Block(num_heads=2, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, n, d)).astype(jnp.bfloat16)
+  p = blk.init(jax.random.PRNGKey(1), x)["params"]
+  capsys.readouterr()
+  print_saved_residuals(lambda p, x: blk.apply({"params": p}, x), p, x)
+  saved = [line.split(" ", 1) for line in capsys.readouterr().out.splitlines() if line.strip()]
+  activations = [(aval, why) for aval, why in saved if not why.startswith("from the argument p")]
+  shapes = [aval for aval, _ in activations]
+  assert [a for a in shapes if a.startswith("f32") and not a.endswith(",1]")] == [f"f32[{b},2,{n},{n}]"]
+  assert shapes.count(f"bf16[{b},{n},{4 * d}]") == 2
 
 
 def test_multi_head_attention_against_per_head_softmax():
