@@ -11,6 +11,14 @@ repetitions alternate (mae_jax, PyTorch, mae_jax, ...) so that both sides see th
 the figures are medians over repetitions. The last line reads
 `step: mae_jax A img/s, PyTorch B img/s, ratio R.RRx`.
 
+  python benchmarks/step_vs_torch.py --config=configs/cifar10_vit_t.py --attention
+
+times one attention instead (softmax(q k^T / sqrt d) v, forward and backward, float32) at the
+shapes of the config's encoder (visible tokens) and decoder (all tokens): mae_jax's
+`model.attention` under `jax.grad` against torch's `scaled_dot_product_attention` and
+`backward()`, and how many cores each side kept busy (process CPU time over wall time). Its
+last line reads `attention: mae_jax A ms, PyTorch B ms, ratio R.RRx` (decoder shape, per call).
+
 torch and transformers come with the dev extra (pip install -e ".[dev]").
 """
 
@@ -83,6 +91,59 @@ def pytorch_step(config, images, threads: int):
   return run
 
 
+def attention_calls(batch: int, heads: int, tokens: int, head_dim: int, threads: int):
+  """Forward + backward of one attention of this shape: (mae_jax function, PyTorch function)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from mae_jax import model
+  torch.set_num_threads(threads)
+  q, k, v, w = np.random.default_rng(0).standard_normal((4, batch, heads, tokens, head_dim), np.float32)
+  grad = jax.jit(jax.grad(lambda q, k, v, w: jnp.sum(model.attention(q, k, v) * w), argnums=(0, 1, 2)))
+  args = [jax.device_put(a) for a in (q, k, v, w)]
+  tq, tk, tv = (torch.from_numpy(a.copy()).requires_grad_() for a in (q, k, v))
+  tw = torch.from_numpy(w)
+
+  def run_torch():
+    (torch.nn.functional.scaled_dot_product_attention(tq, tk, tv) * tw).sum().backward()
+  return (lambda: jax.block_until_ready(grad(*args))), run_torch
+
+
+def timed(run, calls: int) -> tuple:
+  """(wall ms per call, cores busy: process CPU time over wall time)."""
+  cpu, t = time.process_time(), time.perf_counter()
+  for _ in range(calls):
+    run()
+  wall = time.perf_counter() - t
+  return wall / calls * 1e3, (time.process_time() - cpu) / wall
+
+
+def attention_main(config, a, threads: int):
+  """The `--attention` mode: both sides' attention at the encoder's and the decoder's shape."""
+  m, size = config.model, config.dataset.image_size
+  patches = (size // m.patch_size) ** 2
+  visible = int(patches * (1 - m.mask_ratio))
+  shapes = {"encoder": (m.encoder_heads, visible + 1, m.encoder_width // m.encoder_heads),
+            "decoder": (m.decoder_heads, patches + 1, m.decoder_width // m.decoder_heads)}
+  medians = {}
+  for part, (heads, tokens, head_dim) in shapes.items():
+    sides = dict(zip(("mae_jax", "PyTorch"), attention_calls(a.batch, heads, tokens, head_dim, threads)))
+    for run in sides.values():
+      for _ in range(a.warmup):
+        run()
+    got = {name: [] for name in sides}
+    for _ in range(a.reps):
+      for name, run in sides.items():
+        got[name].append(timed(run, a.steps))
+    medians[part] = {n: (statistics.median(t[0] for t in r), statistics.median(t[1] for t in r))
+                     for n, r in got.items()}
+    print(f"{part}: batch {a.batch} x {heads} heads, {tokens} tokens, head dim {head_dim}: " + ", ".join(
+        f"{n} {ms:.2f} ms ({cores:.1f} cores)" for n, (ms, cores) in medians[part].items()), flush=True)
+  j, t = medians["decoder"]["mae_jax"][0], medians["decoder"]["PyTorch"][0]
+  print(f"attention: mae_jax {j:.2f} ms, PyTorch {t:.2f} ms, ratio {t / j:.2f}x")
+
+
 def images_per_second(run, batch: int, steps: int) -> float:
   t = time.perf_counter()
   for _ in range(steps):
@@ -97,6 +158,8 @@ def main():
   p.add_argument("--steps", type=int, default=5, help="steps per timed repetition")
   p.add_argument("--reps", type=int, default=5, help="alternated repetitions per side")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+  p.add_argument("--attention", action="store_true",
+                 help="time one attention (forward + backward) at the config's shapes instead")
   a = p.parse_args()
 
   from mae_jax import host
@@ -110,6 +173,10 @@ def main():
   size = config.dataset.image_size
   images = np.random.default_rng(0).integers(0, 256, (a.batch, size, size, 3), dtype=np.uint8)
   threads = host.available_cores()
+  if a.attention:
+    print(f"{host.cpu_description()} | {jax.devices()[0].platform}, {threads} threads | {a.config} | "
+          f"{a.reps} alternated repetitions of {a.steps} calls, float32", flush=True)
+    return attention_main(config, a, threads)
   sides = {"mae_jax": mae_jax_step(config, images), "PyTorch": pytorch_step(config, images, threads)}
   for run in sides.values():
     for _ in range(a.warmup):
