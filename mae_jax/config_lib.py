@@ -263,6 +263,14 @@ def field(config, dotted: str):
   return node
 
 
+def set_fields(config, overrides: dict):
+  """Sets each `{"dotted.name": value}` of `overrides` in `config` (in place); returns it."""
+  for dotted, value in overrides.items():
+    parent, _, leaf = dotted.rpartition(".")
+    (field(config, parent) if parent else config)[leaf] = value
+  return config
+
+
 def eval_batch_size(config) -> int:
   """`evaluate.batch_size` rounded up to a multiple of the device count (evaluation pads its
   batches, so any size works on any number of devices)."""

@@ -32,13 +32,8 @@ def run_config(study, overrides: dict):
   c = copy.deepcopy(study)
   with c.unlocked():
     del c["sweep"]
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  from mae_jax import config_lib
+  return config_lib.set_fields(c, overrides)
 
 
 def _read_json(path):

@@ -47,12 +47,7 @@ def tiny_config(folder: str, **overrides):
   import sys
   sys.path.insert(0, str(REPO))
   from configs import cifar10_vit_t
+  from mae_jax import config_lib
   c = cifar10_vit_t.get_config("tiny")
   c.dataset.source, c.dataset.folder, c.dataset.num_workers = "folder", folder, 0
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.set_fields(c, overrides)
