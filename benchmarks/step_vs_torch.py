@@ -110,6 +110,16 @@ def attention_calls(batch: int, heads: int, tokens: int, head_dim: int, threads:
   return (lambda: jax.block_until_ready(grad(*args))), run_torch
 
 
+def alternate(sides: dict, warmup: int, reps: int, measure):
+  """Warms every side up, then yields one {side: measure(run)} per repetition, the sides taking
+  turns, so that all of them see the same machine."""
+  for run in sides.values():
+    for _ in range(warmup):
+      run()
+  for _ in range(reps):
+    yield {name: measure(run) for name, run in sides.items()}
+
+
 def timed(run, calls: int) -> tuple:
   """(wall ms per call, cores busy: process CPU time over wall time)."""
   cpu, t = time.process_time(), time.perf_counter()
@@ -129,26 +139,13 @@ def attention_main(config, a, threads: int):
   medians = {}
   for part, (heads, tokens, head_dim) in shapes.items():
     sides = dict(zip(("mae_jax", "PyTorch"), attention_calls(a.batch, heads, tokens, head_dim, threads)))
-    for run in sides.values():
-      for _ in range(a.warmup):
-        run()
-    got = {name: [] for name in sides}
-    for _ in range(a.reps):
-      for name, run in sides.items():
-        got[name].append(timed(run, a.steps))
-    medians[part] = {n: (statistics.median(t[0] for t in r), statistics.median(t[1] for t in r))
-                     for n, r in got.items()}
+    reps = list(alternate(sides, a.warmup, a.reps, lambda run: timed(run, a.steps)))
+    medians[part] = {n: (statistics.median(r[n][0] for r in reps), statistics.median(r[n][1] for r in reps))
+                     for n in sides}
     print(f"{part}: batch {a.batch} x {heads} heads, {tokens} tokens, head dim {head_dim}: " + ", ".join(
         f"{n} {ms:.2f} ms ({cores:.1f} cores)" for n, (ms, cores) in medians[part].items()), flush=True)
   j, t = medians["decoder"]["mae_jax"][0], medians["decoder"]["PyTorch"][0]
   print(f"attention: mae_jax {j:.2f} ms, PyTorch {t:.2f} ms, ratio {t / j:.2f}x")
-
-
-def images_per_second(run, batch: int, steps: int) -> float:
-  t = time.perf_counter()
-  for _ in range(steps):
-    run()
-  return batch * steps / (time.perf_counter() - t)
 
 
 def main():
@@ -170,26 +167,24 @@ def main():
   path, _, arg = a.config.partition(":")
   config = config_lib.load_config_file(path, arg or None)
   config.model.dtype = "float32"
-  size = config.dataset.image_size
-  images = np.random.default_rng(0).integers(0, 256, (a.batch, size, size, 3), dtype=np.uint8)
   threads = host.available_cores()
   if a.attention:
     print(f"{host.cpu_description()} | {jax.devices()[0].platform}, {threads} threads | {a.config} | "
           f"{a.reps} alternated repetitions of {a.steps} calls, float32", flush=True)
     return attention_main(config, a, threads)
+  size = config.dataset.image_size
+  images = np.random.default_rng(0).integers(0, 256, (a.batch, size, size, 3), dtype=np.uint8)
   sides = {"mae_jax": mae_jax_step(config, images), "PyTorch": pytorch_step(config, images, threads)}
-  for run in sides.values():
-    for _ in range(a.warmup):
-      run()
   print(f"{host.cpu_description()} | {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
         f"{threads} threads | {a.config} | "
         f"batch {a.batch} | {a.reps} alternated repetitions of {a.steps} steps, float32 | "
         f"host malloc keeps freed memory: {'yes' if malloc_kept else 'no'}", flush=True)
   rates = {name: [] for name in sides}
-  for rep in range(a.reps):
-    for name, run in sides.items():
-      rates[name].append(images_per_second(run, a.batch, a.steps))
-    print(f"rep {rep + 1}: " + ", ".join(f"{n} {r[-1]:.1f} img/s" for n, r in rates.items()), flush=True)
+  images_per_second = lambda run: a.batch * 1e3 / timed(run, a.steps)[0]
+  for rep, got in enumerate(alternate(sides, a.warmup, a.reps, images_per_second)):
+    for name, rate in got.items():
+      rates[name].append(rate)
+    print(f"rep {rep + 1}: " + ", ".join(f"{n} {r:.1f} img/s" for n, r in got.items()), flush=True)
   jax_rate, torch_rate = (statistics.median(rates[n]) for n in ("mae_jax", "PyTorch"))
   print(f"step: mae_jax {jax_rate:.1f} img/s, PyTorch {torch_rate:.1f} img/s, ratio {jax_rate / torch_rate:.2f}x")
 
