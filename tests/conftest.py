@@ -35,10 +35,21 @@ def cifar_folder(tmp_path_factory) -> str:
     pytest.skip(reason)
   cache = REPO / ".cache"
   root = cache / "cifar10-jpeg"
-  if not (root / "test").is_dir():
+  # Unpacked into a scratch folder and renamed into place once whole, with a marker beside it:
+  # a run stopped mid-way (Ctrl-C, a killed CI job) must not leave a half folder that later
+  # runs take for the data set.
+  unpacked = cache / "cifar10-jpeg.unpacked"
+  if not unpacked.exists():
     cache.mkdir(exist_ok=True)
-    with tarfile.open(CIFAR_ARCHIVE) as tar:
-      tar.extractall(cache, filter="data")
+    shutil.rmtree(root, ignore_errors=True)
+    scratch = pathlib.Path(tempfile.mkdtemp(dir=cache, prefix=".unpacking-"))
+    try:
+      with tarfile.open(CIFAR_ARCHIVE) as tar:
+        tar.extractall(scratch, filter="data")
+      (scratch / "cifar10-jpeg").rename(root)
+    finally:
+      shutil.rmtree(scratch, ignore_errors=True)
+    unpacked.touch()
   return str(root)
 
 
