@@ -89,11 +89,13 @@ def run_guarded(fn):
   return 0
 
 
-def run_app(main):
+def run_app(main, reuse_freed_memory: bool = True):
   """`absl.app.run(main)` with flag mistakes (an unknown config field, a missing config file, an
   unknown config argument, a value of the wrong type) reported as one line, exit 2. First, before
-  JAX starts, the host allocator is set to reuse XLA's freed CPU memory (mae_jax/host.py)."""
-  host.keep_freed_memory()
+  JAX starts, the host allocator is set to reuse XLA's freed CPU memory (mae_jax/host.py), unless
+  `reuse_freed_memory` is False (a job that compiles and runs no step)."""
+  if reuse_freed_memory:
+    host.keep_freed_memory()
   return app.run(main, flags_parser=parse_flags)
 
 

@@ -305,6 +305,15 @@ def _aot(tmp_path, devices: int, *overrides) -> tuple[str, dict]:
   return out.stdout, json.loads(out_file.read_text())
 
 
+def test_the_aot_bench_leaves_the_host_allocator_alone():
+  # A compile-only job: the one glibc arena of host.keep_freed_memory would slow XLA's compile.
+  from mae_jax import bench
+  for argv, expected in ((["--aot"], True), (["--aot=True"], True), (["--aot=1"], True),
+                         (["--aot=false"], False), (["--noaot"], False), ([], False),
+                         (["--config.aot_like=1"], False)):
+    assert bench.compiles_only(["bench", "--config=configs/cifar10_vit_t.py", *argv]) == expected, argv
+
+
 def test_bench_aot_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_path):
   printed, replicated = _aot(tmp_path, 8)
   for field in ("lower_s", "compile_s", "flops_per_image", "argument_bytes_per_device", "temp_bytes_per_device",
