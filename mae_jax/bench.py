@@ -157,11 +157,12 @@ def flops_per_image(config, lowered=None) -> float:
 
 
 def _machine() -> dict:
-  """The fields naming where a figure came from: the backend, its device kind, and the host CPU
-  (compiles and CPU steps run there)."""
+  """The fields naming where a figure came from: the backend, its device kind, the host CPU
+  (compiles and CPU steps run there) and whether glibc keeps freed memory (mae_jax/host.py: CPU
+  steps run faster with it, compiles slower)."""
   import jax
   return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-          "host_cpu": host.cpu_description()}
+          "host_cpu": host.cpu_description(), "host_malloc_keeps_freed_memory": host.freed_memory_kept()}
 
 
 def aot_train_step(config) -> dict:

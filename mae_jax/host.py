@@ -56,7 +56,17 @@ def keep_freed_memory() -> bool:
   settings = ((M_ARENA_MAX, 1),        # threads share the main heap: big blocks need no mmap
               (M_MMAP_MAX, 0),         # big blocks come from the heap, not from fresh mappings
               (M_TRIM_THRESHOLD, -1))  # freed memory stays in the heap for the next step
-  return all(libc.mallopt(param, value) == 1 for param, value in settings)
+  global _freed_memory_kept
+  _freed_memory_kept = all(libc.mallopt(param, value) == 1 for param, value in settings)
+  return _freed_memory_kept
+
+
+_freed_memory_kept = False
+
+
+def freed_memory_kept() -> bool:
+  """Whether `keep_freed_memory` was applied in this process (a label for speed figures)."""
+  return _freed_memory_kept
 
 
 def available_cores() -> int:
