@@ -336,7 +336,7 @@ def compiles_only(argv) -> bool:
   left off: it pays across repeated steps, and nothing runs here, while its single glibc arena
   slows XLA's multi-threaded compile (ViT-H scanned, 8 simulated devices: 10.3 s against 6.9 s),
   a cost the accelerator hosts these figures are for never pay (the setting is CPU-only)."""
-  return any(re.fullmatch(r"--aot(=(true|t|1))?", a, re.IGNORECASE) for a in argv[1:])
+  return any(re.fullmatch(r"--?aot(=(true|t|1))?", a, re.IGNORECASE) for a in argv[1:])
 
 
 if __name__ == "__main__":

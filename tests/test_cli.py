@@ -309,7 +309,7 @@ def test_the_aot_bench_is_told_from_its_command_line():
   # A compile-only job, before its flags are parsed: the one glibc arena of
   # host.keep_freed_memory would slow XLA's compile (the AOT test below checks it is left off).
   from mae_jax import bench
-  for argv, expected in ((["--aot"], True), (["--aot=True"], True), (["--aot=1"], True),
+  for argv, expected in ((["--aot"], True), (["-aot"], True), (["--aot=True"], True), (["--aot=1"], True),
                          (["--aot=false"], False), (["--noaot"], False), ([], False),
                          (["--config.aot_like=1"], False)):
     assert bench.compiles_only(["bench", "--config=configs/cifar10_vit_t.py", *argv]) == expected, argv
