@@ -2,6 +2,7 @@
 
 import difflib
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -87,6 +88,12 @@ def run_guarded(fn):
           file=sys.stderr, flush=True)
     return 128 + e.signum
   return 0
+
+
+def bool_flag_given(argv, name: str) -> bool:
+  """Whether boolean flag `name` is set true on this command line (`--name`, `-name`,
+  `--name=true|t|1`), read before absl parses the flags."""
+  return any(re.fullmatch(rf"--?{re.escape(name)}(=(true|t|1))?", a, re.IGNORECASE) for a in argv[1:])
 
 
 def run_app(main, reuse_freed_memory: bool = True):
