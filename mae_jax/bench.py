@@ -332,8 +332,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # --aot compiles and runs nothing: the allocator setting of mae_jax/host.py pays across repeated
-  # steps, while its single glibc arena slows XLA's multi-threaded compile (ViT-H scanned, 8
-  # simulated devices: 10.3 s against 6.9 s), a cost the accelerator hosts the figures are for
-  # never pay (the setting is CPU-only).
+  # --aot compiles and runs nothing: the allocator setting only slows its compile (mae_jax/host.py).
   sys.exit(cli.run_app(main, reuse_freed_memory=not cli.bool_flag_given(sys.argv, "aot")))
