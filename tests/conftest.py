@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on CPU, offline; the CIFAR-10 copy comes from ../shared/data."""
 
 import atexit
+import fcntl
 import os
 import pathlib
 import shutil
@@ -14,7 +15,8 @@ CIFAR_ARCHIVE = pathlib.Path(os.environ.get(
     "MAE_JAX_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"))
 
 # One persistent XLA compilation cache for the session, its subprocesses included (they inherit
-# the environment; JAX reads it when first imported, after this file). Many tests and CLI runs
+# the environment; JAX reads it when first imported, after this file). pytest-xdist's controller
+# loads this file before it starts the test processes, so they share the controller's cache. Many tests and CLI runs
 # compile the same tiny-preset programs; with the cache each is compiled once per session. A
 # JAX_COMPILATION_CACHE_DIR set by the caller is used instead and kept.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -38,18 +40,21 @@ def cifar_folder(tmp_path_factory) -> str:
   # Unpacked into a scratch folder and renamed into place once whole, with a marker beside it:
   # a run stopped mid-way (Ctrl-C, a killed CI job) must not leave a half folder that later
   # runs take for the data set.
+  # Test workers running side by side (pytest -n) take turns: one unpacks, the others wait.
   unpacked = cache / "cifar10-jpeg.unpacked"
-  if not unpacked.exists():
-    cache.mkdir(exist_ok=True)
-    shutil.rmtree(root, ignore_errors=True)
-    scratch = pathlib.Path(tempfile.mkdtemp(dir=cache, prefix=".unpacking-"))
-    try:
-      with tarfile.open(CIFAR_ARCHIVE) as tar:
-        tar.extractall(scratch, filter="data")
-      (scratch / "cifar10-jpeg").rename(root)
-    finally:
-      shutil.rmtree(scratch, ignore_errors=True)
-    unpacked.touch()
+  cache.mkdir(exist_ok=True)
+  with open(cache / "cifar10-jpeg.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not unpacked.exists():
+      shutil.rmtree(root, ignore_errors=True)
+      scratch = pathlib.Path(tempfile.mkdtemp(dir=cache, prefix=".unpacking-"))
+      try:
+        with tarfile.open(CIFAR_ARCHIVE) as tar:
+          tar.extractall(scratch, filter="data")
+        (scratch / "cifar10-jpeg").rename(root)
+      finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+      unpacked.touch()
   return str(root)
 
 
