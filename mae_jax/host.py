@@ -37,6 +37,9 @@ def cpu_backend_expected() -> bool:
   return not importlib.metadata.entry_points(group="jax_plugins")
 
 
+_freed_memory_kept = False  # set by keep_freed_memory, read by freed_memory_kept
+
+
 def keep_freed_memory() -> bool:
   """Asks glibc to keep freed memory for reuse instead of returning it to the kernel.
 
@@ -59,9 +62,6 @@ def keep_freed_memory() -> bool:
   global _freed_memory_kept
   _freed_memory_kept = all(libc.mallopt(param, value) == 1 for param, value in settings)
   return _freed_memory_kept
-
-
-_freed_memory_kept = False
 
 
 def freed_memory_kept() -> bool:

@@ -16,9 +16,9 @@ CIFAR_ARCHIVE = pathlib.Path(os.environ.get(
 
 # One persistent XLA compilation cache for the session, its subprocesses included (they inherit
 # the environment; JAX reads it when first imported, after this file). pytest-xdist's controller
-# loads this file before it starts the test processes, so they share the controller's cache. Many tests and CLI runs
-# compile the same tiny-preset programs; with the cache each is compiled once per session. A
-# JAX_COMPILATION_CACHE_DIR set by the caller is used instead and kept.
+# loads this file before it starts the test processes, so they share the controller's cache.
+# Many tests and CLI runs compile the same tiny-preset programs; with the cache each is compiled
+# once per session. A JAX_COMPILATION_CACHE_DIR set by the caller is used instead and kept.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _xla_cache = tempfile.mkdtemp(prefix="mae_jax_tests_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
