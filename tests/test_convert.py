@@ -2,7 +2,6 @@
 run in mae_jax on the same images and masking noise; exports read back by the PyTorch models."""
 
 import argparse
-import functools
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ import torch_cpu  # noqa: E402
 torch = pytest.importorskip("torch")
 # timm and transformers import torchvision, whose PyPI wheel needs the tolerant import on CPU torch.
 timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
+from official_mae import OfficialMAE  # noqa: E402  (the official model; default shape = the constants below)
 from torch import nn  # noqa: E402
 
 from mae_jax import checkpointing, convert, pretrain  # noqa: E402
@@ -40,66 +40,6 @@ def randomize(module: nn.Module, seed: int, skip=("pos_embed", "position_embeddi
       if not any(s in name for s in skip):
         p.copy_(torch.randn(p.shape, generator=g) * 0.2)
   return module.eval()
-
-
-class OfficialMAE(nn.Module):
-  """facebookresearch/mae's MaskedAutoencoderViT, written from models_mae.py with timm's Block
-  (as the official code): the same module names, so its state_dict is the official layout."""
-
-  def __init__(self):
-    super().__init__()
-    norm = functools.partial(nn.LayerNorm, eps=1e-6)
-    self.patch_embed = nn.Module()
-    self.patch_embed.proj = nn.Conv2d(3, D, P, P)
-    self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-    self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(D, (8, 8), True))[None], requires_grad=False)
-    self.blocks = nn.ModuleList([timm_vit.Block(D, HEADS, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(DEPTH)])
-    self.norm = norm(D)
-    self.decoder_embed = nn.Linear(D, DD)
-    self.mask_token = nn.Parameter(torch.zeros(1, 1, DD))
-    self.decoder_pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(DD, (8, 8), True))[None], requires_grad=False)
-    self.decoder_blocks = nn.ModuleList([timm_vit.Block(DD, DHEADS, 4.0, qkv_bias=True, norm_layer=norm)
-                                         for _ in range(DDEPTH)])
-    self.decoder_norm = norm(DD)
-    self.decoder_pred = nn.Linear(DD, P * P * 3)
-
-  def patchify(self, imgs):
-    n, h = imgs.shape[0], IMG // P
-    x = imgs.reshape(n, 3, h, P, h, P)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, h * h, P * P * 3)
-
-  def forward_encoder(self, x, noise, mask_ratio=0.75):
-    x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
-    n, length, d = x.shape
-    keep = int(length * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    x = torch.gather(x, 1, ids_shuffle[:, :keep, None].repeat(1, 1, d))
-    mask = torch.ones(n, length)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    cls = (self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1)
-    x = torch.cat([cls, x], dim=1)
-    for blk in self.blocks:
-      x = blk(x)
-    return self.norm(x), mask, ids_restore
-
-  def forward(self, imgs, noise, norm_pix_loss=True):
-    latent, mask, ids_restore = self.forward_encoder(imgs, noise)
-    x = self.decoder_embed(latent)
-    tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-    x_ = torch.cat([x[:, 1:], tokens], dim=1)
-    x_ = torch.gather(x_, 1, ids_restore[:, :, None].repeat(1, 1, x.shape[2]))
-    x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
-    for blk in self.decoder_blocks:
-      x = blk(x)
-    pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
-    target = self.patchify(imgs)
-    if norm_pix_loss:
-      mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-      target = (target - mean) / (var + 1.0e-6) ** 0.5
-    loss = (((pred - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
-    return loss, pred, mask, latent
 
 
 def vit_mae():
