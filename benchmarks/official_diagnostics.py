@@ -7,7 +7,10 @@ Each function measures one stage on both sides and prints a table:
   augment  the train crops' area and aspect, and the batches' pixel statistics, of mae_jax's
            loader against torchvision's RandomResizedCrop + flip on the same folder;
   parity   N training steps of both from identical weights, batches and masking noise: the two
-           loss curves, and how far the weights have drifted apart.
+           loss curves, and how far the weights have drifted apart;
+  swap     both loops as users run them (their own data order, crops and masks) for N steps, each
+           from its own initial weights and from the other side's, per seed: whether the early
+           loss follows the loop or the initial weights.
 """
 
 import functools
@@ -236,6 +239,52 @@ def parity(args, r: dict) -> None:
   print(f"\nlargest |loss difference| {np.abs(diffs).max():.2e}; mean difference {diffs.mean():+.2e}; "
         f"weights after {len(ours)} steps: largest difference {drift[worst]:.2e} of the tensor's "
         f"largest value ({worst}); median over tensors {np.median(list(drift.values())):.2e}")
+
+
+def _initial_weights(r: dict, seed: int, out: str) -> dict:
+  """Both sides' initial weights for `seed`, saved as official checkpoints: {side: path}."""
+  import jax
+  import torch
+  from mae_jax import convert, pretrain
+  from mae_jax.model import mae_from_config
+  os.makedirs(out, exist_ok=True)
+  model = mae_from_config(_mae_jax_config("", r).model, r["image_size"])
+  params = jax.device_get(pretrain.init_params(model, jax.random.split(jax.random.PRNGKey(seed))[0]))
+  torch.manual_seed(seed)
+  sds = {"official": tvo.official_model(r).state_dict(),
+         "mae_jax": {k: torch.from_numpy(v) for k, v in
+                     convert.params_to_official(params, r["patch"], r["image_size"]).items()}}
+  paths = {}
+  for side, sd in sds.items():
+    paths[side] = os.path.join(out, f"init_{side}_seed{seed}.pth")
+    torch.save({"model": sd}, paths[side])
+  return paths
+
+
+def swap(args, r: dict) -> None:
+  """Each loop for `args.steps` steps from its own and from the other side's initial weights."""
+  folder = os.path.abspath(args.folder)
+  root = os.path.join(os.path.abspath(args.out), args.shape, "swap")
+  seeds = [int(s) for s in args.seeds.split(",")]
+  rows = []
+  for seed in seeds:
+    inits = _initial_weights(r, seed, root)
+    for loop in ("official", "mae_jax"):
+      for init in ("official", "mae_jax"):
+        run_dir = os.path.join(root, f"{loop}_loop_{init}_init_seed{seed}")
+        if not os.path.exists(os.path.join(run_dir, "done.json")):
+          if loop == "official":
+            tvo.official_pretrain(folder, run_dir, r, seed, args.threads, inits[init], args.steps)
+          else:
+            tvo.mae_jax_pretrain(folder, run_dir, r, seed, inits[init], args.steps)
+        c = tvo.loss_curve(run_dir)
+        rows.append((seed, loop, init, c[0], c[:20].mean(), c[30:50].mean(), c[-10:].mean()))
+  print(f"\neach loop run as users run it, for {args.steps} steps, from either side's initial "
+        "weights of the same seed:\n")
+  print(f"| seed | loop | initial weights | loss at step 1 | mean, steps 1-20 | mean, steps 31-50 | "
+        f"mean, steps {args.steps - 9}-{args.steps} |\n| --- | --- | --- | --- | --- | --- | --- |")
+  for seed, loop, init, *v in rows:
+    print(f"| {seed} | {loop} | {init} | " + " | ".join(f"{x:.4f}" for x in v) + " |")
 
 
 if __name__ == "__main__":

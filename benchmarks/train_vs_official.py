@@ -29,7 +29,9 @@ Diagnostics, each printing a table (docs/numerics.md has what they showed):
   --diagnose=augment  crop area / aspect / pixel statistics of mae_jax's train batches against
                       torchvision's RandomResizedCrop on the same folder;
   --diagnose=parity   N steps of both training steps from identical weights, batches and masking
-                      noise (multi-step parity): the two loss curves and the weights' drift.
+                      noise (multi-step parity): the two loss curves and the weights' drift;
+  --diagnose=swap     both loops, as users run them, for N steps from their own and from the other
+                      side's initial weights for each seed: what the early loss follows.
 
 torch, torchvision and timm come with the dev extra (pip install -e ".[dev]").
 """
@@ -96,9 +98,12 @@ def official_model(r: dict):
       norm_pix_loss=r["norm_pix_loss"], mask_ratio=r["mask_ratio"])
 
 
-def official_pretrain(folder: str, out: str, r: dict, seed: int, threads: int) -> None:
+def official_pretrain(folder: str, out: str, r: dict, seed: int, threads: int,
+                      init_from: str = "", max_steps: int = 0) -> None:
   """The official main_pretrain.py loop on `folder`/train; writes out/metrics.jsonl (one row per
-  iteration: step, loss, lr), out/checkpoint-{epochs-1}.pth and out/done.json."""
+  iteration: step, loss, lr), out/checkpoint-{epochs-1}.pth and out/done.json. `init_from`: an
+  official state dict (.pth) to start from instead of the seed's initialisation; `max_steps` > 0
+  stops after that many iterations (the schedule unchanged)."""
   import torch
   import official_mae
   import torch_cpu
@@ -109,8 +114,12 @@ def official_pretrain(folder: str, out: str, r: dict, seed: int, threads: int) -
   dataset = datasets.ImageFolder(os.path.join(folder, "train"), transform=official_transform(r))
   loader = torch.utils.data.DataLoader(
       dataset, batch_size=r["batch"], shuffle=True, num_workers=r["workers"], drop_last=True,
-      generator=torch.Generator().manual_seed(seed), persistent_workers=r["workers"] > 0)
+      generator=torch.Generator().manual_seed(seed), persistent_workers=r["workers"] > 0,
+      # Forked workers of a process that has started JAX's threads may deadlock: spawn them then.
+      multiprocessing_context="spawn" if r["workers"] and "jax" in sys.modules else None)
   model = official_model(r).train()
+  if init_from:
+    model.load_state_dict(torch.load(init_from)["model"])
   lr = r["base_lr"] * r["batch"] / 256
   optimizer = torch.optim.AdamW(official_mae.param_groups(model, r["weight_decay"]), lr=lr,
                                 betas=(0.9, 0.95))
@@ -128,6 +137,10 @@ def official_pretrain(folder: str, out: str, r: dict, seed: int, threads: int) -
         optimizer.step()
         step += 1
         log.write(json.dumps({"step": step, "loss": loss.item(), "lr": now}) + "\n")
+        if step == max_steps:
+          break
+      if step == max_steps:
+        break
       print(f"official seed {seed}: epoch {epoch + 1}/{r['epochs']}, step {step}, "
             f"loss {loss.item():.4f}, {time.time() - start:.0f} s", flush=True)
   torch.save({"model": model.state_dict(), "epoch": r["epochs"] - 1,
@@ -157,10 +170,12 @@ def mae_jax_fields(folder: str, r: dict, seed: int) -> dict:
        "log_every_steps": 1, "figure_every_steps": 100000, "checkpoint_every_steps": 100000}
 
 
-def mae_jax_overrides(folder: str, r: dict, seed: int) -> list:
-  """`mae_jax_fields` as command-line overrides."""
+def mae_jax_overrides(folder: str, r: dict, seed: int, **changes) -> list:
+  """`mae_jax_fields`, with `changes` (dotted names as keyword names with '__' for '.'), as
+  command-line overrides."""
+  fields = {**mae_jax_fields(folder, r, seed), **{k.replace("__", "."): v for k, v in changes.items()}}
   fmt = lambda v: "(" + ",".join(map(str, v)) + ")" if isinstance(v, tuple) else str(v)
-  return [f"--config.{k}={fmt(v)}" for k, v in mae_jax_fields(folder, r, seed).items()]
+  return [f"--config.{k}={fmt(v)}" for k, v in fields.items()]
 
 
 CONFIG = "configs/cifar10_vit_t.py:tiny"
@@ -174,11 +189,16 @@ def run_logged(cmd: list, log_path: str) -> None:
     sys.exit(f"failed ({result.returncode}): {' '.join(cmd)}; see {log_path}")
 
 
-def mae_jax_pretrain(folder: str, out: str, r: dict, seed: int) -> None:
+def mae_jax_pretrain(folder: str, out: str, r: dict, seed: int, init_from: str = "",
+                     max_steps: int = 0) -> None:
+  """`python -m mae_jax.main` with the recipe (from the weights of `init_from` when given,
+  stopping after `max_steps` when > 0), the workdir `out`; writes out/done.json."""
   start = time.time()
   os.makedirs(out, exist_ok=True)
+  extra = [f"--pretrained={init_from}"] if init_from else []
   run_logged([sys.executable, "-m", "mae_jax.main", f"--config={CONFIG}", f"--workdir={out}"]
-             + mae_jax_overrides(folder, r, seed), os.path.join(out, "stdout.log"))
+             + mae_jax_overrides(folder, r, seed, max_steps=max_steps) + extra,
+             os.path.join(out, "stdout.log"))
   with open(os.path.join(out, "done.json"), "w") as f:
     json.dump({"seconds": time.time() - start}, f)
 
@@ -224,19 +244,24 @@ SUMMARY_ROWS = [
 
 
 def summary(runs: dict) -> str:
-  """Markdown table: each row's per-seed values and mean ± std per side, and the difference."""
+  """Markdown table: each row's per-seed values and mean ± std per side, and the difference of
+  the means with its standard error (a difference of two or more standard errors is one the seeds
+  can tell from seed noise)."""
   sides = [s for s in ("official", "mae_jax") if runs.get(s)]
   head = "| | " + " | ".join(f"{s}, seeds {'/'.join(str(k) for k in sorted(runs[s]))}" for s in sides)
-  lines = [head + (" | mae_jax - official |" if len(sides) == 2 else " |"),
+  lines = [head + (" | mae_jax - official (standard error) |" if len(sides) == 2 else " |"),
            "|" + " --- |" * (len(sides) + 1 + (len(sides) == 2))]
   for name, fn in SUMMARY_ROWS:
-    cells, means = [], {}
+    cells, means, sq_err = [], {}, 0.0
+    digits = 1 if name.startswith(("kNN", "wall")) else 3
     for s in sides:
       vals = np.array([fn(*runs[s][k]) for k in sorted(runs[s])], np.float64)
       means[s] = vals.mean()
-      spread = f" ± {vals.std(ddof=1):.3f}" if len(vals) > 1 else ""
-      cells.append(" / ".join(f"{v:.3f}" for v in vals) + f" (mean {vals.mean():.3f}{spread})")
-    diff = f" {means['mae_jax'] - means['official']:+.3f} |" if len(sides) == 2 else ""
+      spread = f" ± {vals.std(ddof=1):.{digits}f}" if len(vals) > 1 else ""
+      sq_err += vals.var(ddof=1) / len(vals) if len(vals) > 1 else np.nan
+      cells.append(" / ".join(f"{v:.{digits}f}" for v in vals) + f" (mean {vals.mean():.{digits}f}{spread})")
+    diff = (f" {means['mae_jax'] - means['official']:+.{digits}f} ({np.sqrt(sq_err):.{digits}f}) |"
+            if len(sides) == 2 else "")
     lines.append(f"| {name} | " + " | ".join(cells) + " |" + diff)
   return "\n".join(lines)
 
@@ -291,8 +316,8 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's threads")
   p.add_argument("--eval_images", type=int, default=2000, help="test images evaluated")
   p.add_argument("--knn_memory", type=int, default=10000, help="train images in the kNN memory")
-  p.add_argument("--diagnose", choices=["", "init", "augment", "parity"], default="")
-  p.add_argument("--steps", type=int, default=100, help="--diagnose=parity: steps")
+  p.add_argument("--diagnose", choices=["", "init", "augment", "parity", "swap"], default="")
+  p.add_argument("--steps", type=int, default=100, help="--diagnose=parity and swap: steps")
   args = p.parse_args(argv)
   if args.diagnose:
     import official_diagnostics
