@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mae_jax import config_lib
@@ -117,15 +118,21 @@ def saved_tree_paths(root: str, step: int) -> Optional[list]:
 
 
 class Checkpointer:
-  """Saves every `every_steps` steps and on demand; keeps the last `keep`."""
+  """Saves every `every_steps` steps and on demand; keeps the last `keep`, and with
+  `keep_period` > 0 also every checkpoint of a step divisible by it (saved whether or not
+  `every_steps` falls there): the checkpoints a study evaluates along pretraining."""
 
-  def __init__(self, workdir: str, every_steps: int, keep: int):
-    self.every_steps = every_steps
+  def __init__(self, workdir: str, every_steps: int, keep: int, keep_period: int = 0):
+    self.every_steps, self.keep_period = every_steps, keep_period
     self.workdir, self.root = os.path.abspath(workdir), checkpoint_dir(workdir)
+    policies = [preservation_policy.LatestN(keep)]
+    if keep_period > 0:
+      policies.append(preservation_policy.EveryNSteps(keep_period))
     self.manager = ocp.CheckpointManager(
         self.root,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             create=True),
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=True, create=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()},
@@ -136,7 +143,8 @@ class Checkpointer:
 
   def due(self, step: int, force: bool = False) -> bool:
     """Whether `save` would write `step`."""
-    return (force or step % self.every_steps == 0) and self.manager.latest_step() != step
+    kept = self.keep_period > 0 and step % self.keep_period == 0
+    return (force or kept or step % self.every_steps == 0) and self.manager.latest_step() != step
 
   def save(self, step: int, state: Any, data_iter: Any, config_dict: dict, force: bool = False) -> bool:
     """Starts an async save when `step` is due (or `force`); returns whether it saved."""
@@ -257,13 +265,16 @@ def saved_config(workdir: str, config=None) -> Optional[dict]:
   return None
 
 
-def restore_params(workdir: str, config=None) -> tuple[dict, dict, int]:
+def restore_params(workdir: str, config=None, step: Optional[int] = None) -> tuple[dict, dict, int]:
   """(parameters as numpy, saved config, step) of the newest readable checkpoint in `workdir`,
-  read without knowing the rest of the train state (the optimizer of another job, say). An
-  unreadable checkpoint is reported and the one before it used; the folder is left as it is.
-  An official, timm or Hugging Face checkpoint is converted in memory (step 0; nothing written)."""
+  or of checkpoint `step` when given, read without knowing the rest of the train state (the
+  optimizer of another job, say). An unreadable newest checkpoint is reported and the one before
+  it used; the folder is left as it is. An official, timm or Hugging Face checkpoint is converted
+  in memory (step 0; nothing written)."""
   from mae_jax import convert
   if convert.is_foreign(workdir):
+    if step not in (None, 0):
+      raise CheckpointMismatchError(f"{workdir} is one set of weights; it has no step {step}")
     params, saved = _converted(workdir, config)
     return params, saved, 0
   steps = _steps(workdir)
@@ -271,6 +282,13 @@ def restore_params(workdir: str, config=None) -> tuple[dict, dict, int]:
     raise CheckpointMismatchError(
         f"no checkpoint found in {checkpoint_dir(workdir)}; pass the workdir of a pretraining run "
         "as --pretrained")
+  if step is not None:
+    if step not in steps:
+      raise CheckpointMismatchError(
+          f"{checkpoint_dir(workdir)} has no checkpoint of step {step}; it keeps steps "
+          f"{', '.join(map(str, sorted(steps)))} (pretrain with --config.keep_checkpoint_every_epochs=N "
+          "to keep more)")
+    steps = [step]
 
   def read(step):
     saved = _read_config(workdir, step)
@@ -296,7 +314,7 @@ def adopt_pretrained_settings(config, pretrained: str) -> None:
     metrics_lib.log(f"from {pretrained}: " + ", ".join(f"model.{k}={v}" for k, v in changed.items()))
 
 
-def load_mae_params(pretrained: str, config, purpose: str) -> tuple[dict, int]:
+def load_mae_params(pretrained: str, config, purpose: str, step: Optional[int] = None) -> tuple[dict, int]:
   """(the full MAE parameters, encoder and decoder, step) of the newest checkpoint in
   `pretrained` (a workdir, or an official, timm or Hugging Face checkpoint), for `purpose`
   (reconstruction, pretraining), which needs the decoder."""
@@ -309,7 +327,7 @@ def load_mae_params(pretrained: str, config, purpose: str) -> tuple[dict, int]:
         "decoder too: use a checkpoint with the decoder (the official mae_visualize_vit_*.pth or "
         "*_full.pth, or a Hugging Face ViTMAEForPreTraining folder)")
   check_compatible(pretrained, config, flag="--pretrained")
-  params, _, step = restore_params(pretrained, config)
+  params, _, step = restore_params(pretrained, config, step)
   if "decoder" not in params:
     raise CheckpointMismatchError(
         f"the checkpoint in {pretrained!r} has no decoder (a probe or fine-tune run?); {purpose} "

@@ -88,12 +88,13 @@ def classifier_from_config(config, num_classes: int, *, probe: bool, drop_path: 
 # ----------------------------------------------------------------------------
 # Restoring a pretrained encoder.
 # ----------------------------------------------------------------------------
-def load_encoder(pretrained: str, config) -> tuple[dict, dict, int]:
-  """The encoder parameters saved in `pretrained` (a workdir), its saved config and the step.
+def load_encoder(pretrained: str, config, step: Optional[int] = None) -> tuple[dict, dict, int]:
+  """The encoder parameters saved in `pretrained` (a workdir; its newest checkpoint, or `step`),
+  its saved config and the step.
 
   Raises CheckpointMismatchError when there is no checkpoint or its encoder is not the config's.
   """
-  params, saved, step = checkpointing.restore_params(pretrained, config)
+  params, saved, step = checkpointing.restore_params(pretrained, config, step)
   want = {k: config.model[k] for k in ENCODER_KEYS}
   have = {k: saved["model"].get(k) for k in ENCODER_KEYS}
   if want != have:

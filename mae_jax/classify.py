@@ -111,8 +111,10 @@ def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.
 
 
 @workdir_lib.holding_workdir
-def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
-  """Probes or fine-tunes (or resumes doing so) in `workdir`; writes and returns results.json."""
+def run(config, workdir: str, pretrained: Optional[str], mode: str,
+        pretrained_step: Optional[int] = None) -> dict:
+  """Probes or fine-tunes (or resumes doing so) in `workdir` the encoder of `pretrained` (its
+  newest checkpoint, or `pretrained_step`); writes and returns results.json."""
   assert mode in MODES
   probe = mode == "probe"
   section = config[mode]
@@ -129,7 +131,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
 
   source_info = None
   if pretrained:
-    encoder, saved, step = classifier.load_encoder(pretrained, config)
+    encoder, saved, step = classifier.load_encoder(pretrained, config, pretrained_step)
     p_old = saved["model"]["patch_size"]
     old_grid = (saved["dataset"]["image_size"] // p_old,) * 2
     variables = {**variables, "params": classifier.merge_pretrained(
@@ -178,7 +180,8 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str) -> dict:
     eval_hook(int(state.step), state)
   results = {"mode": mode, "metrics": {k: v for k, v in last_eval.items() if k != "step"},
              "step": int(state.step), "pretrained": source_info,
-             "from_scratch": pretrained is None, "config": config.to_dict()}
+             "from_scratch": pretrained is None, "labels": data.subset_info(train_source),
+             "config": config.to_dict()}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)

@@ -34,6 +34,8 @@ def define_job_flags(pretrained_required: bool = False):
   flags.DEFINE_string("pretrained", None, "Workdir of the pretraining run whose encoder is used, or "
                       "an official/timm .pth or .safetensors file or a Hugging Face ViTMAE folder"
                       + ("." if pretrained_required else " (none: a randomly initialised encoder)."))
+  flags.DEFINE_integer("pretrained_step", None, "The checkpoint step of --pretrained to use (default: "
+                       "its newest); pretraining keeps more with --config.keep_checkpoint_every_epochs.")
   define_distributed_flags()
   flags.mark_flags_as_required(["config", "workdir"] + (["pretrained"] if pretrained_required else []))
 
@@ -46,7 +48,7 @@ def job_main(job, name: str):
     config = prepare(FLAGS.config, FLAGS.workdir, jobs=(name,))
     if FLAGS.pretrained:
       guarded(lambda: checkpointing.adopt_pretrained_settings(config, FLAGS.pretrained))
-    return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained))
+    return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained, FLAGS.pretrained_step))
   return main
 
 

@@ -45,6 +45,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
                                  # 0: decode in the main process)
       read_threads=2,            # threads per loader process reading records ahead (raise for
                                  # remote storage: GCS, NFS); 0 reads in the decoding thread
+      label_fraction=1.0,        # probe / fine-tune / kNN on a class-balanced subset of the
+      labels_per_class=0,        # labelled train split: this fraction of every class, or (> 0)
+      label_seed=0,              # this many images per class; the subset drawn with label_seed
       resize_on="auto",          # where the train crop is resampled: 'host' (the loader's
                                  # workers), 'device' (the train step; the workers decode and
                                  # crop only) or 'auto' (device on GPU/TPU, host on CPU)
@@ -133,6 +136,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.num_figure_images = 8
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.keep_checkpoint_every_epochs = 0  # > 0: also keep the checkpoint at every N epochs of
+                                      # pretraining, for probing / fine-tuning along the way
+                                      # (--pretrained_step)
   return c
 
 
@@ -222,8 +228,9 @@ RANGES = {
     "seed": ">= 0", "batch_size": ">= 1", "grad_accum_steps": ">= 1", "num_epochs": ">= 1",
     "warmup_epochs": ">= 0", "max_steps": ">= 0", "log_every_steps": ">= 1",
     "figure_every_steps": ">= 1", "num_figure_images": ">= 1", "checkpoint_every_steps": ">= 1",
-    "keep_checkpoints": ">= 1",
+    "keep_checkpoints": ">= 1", "keep_checkpoint_every_epochs": ">= 0",
     "dataset.image_size": ">= 1", "dataset.num_workers": ">= -1", "dataset.read_threads": ">= 0",
+    "dataset.label_fraction": "(0, 1]", "dataset.labels_per_class": ">= 0", "dataset.label_seed": ">= 0",
     "model.patch_size": ">= 1", "model.encoder_width": ">= 1", "model.encoder_depth": ">= 1",
     "model.encoder_heads": ">= 1", "model.decoder_width": ">= 1", "model.decoder_depth": ">= 1",
     "model.decoder_heads": ">= 1", "model.mlp_ratio": "> 0", "model.layer_norm_eps": "> 0", "model.mask_ratio": "[0, 1)",
@@ -313,6 +320,9 @@ def validate(config, jobs=("pretrain",)) -> None:
     if good(f"model.{part}_width", f"model.{part}_heads"):
       need(width % heads == 0, f"model.{part}_width={width} is not divisible by model.{part}_heads={heads}")
       need(width % 4 == 0, f"model.{part}_width={width} must be divisible by 4 (2D sin-cos position embedding)")
+  need(not (d.labels_per_class > 0 and d.label_fraction < 1.0),
+       f"dataset.labels_per_class={d.labels_per_class} and dataset.label_fraction={d.label_fraction} "
+       "both choose the label subset; set one (the other at 0 / 1.0)")
   need(m.mask_sampling in masking.STRATEGIES,
        f"model.mask_sampling={m.mask_sampling!r} must be one of {', '.join(masking.STRATEGIES)}")
   if m.mask_sampling == "grid" and sizes:

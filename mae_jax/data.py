@@ -172,6 +172,14 @@ class PreparedSource:
     record = self._records[i]
     return {"image": record[4:], "label": struct.unpack("<i", record[:4])[0]}
 
+  def labels(self) -> list:
+    """Every record's label, from the records' 4-byte headers (all records are read)."""
+    out = []
+    for start in range(0, len(self), 1024):
+      records = self._records.__getitems__(range(start, min(start + 1024, len(self))))
+      out += [struct.unpack("<i", r[:4])[0] for r in records]
+    return out
+
   def __repr__(self):
     return f"PreparedSource({len(self)} images, {len(self.classes)} classes)"
 
@@ -213,10 +221,86 @@ def resolved_splits(dataset_cfg, labelled: bool = False) -> tuple[str, str]:
 
 def labelled_sources(dataset_cfg):
   """(labelled training source, evaluation source), labelled by one label map: the training
-  split's (probe, fine-tune, kNN)."""
+  split's (probe, fine-tune, kNN). The training source is the config's label subset of its split
+  (`label_subset`); the evaluation split is always whole."""
   train_split, eval_split = resolved_splits(dataset_cfg, labelled=True)
-  return (make_source(dataset_cfg, train_split, labels_from=train_split),
-          make_source(dataset_cfg, eval_split, labels_from=train_split))
+  train = make_source(dataset_cfg, train_split, labels_from=train_split)
+  return (label_subset(train, dataset_cfg), make_source(dataset_cfg, eval_split, labels_from=train_split))
+
+
+class Subset:
+  """The records `indices` of a source, in that order (its class names kept)."""
+
+  def __init__(self, source, indices, info: Optional[dict] = None):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+    self.info = info  # how the subset was chosen (label_subset), for results.json
+    if hasattr(source, "classes"):
+      self.classes = source.classes
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+  def __repr__(self):
+    return f"Subset({len(self)} of {self.source!r})"
+
+
+def evenly_spaced(source, n: int):
+  """`n` records of a source evenly spaced from the first to the last (a fixed, ordered sample);
+  n = 0 or n >= len: the whole source."""
+  if 0 < n < len(source):
+    return Subset(source, np.linspace(0, len(source) - 1, n).round().astype(int))
+  return source
+
+
+def source_labels(source) -> np.ndarray:
+  """Every record's label: an image folder's from its paths, a prepared folder's from the records'
+  headers, a tfds source's by reading its records (once; a large data set takes a while)."""
+  if hasattr(source, "labels"):
+    return np.asarray(source.labels() if callable(source.labels) else source.labels, np.int64)
+  if len(source) > 100_000:
+    logging.warning("reading the labels of %d records to draw the label subset", len(source))
+  return np.array([int(source[i]["label"]) for i in range(len(source))], np.int64)
+
+
+def label_subset_indices(labels: np.ndarray, fraction: float = 1.0, per_class: int = 0,
+                         seed: int = 0) -> np.ndarray:
+  """Sorted record indices of a class-balanced random subset: from every class, `per_class`
+  records (> 0; all of a class that has fewer), else round(fraction x the class's count) (at
+  least 1). The records of each class are drawn by one permutation seeded by `seed` and the
+  class, so that a subset grows with the fraction (10% holds the 1% subset of the same seed)."""
+  chosen = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    take = per_class if per_class > 0 else max(1, int(round(fraction * len(members))))
+    order = np.random.default_rng([seed, int(c)]).permutation(len(members))
+    chosen.append(members[order[:take]])
+  return np.sort(np.concatenate(chosen))
+
+
+def label_subset(source, dataset_cfg):
+  """`source` (a labelled training split) cut to the config's label subset
+  (`dataset.label_fraction`, `dataset.labels_per_class`, `dataset.label_seed`), or whole."""
+  d = dataset_cfg
+  if d.labels_per_class <= 0 and d.label_fraction >= 1.0:
+    return source
+  labels = source_labels(source)
+  indices = label_subset_indices(labels, d.label_fraction, d.labels_per_class, d.label_seed)
+  per_class = np.bincount(labels[indices])
+  info = {"examples": len(indices), "of": len(source), "label_fraction": d.label_fraction,
+          "labels_per_class": d.labels_per_class, "label_seed": d.label_seed,
+          "per_class_min": int(per_class[per_class > 0].min()), "per_class_max": int(per_class.max())}
+  if d.labels_per_class > 0 and info["per_class_min"] < d.labels_per_class:
+    logging.warning("labels_per_class=%d: some classes have fewer (the smallest %d); all of theirs "
+                    "are used", d.labels_per_class, info["per_class_min"])
+  return Subset(source, indices, info)
+
+
+def subset_info(source) -> Optional[dict]:
+  """How a labelled training source was cut (`label_subset`), or None for a whole split."""
+  return getattr(source, "info", None)
 
 
 # ----------------------------------------------------------------------------

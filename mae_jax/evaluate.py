@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import sys
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,23 +29,6 @@ from mae_jax import workdir as workdir_lib
 from mae_jax.model import (LN_EPS, Encoder, attention_from_config, laplacian, mae_from_config,
                            normalize_patches, patchify, unnormalize_patches, unpatchify)
 from mae_jax.parallel import Mesh
-
-class Subset:
-  """The first-n-evenly-spaced records of a source (a fixed, ordered sample)."""
-
-  def __init__(self, source, n: int):
-    self.source = source
-    self.indices = np.linspace(0, len(source) - 1, n).round().astype(int) if 0 < n < len(source) \
-        else np.arange(len(source))
-    if hasattr(source, "classes"):
-      self.classes = source.classes
-
-  def __len__(self):
-    return len(self.indices)
-
-  def __getitem__(self, i):
-    return self.source[int(self.indices[i])]
-
 
 # ----------------------------------------------------------------------------
 # Image metrics (pure; per image).
@@ -181,9 +165,9 @@ def knn_eval(config, mesh: Mesh, encoder_params, train_source, test_source) -> f
   encoder = encoder_from_config(config)
   pool = config.probe.global_pool
   train_f, train_y = extract_features(config, mesh, encoder, encoder_params,
-                                      Subset(train_source, e.knn_train_examples), pool)
+                                      data.evenly_spaced(train_source, e.knn_train_examples), pool)
   test_f, test_y = extract_features(config, mesh, encoder, encoder_params,
-                                    Subset(test_source, e.num_images), pool)
+                                    data.evenly_spaced(test_source, e.num_images), pool)
   return knn_accuracy(train_f, train_y, test_f, test_y, e.knn_k, e.knn_temperature)
 
 
@@ -191,7 +175,7 @@ def knn_eval(config, mesh: Mesh, encoder_params, train_source, test_source) -> f
 # The job.
 # ----------------------------------------------------------------------------
 @workdir_lib.holding_workdir
-def run(config, workdir: str, pretrained: str) -> dict:
+def run(config, workdir: str, pretrained: str, pretrained_step: Optional[int] = None) -> dict:
   e = config.evaluate
   mesh = Mesh()
   mask_ratio = e.mask_ratio if e.mask_ratio >= 0 else config.model.mask_ratio
@@ -200,10 +184,10 @@ def run(config, workdir: str, pretrained: str) -> dict:
       mask_ratio=mask_ratio)
   lpips_weights = {net: lpips.load_weights(path, net)
                    for net, path in (("alex", e.lpips_alex), ("vgg", e.lpips_vgg)) if path}
-  params, step = checkpointing.load_mae_params(pretrained, config, "reconstruction")
+  params, step = checkpointing.load_mae_params(pretrained, config, "reconstruction", pretrained_step)
   params = mesh.replicate(params)
   train_source, test_source = data.labelled_sources(config.dataset)
-  test_source = Subset(test_source, e.num_images)
+  test_source = data.evenly_spaced(test_source, e.num_images)
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
 
   sums_fn = jax.jit(functools.partial(reconstruction_sums, model, mean=mean, std=std,
@@ -230,7 +214,7 @@ def run(config, workdir: str, pretrained: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     figures.save_grid(os.path.join(workdir, "reconstruction.png"), cols, figures.PANEL_TITLES)
     record = {"metrics": results, "pretrained": {"workdir": os.path.abspath(pretrained), "step": step},
-              "config": config.to_dict()}
+              "knn_labels": data.subset_info(train_source), "config": config.to_dict()}
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(record, f, indent=2)
     writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s != step)  # one row per step
@@ -241,8 +225,8 @@ def run(config, workdir: str, pretrained: str) -> dict:
   return results
 
 
-def _job(config, workdir, pretrained):
-  return run(config, workdir, pretrained)
+def _job(config, workdir, pretrained, pretrained_step):
+  return run(config, workdir, pretrained, pretrained_step)
 
 
 if __name__ == "__main__":

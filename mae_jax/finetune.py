@@ -14,9 +14,9 @@ from mae_jax import cli
 cli.define_job_flags()
 
 
-def finetune(config, workdir, pretrained):
+def finetune(config, workdir, pretrained, pretrained_step):
   from mae_jax import classify
-  return classify.run(config, workdir, pretrained, "finetune")
+  return classify.run(config, workdir, pretrained, "finetune", pretrained_step)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,8 @@ def run(config, workdir: str, pretrained: Optional[str] = None) -> TrainState:
   )
   state = fit(config, workdir, task, b["train_source"], mesh=mesh, total_steps=b["total_steps"],
               batch_size=config.batch_size, micro_batches=config.grad_accum_steps,
-              lr_fn=b["schedule"], augment=augment)
+              lr_fn=b["schedule"], augment=augment,
+              keep_every=config.keep_checkpoint_every_epochs * b["updates_per_epoch"])
   metrics_lib.log(f"done: {b['total_steps']} steps; checkpoints in {workdir}/checkpoints, "
                   f"figures in {workdir}/figures")
   return state

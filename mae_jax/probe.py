@@ -14,9 +14,9 @@ from mae_jax import cli
 cli.define_job_flags()
 
 
-def probe(config, workdir, pretrained):
+def probe(config, workdir, pretrained, pretrained_step):
   from mae_jax import classify
-  return classify.run(config, workdir, pretrained, "probe")
+  return classify.run(config, workdir, pretrained, "probe", pretrained_step)
 
 
 if __name__ == "__main__":

@@ -196,12 +196,13 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
 
 def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_steps: int,
         batch_size: int, micro_batches: int = 1, lr_fn: Optional[Callable[[int], float]] = None,
-        augment=None, log_every: int = 0, checkpoint_every: int = 0) -> TrainState:
+        augment=None, log_every: int = 0, checkpoint_every: int = 0, keep_every: int = 0) -> TrainState:
   """Runs (or resumes) `task` to `total_steps` optimizer updates of `batch_size` global examples,
   each handed to the step as `micro_batches` micro-batches (`Mesh.put_batch`).
 
   `augment` is the train transform (default: the pretraining one of `config.dataset`); the
-  intervals default to the config's top-level `log_every_steps` and `checkpoint_every_steps`.
+  intervals default to the config's top-level `log_every_steps` and `checkpoint_every_steps`;
+  with `keep_every` > 0 the checkpoints of every multiple of that step are saved and kept.
   """
   log_every = log_every or config.log_every_steps
   augment = augment or data.train_augment(config.dataset)
@@ -214,7 +215,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   data_iter = DeviceFeed(iter(loader), lambda local: mesh.put_batch(
       {k: local[k] for k in fields if k in local}, micro_batches), depth=2, group=micro_batches)
   ckpt = checkpointing.Checkpointer(workdir, checkpoint_every or config.checkpoint_every_steps,
-                                    config.keep_checkpoints)
+                                    config.keep_checkpoints, keep_every)
   config_dict = config.to_dict()
 
   abstract, state_sharding = mesh.abstract_state(task.init_state, *task.init_args,

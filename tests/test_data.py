@@ -476,3 +476,55 @@ def test_resize_on_is_checked_and_auto_keeps_the_cpu_on_the_host(cifar_folder):
   c.dataset.resize_on, c.dataset.interpolation = "device", "nearest"
   with pytest.raises(config_lib.ConfigError, match="use --config.dataset.resize_on=host"):
     config_lib.validate(c)
+
+
+def test_label_subsets_are_balanced_seeded_nested_and_from_the_train_split(cifar_folder):
+  c = tiny_config(cifar_folder, **{"dataset.label_fraction": 0.01})
+  train, test = data.labelled_sources(c.dataset)
+  assert len(train) == 500 and len(test) == 10000  # the evaluation split stays whole
+  labels = data.source_labels(train)
+  assert np.bincount(labels).tolist() == [50] * 10
+  assert all("/train/" in train.source.files[i] for i in train.indices)
+  assert data.subset_info(train) == {"examples": 500, "of": 50000, "label_fraction": 0.01,
+                                     "labels_per_class": 0, "label_seed": 0, "per_class_min": 50,
+                                     "per_class_max": 50}
+  again = data.labelled_sources(c.dataset)[0]
+  np.testing.assert_array_equal(again.indices, train.indices)  # identical for a seed
+  c.dataset.label_seed = 1
+  other = data.labelled_sources(c.dataset)[0]
+  assert len(set(other.indices) & set(train.indices)) < 50  # about 1% of 500 by chance
+  c.dataset.label_seed, c.dataset.label_fraction = 0, 0.1
+  assert set(train.indices) <= set(data.labelled_sources(c.dataset)[0].indices)  # 1% inside 10%
+  c.dataset.label_fraction, c.dataset.labels_per_class = 1.0, 7
+  assert np.bincount(data.source_labels(data.labelled_sources(c.dataset)[0])).tolist() == [7] * 10
+
+
+def test_label_subsets_pick_the_same_images_from_a_folder_and_its_prepared_copy(tmp_path):
+  from mae_jax import prepare
+  root = _write_folder(tmp_path / "images", n_per_class=20)
+  prepare.prepare(str(root), str(tmp_path / "prepared"), workers=0)
+  picked = {}
+  for source, folder in (("folder", root), ("prepared", tmp_path / "prepared")):
+    c = tiny_config(str(folder), **{"dataset.source": source, "dataset.label_fraction": 0.25})
+    train = data.labelled_sources(c.dataset)[0]
+    assert np.bincount(data.source_labels(train)).tolist() == [5, 5]
+    picked[source] = [data.decode_image(train[i]["image"]).tobytes() for i in range(len(train))]
+  assert picked["folder"] == picked["prepared"]
+
+
+def test_label_subsets_of_a_tfds_source():
+  c = tiny_config("unused", **{"dataset.source": "tfds", "dataset.labels_per_class": 2})
+  with tfds.testing.mock_data(num_examples=60):
+    train = data.label_subset(data.make_source(c.dataset, "train"), c.dataset)
+    labels = data.source_labels(train)
+  assert len(train) == 2 * len(np.unique(labels)) and np.all(np.bincount(labels)[np.unique(labels)] == 2)
+
+
+def test_label_subset_settings_are_checked():
+  from mae_jax import config_lib
+  c = tiny_config("unused", **{"dataset.label_fraction": 0.1, "dataset.labels_per_class": 5})
+  with pytest.raises(config_lib.ConfigError, match="both choose the label subset; set one"):
+    config_lib.validate(c)
+  c.dataset.labels_per_class, c.dataset.label_fraction = 0, 0.0
+  with pytest.raises(config_lib.ConfigError, match=r"dataset.label_fraction=0.0 must be in \(0, 1\]"):
+    config_lib.validate(c)

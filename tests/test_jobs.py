@@ -169,3 +169,35 @@ def test_knn_during_pretraining_is_logged(cifar_folder, tmp_path):
   knn = [r for r in rows if "knn_top1" in r]
   assert [r["step"] for r in knn] == [5, 10]
   assert all(0.0 <= r["knn_top1"] <= 100.0 for r in knn)
+
+
+def _small_folder(cifar_folder, root, per_class=8, classes=("cat", "dog")):
+  """A few CIFAR-10 images per class, linked into root/{train,test}/<class>/."""
+  for split in ("train", "test"):
+    for cls in classes:
+      d = root / split / cls
+      d.mkdir(parents=True)
+      src = os.path.join(cifar_folder, split, cls)
+      for name in sorted(os.listdir(src))[:per_class]:
+        os.symlink(os.path.join(src, name), d / name)
+  return str(root)
+
+
+def test_checkpoints_kept_along_pretraining_are_probed_by_step_on_a_label_subset(cifar_folder, tmp_path):
+  folder = _small_folder(cifar_folder, tmp_path / "images")
+  # 16 images, batch 4: 4 updates per epoch; 3 epochs; every epoch's checkpoint kept, besides the last 1.
+  c = tiny_config(folder, batch_size=4, num_epochs=3, max_steps=0, log_every_steps=4,
+                  figure_every_steps=1000, checkpoint_every_steps=1000, keep_checkpoints=1,
+                  keep_checkpoint_every_epochs=1)
+  pretrain.run(c, str(tmp_path / "pre"))
+  assert sorted(int(s) for s in os.listdir(tmp_path / "pre" / "checkpoints")) == [4, 8, 12]
+  out = _cli(tmp_path / "probe", f"--pretrained={tmp_path / 'pre'}", "--pretrained_step=4",
+             "--config.dataset.labels_per_class=3", "--config.probe.batch_size=2",
+             "--config.max_steps=3", "--config.evaluate.num_images=8", folder=folder, module="mae_jax.probe")
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.load(open(tmp_path / "probe" / "results.json"))
+  assert r["pretrained"]["step"] == 4 and r["labels"]["examples"] == 6
+  assert r["labels"]["per_class_min"] == r["labels"]["per_class_max"] == 3
+  out = _cli(tmp_path / "probe5", f"--pretrained={tmp_path / 'pre'}", "--pretrained_step=5",
+             folder=folder, module="mae_jax.probe")
+  assert out.returncode == 2 and "has no checkpoint of step 5; it keeps steps 4, 8, 12" in out.stderr

@@ -60,7 +60,7 @@ def main():
   from mae_jax import evaluate
   c.evaluate.batch_size = max(4, jax.device_count())
   feats, labels = evaluate.extract_features(c, mesh, evaluate.encoder_from_config(c),
-                                            state.params["encoder"], evaluate.Subset(src, 9), True)
+                                            state.params["encoder"], data.evenly_spaced(src, 9), True)
   if jax.process_index() == 0:
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
                       "losses": losses, "shards": shards, "eval_labels": sorted(labels.tolist()),
