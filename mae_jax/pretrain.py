@@ -130,6 +130,16 @@ def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
   return step, init, abstract, shardings
 
 
+def summary(job_dir: str) -> dict:
+  """The last logged training loss, and its terms: `final_mse` is the reconstruction term alone,
+  comparable across runs whose total loss adds the Laplacian or uniformity terms."""
+  with open(os.path.join(job_dir, "metrics.jsonl")) as f:
+    last = [r for r in map(json.loads, f) if "loss" in r][-1]
+  out = {"final_loss": last["loss"], "final_mse": last.get("loss_mse", last["loss"])}
+  out.update({f"final_{k}": v for k, v in last.items() if k.startswith("loss_") and k != "loss_mse"})
+  return {**out, "steps": last["step"]}
+
+
 def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Hook:
   """Every `figure_every_steps`: the same validation images under the same masks, as a PNG."""
   n = min(config.num_figure_images, len(eval_source))

@@ -73,7 +73,7 @@ def run_one(study, label: str, overrides: dict, workdir: str) -> dict:
     if job == "pretrain":
       pretrain.run(c, job_dir)
       with open(os.path.join(job_dir, "results.json"), "w") as f:
-        json.dump({"metrics": pretrain_summary(job_dir)}, f, indent=2)
+        json.dump({"metrics": pretrain.summary(job_dir)}, f, indent=2)
     elif job in ("probe", "finetune"):
       classify.run(c, job_dir, pre_dir, job)
     elif job == "evaluate":
@@ -81,17 +81,8 @@ def run_one(study, label: str, overrides: dict, workdir: str) -> dict:
   return collect_row(study, label, overrides, workdir)
 
 
-def pretrain_summary(job_dir: str) -> dict:
-  """The last logged training loss, and its terms: `final_mse` is the reconstruction term alone,
-  comparable across runs whose total loss adds the Laplacian or uniformity terms."""
-  with open(os.path.join(job_dir, "metrics.jsonl")) as f:
-    last = [r for r in map(json.loads, f) if "loss" in r][-1]
-  summary = {"final_loss": last["loss"], "final_mse": last.get("loss_mse", last["loss"])}
-  summary.update({f"final_{k}": v for k, v in last.items() if k.startswith("loss_") and k != "loss_mse"})
-  return {**summary, "steps": last["step"]}
-
-
 def collect_row(study, label: str, overrides: dict, workdir: str) -> dict:
+  from mae_jax import pretrain
   row = {"run": label, **{k.split(".")[-1]: v for k, v in overrides.items()}}
   row["gflops_per_image"] = round(forward_gflops(run_config(study, overrides)), 4)
   for job in study.sweep.jobs:
@@ -100,7 +91,7 @@ def collect_row(study, label: str, overrides: dict, workdir: str) -> dict:
     if r is not None and job == "pretrain":
       # results.json marks the job done; metrics.jsonl stays the record, so a results.json
       # written before the loss terms were summarised still reports every term.
-      r = {"metrics": pretrain_summary(job_dir)}
+      r = {"metrics": pretrain.summary(job_dir)}
     for k, v in ((r or {}).get("metrics") or {}).items():
       if isinstance(v, (int, float)) and k not in ("examples", "images", "steps", "mask_ratio"):
         row[f"{job}_{k}"] = round(float(v), 4)

@@ -67,3 +67,15 @@ def tiny_config(folder: str, **overrides):
   c = cifar10_vit_t.get_config("tiny")
   c.dataset.source, c.dataset.folder, c.dataset.num_workers = "folder", folder, 0
   return config_lib.set_fields(c, overrides)
+
+
+def small_folder(cifar_folder, root, per_class=8, classes=("cat", "dog")):
+  """A few CIFAR-10 images per class, linked into root/{train,test}/<class>/."""
+  for split in ("train", "test"):
+    for cls in classes:
+      d = root / split / cls
+      d.mkdir(parents=True)
+      src = os.path.join(cifar_folder, split, cls)
+      for name in sorted(os.listdir(src))[:per_class]:
+        os.symlink(os.path.join(src, name), d / name)
+  return str(root)

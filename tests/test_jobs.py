@@ -6,7 +6,7 @@ import os
 import pytest
 
 from mae_jax import checkpointing, classify, evaluate, pretrain
-from conftest import REPO, tiny_config
+from conftest import REPO, small_folder, tiny_config
 from test_cli import _cli
 
 # The learning check: the tiny preset pretrained for 2,000 steps (about 2 minutes on two CPU
@@ -171,20 +171,8 @@ def test_knn_during_pretraining_is_logged(cifar_folder, tmp_path):
   assert all(0.0 <= r["knn_top1"] <= 100.0 for r in knn)
 
 
-def _small_folder(cifar_folder, root, per_class=8, classes=("cat", "dog")):
-  """A few CIFAR-10 images per class, linked into root/{train,test}/<class>/."""
-  for split in ("train", "test"):
-    for cls in classes:
-      d = root / split / cls
-      d.mkdir(parents=True)
-      src = os.path.join(cifar_folder, split, cls)
-      for name in sorted(os.listdir(src))[:per_class]:
-        os.symlink(os.path.join(src, name), d / name)
-  return str(root)
-
-
 def test_checkpoints_kept_along_pretraining_are_probed_by_step_on_a_label_subset(cifar_folder, tmp_path):
-  folder = _small_folder(cifar_folder, tmp_path / "images")
+  folder = small_folder(cifar_folder, tmp_path / "images")
   # 16 images, batch 4: 4 updates per epoch; 3 epochs; every epoch's checkpoint kept, besides the last 1.
   c = tiny_config(folder, batch_size=4, num_epochs=3, max_steps=0, log_every_steps=4,
                   figure_every_steps=1000, checkpoint_every_steps=1000, keep_checkpoints=1,
