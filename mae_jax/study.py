@@ -243,25 +243,24 @@ def _plots(study, rows, along, workdir):
       x, m, sd = map(np.array, zip(*pts))
       ax.errorbar(x, m, yerr=sd, color=color, ls=ls, marker="o", capsize=3, label=label)
   ax.set_xscale("log")
-  ax.set_xlabel("labelled training images (%)")
-  ax.set_ylabel("test top-1 (%)")
-  ax.set_title("Accuracy against labels")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "labels.png"), dpi=120)
-  plt.close(fig)
+  _save(fig, ax, "labelled training images (%)", "Accuracy against labels", os.path.join(workdir, "labels.png"))
   fig, ax = plt.subplots(figsize=(5.5, 4))
   epochs = sorted(along)
   for i, job in enumerate(s.along_jobs):
     pts = [(e, along[e][i]) for e in epochs if along[e][i] is not None]
     if pts:
       ax.plot(*zip(*pts), marker="o", label=f"{job}, MAE ({s.along_fraction * 100:g}% labels)")
-  ax.set_xlabel("pretraining epoch")
+  _save(fig, ax, "pretraining epoch", "Accuracy along pretraining", os.path.join(workdir, "pretraining.png"))
+
+
+def _save(fig, ax, xlabel: str, title: str, path: str) -> None:
+  import matplotlib.pyplot as plt
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("test top-1 (%)")
-  ax.set_title("Accuracy along pretraining")
+  ax.set_title(title)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "pretraining.png"), dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
