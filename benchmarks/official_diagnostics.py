@@ -30,9 +30,10 @@ def _torch_batches(folder: str, r: dict, n: int, seed: int):
   datasets = torch_cpu.tolerant_import("torchvision.datasets")
   torch.manual_seed(seed)
   dataset = datasets.ImageFolder(os.path.join(folder, "train"), transform=tvo.official_transform(r))
-  loader = torch.utils.data.DataLoader(dataset, batch_size=r["batch"], shuffle=True, drop_last=True,
-                                       num_workers=r["workers"],
-                                       generator=torch.Generator().manual_seed(seed))
+  loader = torch.utils.data.DataLoader(
+      dataset, batch_size=r["batch"], shuffle=True, drop_last=True, num_workers=r["workers"],
+      generator=torch.Generator().manual_seed(seed),
+      multiprocessing_context="spawn" if r["workers"] and "jax" in sys.modules else None)
   out = []
   for samples, _ in loader:
     out.append(samples)
