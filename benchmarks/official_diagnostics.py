@@ -26,10 +26,9 @@ def _torch_batches(folder: str, r: dict, n: int, seed: int):
   """`n` train batches of the official pipeline (NCHW float tensors, normalised), and the size of
   the train split."""
   import torch
-  import torch_cpu
-  datasets = torch_cpu.tolerant_import("torchvision.datasets")
+  import official_mae
   torch.manual_seed(seed)
-  dataset = datasets.ImageFolder(os.path.join(folder, "train"), transform=tvo.official_transform(r))
+  dataset = official_mae.ImageFolder(os.path.join(folder, "train"), tvo.official_transform(r))
   loader = torch.utils.data.DataLoader(
       dataset, batch_size=r["batch"], shuffle=True, drop_last=True, num_workers=r["workers"],
       generator=torch.Generator().manual_seed(seed),

@@ -26,6 +26,22 @@ import torch_cpu  # noqa: E402
 timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
 
 
+class ImageFolder(torch.utils.data.Dataset):
+  """torchvision's `ImageFolder` behind a class of this module. A DataLoader worker started by
+  spawn unpickles the dataset; finding this class first, it imports this module, and with it
+  torchvision through the tolerant import, before torchvision's own classes."""
+
+  def __init__(self, root: str, transform):
+    datasets = torch_cpu.tolerant_import("torchvision.datasets")
+    self.folder = datasets.ImageFolder(root, transform=transform)
+
+  def __len__(self):
+    return len(self.folder)
+
+  def __getitem__(self, i):
+    return self.folder[i]
+
+
 def sincos_2d(dim: int, grid: int) -> np.ndarray:
   """(1 + grid*grid, dim) float32: the cls row (zeros), then the official 2D sin-cos embedding,
   the first half of the channels for the column, the second for the row."""

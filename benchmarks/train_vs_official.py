@@ -106,12 +106,10 @@ def official_pretrain(folder: str, out: str, r: dict, seed: int, threads: int,
   stops after that many iterations (the schedule unchanged)."""
   import torch
   import official_mae
-  import torch_cpu
-  datasets = torch_cpu.tolerant_import("torchvision.datasets")
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   np.random.seed(seed)
-  dataset = datasets.ImageFolder(os.path.join(folder, "train"), transform=official_transform(r))
+  dataset = official_mae.ImageFolder(os.path.join(folder, "train"), official_transform(r))
   loader = torch.utils.data.DataLoader(
       dataset, batch_size=r["batch"], shuffle=True, num_workers=r["workers"], drop_last=True,
       generator=torch.Generator().manual_seed(seed), persistent_workers=r["workers"] > 0,
