@@ -62,12 +62,12 @@ def write_folder(root: str, count: int, seed: int = 0) -> str:
 def mae_jax_feed(folder: str, workers: int, batch: int, prepared: str = "", resize_on: str = "host"):
   """An endless iterator of mae_jax's training batches from `folder` (or the `prepared` one);
   with resize_on='device', canvases and crops for the train step to resample."""
-  from mae_jax import config_lib, data
+  from mae_jax import config_lib, data, sources
   config = config_lib.load_config_file(os.path.join(REPO, "configs", "imagenet_vit_b.py"), None)
   config.dataset.update(source="prepared" if prepared else "folder", folder=prepared or folder, image_size=SIZE, random_resized_crop=True,
                         crop_scale=(0.2, 1.0), hflip=True, interpolation="bicubic",
                         num_workers=workers, resize_on=resize_on)
-  source = data.make_source(config.dataset, "train")
+  source = sources.make_source(config.dataset, "train")
   return iter(data.make_loader(config, source, train=True, global_batch_size=batch, seed=0))
 
 
@@ -99,13 +99,13 @@ def torchvision_feed(folder: str, workers: int, batch: int):
 
 
 def device_resample_ms(folder: str, batch: int, prepared: str = "", reps: int = 5) -> float:
-  """Milliseconds per image of the train step's resample (`data.resize_crops`) on this machine's
-  JAX backend, compiled, on one batch of the device feed."""
+  """Milliseconds per image of the train step's resample (`device_resample.resize_crops`) on this
+  machine's JAX backend, compiled, on one batch of the device feed."""
   import jax
-  from mae_jax import data
+  from mae_jax import device_resample
   batches = mae_jax_feed(folder, 0, batch, prepared, "device")
-  b = {k: jax.device_put(v) for k, v in next(batches).items() if k in ("image", data.CROP_FIELD)}
-  resample = jax.jit(data.train_images)
+  b = {k: jax.device_put(v) for k, v in next(batches).items() if k in ("image", device_resample.CROP_FIELD)}
+  resample = jax.jit(device_resample.train_images)
   resample(b).block_until_ready()
   t = time.perf_counter()
   for _ in range(reps):
@@ -141,7 +141,7 @@ def main():
   p.add_argument("--warmup", type=int, default=2, help="untimed batches after the workers start")
   p.add_argument("--reps", type=int, default=5, help="alternated repetitions per side")
   p.add_argument("--resize_on", choices=("host", "device"), default="device",
-                 help="mae_jax's dataset.resize_on: 'device' (what 'auto' picks on GPU/TPU) sends "
+                 help="mae_jax's dataset.resize_on: 'device' sends "
                  "each crop on a canvas and the train step resamples it; 'host' resamples in the workers")
   a = p.parse_args()
   folder = a.folder

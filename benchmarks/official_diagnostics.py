@@ -121,7 +121,7 @@ def augment(args, r: dict) -> None:
   """Crop area / aspect distributions and batch pixel statistics, both pipelines."""
   import torch
   import torch_cpu
-  from mae_jax import data
+  from mae_jax import data, sources
   transforms = torch_cpu.tolerant_import("torchvision.transforms")
   folder = os.path.abspath(args.folder)
   config = _mae_jax_config(folder, r)
@@ -133,7 +133,7 @@ def augment(args, r: dict) -> None:
   mj_boxes = _mae_jax_crops(config, n)
   batches = max(1, args.steps // 10)
   tv = np.concatenate([b.numpy().transpose(0, 2, 3, 1) for b in _torch_batches(folder, r, batches, 0)[0]])
-  source = data.make_source(config.dataset, data.resolved_splits(config.dataset)[0])
+  source = sources.make_source(config.dataset, sources.resolved_splits(config.dataset)[0])
   loader = iter(data.make_loader(config, source, train=True, global_batch_size=r["batch"], seed=0))
   mean, std = np.array(tvo.IMAGENET_MEAN), np.array(tvo.IMAGENET_STD)
   mj = np.concatenate([(next(loader)["image"] / 255.0 - mean) / std for _ in range(batches)])
@@ -190,8 +190,8 @@ def run_parity(folder: str, r: dict, steps: int, steps_per_epoch: int = 0, threa
   schedule = optim.warmup_cosine(lr, 0.0, int(r["warmup_epochs"] * per_epoch), r["epochs"] * per_epoch)
   tx = optim.make_optimizer(config.optimizer, schedule)
   state = pretrain.create_train_state(model, tx, 0, params=params)
-  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
-                                   mean=tvo.IMAGENET_MEAN, std=tvo.IMAGENET_STD))
+  spec = pretrain.StepSpec(model, tx, tvo.IMAGENET_MEAN, tvo.IMAGENET_STD)
+  step = jax.jit(functools.partial(pretrain.pretrain_step, spec=spec))
   opt = torch.optim.AdamW(official_mae.param_groups(ref, r["weight_decay"]), lr=lr, betas=(0.9, 0.95))
   g = torch.Generator().manual_seed(1)
   mean, std = np.array(tvo.IMAGENET_MEAN), np.array(tvo.IMAGENET_STD)

@@ -15,7 +15,7 @@ the figures are medians over repetitions. The last line reads
 
 times one attention instead (softmax(q k^T / sqrt d) v, forward and backward, float32) at the
 shapes of the config's encoder (visible tokens) and decoder (all tokens): mae_jax's
-`model.attention` under `jax.grad` against torch's `scaled_dot_product_attention` and
+`layers.attention` under `jax.grad` against torch's `scaled_dot_product_attention` and
 `backward()`, and how many cores each side kept busy (process CPU time over wall time). Its
 last line reads `attention: mae_jax A ms, PyTorch B ms, ratio R.RRx` (decoder shape, per call).
 
@@ -43,9 +43,8 @@ def mae_jax_step(config, images):
   schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size), 0.0, 0, 10**6)
   tx = optim.make_optimizer(config.optimizer, schedule)
   state = jax.jit(functools.partial(pretrain.create_train_state, model, tx, config.seed))()
-  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx,
-                                   mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
-                 donate_argnums=(0,))
+  spec = pretrain.StepSpec(model, tx, tuple(config.dataset.mean), tuple(config.dataset.std))
+  step = jax.jit(functools.partial(pretrain.pretrain_step, spec=spec), donate_argnums=(0,))
   batch = {"image": jax.device_put(images)}
   holder = [state]
 
@@ -97,10 +96,10 @@ def attention_calls(batch: int, heads: int, tokens: int, head_dim: int, threads:
   import jax.numpy as jnp
   import numpy as np
   import torch
-  from mae_jax import model
+  from mae_jax import layers
   torch.set_num_threads(threads)
   q, k, v, w = np.random.default_rng(0).standard_normal((4, batch, heads, tokens, head_dim), np.float32)
-  grad = jax.jit(jax.grad(lambda q, k, v, w: jnp.sum(model.attention(q, k, v) * w), argnums=(0, 1, 2)))
+  grad = jax.jit(jax.grad(lambda q, k, v, w: jnp.sum(layers.attention(q, k, v) * w), argnums=(0, 1, 2)))
   args = [jax.device_put(a) for a in (q, k, v, w)]
   tq, tk, tv = (torch.from_numpy(a.copy()).requires_grad_() for a in (q, k, v))
   tw = torch.from_numpy(w)

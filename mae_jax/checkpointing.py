@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mae_jax import config_lib
 from mae_jax import metrics as metrics_lib
-from mae_jax import model as model_lib
+from mae_jax import layer_stack
 
 
 class CheckpointMismatchError(ValueError):
@@ -162,14 +162,14 @@ class Checkpointer:
     reads the config too, so that a step any of whose parts is damaged fails as a whole.
 
     A state saved with the other layer layout (scanned vs unrolled blocks) is read in its own
-    layout and converted (`model.stack_layers` / `unstack_layers`)."""
-    want_scanned = model_lib.is_scanned(abstract_state.params)
+    layout and converted (`layer_stack.stack_layers` / `unstack_layers`)."""
+    want_scanned = layer_stack.is_scanned(abstract_state.params)
     saved_scanned = self._params_scanned(step, default=want_scanned)
     convert = saved_scanned != want_scanned
     target = abstract_state
     if convert:
-      to_saved, to_wanted = ((model_lib.stack_layers, model_lib.unstack_layers) if saved_scanned
-                             else (model_lib.unstack_layers, model_lib.stack_layers))
+      to_saved, to_wanted = ((layer_stack.stack_layers, layer_stack.unstack_layers) if saved_scanned
+                             else (layer_stack.unstack_layers, layer_stack.stack_layers))
       replicated = NamedSharding(jax.tree.leaves(abstract_state)[0].sharding.mesh, P())
       target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                             to_saved(abstract_state))
@@ -233,30 +233,12 @@ class Checkpointer:
 
 def _read_config(workdir: str, step: int) -> dict:
   with open(os.path.join(checkpoint_dir(workdir), str(step), "config", "metadata")) as f:
-    return json.load(f)
+    return config_lib.upgrade(json.load(f))
 
 
-_converted_cache: dict = {}
-
-
-def _converted(path: str, config=None) -> tuple[dict, dict]:
-  """An official, timm or Hugging Face checkpoint converted in memory, once per process (the
-  last one kept). `config`, the job's, gives the attention heads where the weights do not."""
-  from mae_jax import convert
-  heads = (config.model.encoder_heads, config.model.decoder_heads) if config is not None else (0, 0)
-  if (path, heads) not in _converted_cache:
-    _converted_cache.clear()
-    _converted_cache[path, heads] = convert.load_foreign(path, fallback_heads=heads)
-  return _converted_cache[path, heads]
-
-
-def saved_config(workdir: str, config=None) -> Optional[dict]:
-  """The config stored with the newest checkpoint in `workdir` whose config reads, or None.
-  `workdir` may also be an official, timm or Hugging Face checkpoint (mae_jax.convert; the job's
-  `config` gives the attention heads where its weights do not)."""
-  from mae_jax import convert
-  if convert.is_foreign(workdir):
-    return _converted(workdir, config)[1]
+def saved_config(workdir: str) -> Optional[dict]:
+  """The config stored with the newest checkpoint in `workdir` whose config reads (upgraded to
+  today's fields, `config_lib.upgrade`), or None."""
   for step in _steps(workdir):
     try:
       return _read_config(workdir, step)
@@ -265,18 +247,11 @@ def saved_config(workdir: str, config=None) -> Optional[dict]:
   return None
 
 
-def restore_params(workdir: str, config=None, step: Optional[int] = None) -> tuple[dict, dict, int]:
+def restore_params(workdir: str, step: Optional[int] = None) -> tuple[dict, dict, int]:
   """(parameters as numpy, saved config, step) of the newest readable checkpoint in `workdir`,
   or of checkpoint `step` when given, read without knowing the rest of the train state (the
   optimizer of another job, say). An unreadable newest checkpoint is reported and the one before
-  it used; the folder is left as it is. An official, timm or Hugging Face checkpoint is converted
-  in memory (step 0; nothing written)."""
-  from mae_jax import convert
-  if convert.is_foreign(workdir):
-    if step not in (None, 0):
-      raise CheckpointMismatchError(f"{workdir} is one set of weights; it has no step {step}")
-    params, saved = _converted(workdir, config)
-    return params, saved, 0
+  it used; the folder is left as it is. Scanned layers come back unrolled."""
   steps = _steps(workdir)
   if not steps:
     raise CheckpointMismatchError(
@@ -295,64 +270,35 @@ def restore_params(workdir: str, config=None, step: Optional[int] = None) -> tup
     with ocp.StandardCheckpointer() as ckptr:
       state = ckptr.restore(os.path.join(checkpoint_dir(workdir), str(step), "state"))
     # Scanned pretraining layers come back unrolled: the layout every consumer builds.
-    return model_lib.unstack_layers(jax.tree.map(np.asarray, state["params"])), saved
+    return layer_stack.unstack_layers(jax.tree.map(np.asarray, state["params"])), saved
 
   step, (params, saved), _ = _newest_readable(workdir, steps, read)
   return params, saved, step
 
 
-def adopt_pretrained_settings(config, pretrained: str) -> None:
-  """Sets in `config.model` what the weights in `pretrained` were trained with and the config
-  cannot know: their LayerNorm epsilon (Hugging Face's 1e-12), and norm_pix_loss where a
-  converted source said it."""
-  saved = saved_config(pretrained, config) or {}
-  settings = {"layer_norm_eps": saved.get("model", {}).get("layer_norm_eps", model_lib.LN_EPS),
-              **saved.get("converted_from", {}).get("settings", {})}
-  changed = {k: v for k, v in settings.items() if config.model.get(k) != v}
-  if changed:
-    config.model.update(changed)
-    metrics_lib.log(f"from {pretrained}: " + ", ".join(f"model.{k}={v}" for k, v in changed.items()))
-
-
-def load_mae_params(pretrained: str, config, purpose: str, step: Optional[int] = None) -> tuple[dict, int]:
-  """(the full MAE parameters, encoder and decoder, step) of the newest checkpoint in
-  `pretrained` (a workdir, or an official, timm or Hugging Face checkpoint), for `purpose`
-  (reconstruction, pretraining), which needs the decoder."""
-  saved = saved_config(pretrained, config) or {}
-  source = saved.get("converted_from")
-  if source and "decoder" not in source["parts"]:
-    what = "a fine-tuned classifier" if "head" in source["parts"] else "an encoder only"
-    raise CheckpointMismatchError(
-        f"{source['path']} holds {what} ({', '.join(source['parts'])}), and {purpose} needs the MAE "
-        "decoder too: use a checkpoint with the decoder (the official mae_visualize_vit_*.pth or "
-        "*_full.pth, or a Hugging Face ViTMAEForPreTraining folder)")
-  check_compatible(pretrained, config, flag="--pretrained")
-  params, _, step = restore_params(pretrained, config, step)
-  if "decoder" not in params:
-    raise CheckpointMismatchError(
-        f"the checkpoint in {pretrained!r} has no decoder (a probe or fine-tune run?); {purpose} "
-        "needs the pretraining workdir")
-  return params, step
-
-
-def check_compatible(workdir: str, config, flag: str = "--workdir") -> None:
-  """Raises CheckpointMismatchError if `workdir` holds a checkpoint of a different model. `flag`
-  names the option that gave the folder, so that the message says which option to change."""
-  if flag == "--workdir" and os.path.isfile(workdir):
-    return  # not a checkpoint: the workdir check says what is wrong with it
-  saved = saved_config(workdir, config)
+def check_model(saved: Optional[dict], config, flag: str, path: str) -> None:
+  """Raises CheckpointMismatchError if the `saved` config (of the folder or file `path` that
+  option `flag` gave) describes a different model than `config`, naming the fields."""
   if saved is None:
     return
-  if flag == "--workdir" and "converted_from" in saved:
-    raise CheckpointMismatchError(
-        f"{workdir} holds weights converted by mae_jax.convert, not a training run to resume; start "
-        f"from them with --pretrained={workdir} and a new --workdir")
   want = config_lib.model_signature(config)
-  have = {k: saved.get("model", {}).get(k) for k in want}
+  have = {k: saved["model"][k] for k in want}
   diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
   if diff:
     lines = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
     advice = ("Use a new --workdir, or the config that wrote this checkpoint." if flag == "--workdir" else
               f"Pass the config (and overrides) that run was trained with, or another {flag}.")
+    raise CheckpointMismatchError(f"{flag}={path} holds a checkpoint of a different model ({lines}). {advice}")
+
+
+def check_compatible(workdir: str, config) -> None:
+  """Raises CheckpointMismatchError if `workdir` (a job's --workdir) holds a checkpoint of a
+  different model, or weights written by mae_jax.convert (a start, not a run to resume)."""
+  if os.path.isfile(workdir):
+    return  # not a checkpoint: the workdir check says what is wrong with it
+  saved = saved_config(workdir)
+  if saved is not None and "converted_from" in saved:
     raise CheckpointMismatchError(
-        f"{flag}={workdir} holds a checkpoint of a different model ({lines}). {advice}")
+        f"{workdir} holds weights converted by mae_jax.convert, not a training run to resume; start "
+        f"from them with --pretrained={workdir} and a new --workdir")
+  check_model(saved, config, "--workdir", workdir)

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import checkpointing
-from mae_jax.model import LN_EPS, Encoder, attention_from_config, layer_norm, sincos_2d
+from mae_jax.checkpointing import CheckpointMismatchError
+from mae_jax.layers import LN_EPS, layer_norm
+from mae_jax.model import Encoder, compute_settings, sincos_2d
 
-ENCODER_KEYS = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "mlp_ratio")
 
 
 class Classifier(nn.Module):
@@ -80,31 +80,12 @@ def classifier_from_config(config, num_classes: int, *, probe: bool, drop_path: 
   return Classifier(num_classes=num_classes, image_size=(size, size), patch_size=m.patch_size,
                     width=m.encoder_width, depth=m.encoder_depth, num_heads=m.encoder_heads,
                     mlp_ratio=m.mlp_ratio, drop_path=drop_path, global_pool=global_pool,
-                    probe=probe, learned_pos_embed=not probe, dtype=jnp.dtype(m.dtype),
-                    attention_impl=attention_from_config(m, decoder=False),
-                    remat=m.remat, ln_eps=m.get("layer_norm_eps", LN_EPS))
+                    probe=probe, learned_pos_embed=not probe, **compute_settings(m, decoder=False))
 
 
 # ----------------------------------------------------------------------------
 # Restoring a pretrained encoder.
 # ----------------------------------------------------------------------------
-def load_encoder(pretrained: str, config, step: Optional[int] = None) -> tuple[dict, dict, int]:
-  """The encoder parameters saved in `pretrained` (a workdir; its newest checkpoint, or `step`),
-  its saved config and the step.
-
-  Raises CheckpointMismatchError when there is no checkpoint or its encoder is not the config's.
-  """
-  params, saved, step = checkpointing.restore_params(pretrained, config, step)
-  want = {k: config.model[k] for k in ENCODER_KEYS}
-  have = {k: saved["model"].get(k) for k in ENCODER_KEYS}
-  if want != have:
-    diff = ", ".join(f"{k}: checkpoint {have[k]} vs config {want[k]}" for k in want if have[k] != want[k])
-    raise checkpointing.CheckpointMismatchError(
-        f"the checkpoint in {pretrained!r} holds a different encoder ({diff}); use the config it was "
-        "pretrained with")
-  return params["encoder"], saved, step
-
-
 def interpolate_pos_embed(pos: np.ndarray, old_grid, new_grid) -> np.ndarray:
   """(1, gh*gw, D) -> (1, nh*nw, D), bicubic over the grid (as the official interpolate_pos_embed)."""
   if tuple(old_grid) == tuple(new_grid):
@@ -128,7 +109,7 @@ def merge_pretrained(params: dict, encoder: dict, old_grid, new_grid) -> dict:
     if k in ("pos_embed", "mask_token") or (k == "norm" and "norm" not in new):
       continue
     if jax.tree.map(np.shape, v) != jax.tree.map(np.shape, new[k]):
-      raise checkpointing.CheckpointMismatchError(f"pretrained encoder weight {k} has another shape")
+      raise CheckpointMismatchError(f"pretrained encoder weight {k} has another shape")
     new[k] = v
   if "pos_embed" in new:
     old = encoder.get("pos_embed", sincos_2d(new["pos_embed"].shape[-1], old_grid)[None])

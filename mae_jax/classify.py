@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax import augment, classifier, config_lib, data, optim
+from mae_jax import augment, classifier, config_lib, data, device_resample, optim, sources, weights
 from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
-from mae_jax.model import describe
+from mae_jax.layers import describe
 from mae_jax.parallel import Mesh
 from mae_jax.trainer import (Hook, Task, TrainState, accumulate, evaluate, fit, skip_if_nonfinite,
                              steps_per_epoch)
@@ -45,7 +45,7 @@ def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_c
   def grads_of(params, k, micro, model_state):
     key = jax.random.fold_in(state.rng, micro_batches * state.step + k)
     k_mix, k_erase, k_drop = jax.random.split(key, 3)
-    images = data.normalize(data.train_images(micro, interpolation), mean, std)
+    images = data.normalize(device_resample.train_images(micro, interpolation), mean, std)
     targets = augment.one_hot(micro["label"], num_classes, label_smoothing)
     images, targets = augment.mixup_cutmix(k_mix, images, targets, mixup, cutmix)
     images = augment.random_erasing(k_erase, images, random_erasing)
@@ -88,9 +88,9 @@ def accuracy(sums: dict) -> dict:
 
 
 def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.GradientTransformation:
-  """The section's optimizer on the trainable parameters (others frozen), with layer-wise lr
-  decay for fine-tuning."""
-  kind = section.get("optimizer", "adamw")
+  """The section's optimizer on the trainable parameters (others frozen): the probe's choice of
+  optimizer; for fine-tuning AdamW with layer-wise lr decay and, optionally, only the last blocks."""
+  kind = section.optimizer if probe else "adamw"
   if kind == "adamw":
     base = optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay,
                        mask=optim.finetune_decay_mask)
@@ -102,9 +102,9 @@ def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.
                        optax.sgd(schedule, momentum=section.momentum))
   else:
     raise config_lib.ConfigError(f"optimizer={kind!r} must be 'lars', 'adamw' or 'sgd'")
-  labels = classifier.trainable_labels(params, depth, section.get("trainable_blocks", -1), probe)
+  labels = classifier.trainable_labels(params, depth, -1 if probe else section.trainable_blocks, probe)
   tx = optax.multi_transform({"train": base, "freeze": optax.set_to_zero()}, labels)
-  decay = section.get("layer_decay", 1.0)
+  decay = 1.0 if probe else section.layer_decay
   if decay < 1.0:
     tx = optax.chain(tx, classifier.scale_by_tree(classifier.layer_decay_scales(params, depth, decay)))
   return tx
@@ -119,10 +119,10 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
   probe = mode == "probe"
   section = config[mode]
   mesh = Mesh()
-  train_source, test_source = data.labelled_sources(config.dataset)
-  n_classes = data.num_classes(config.dataset, train_source)
+  train_source, test_source = sources.labelled_sources(config.dataset)
+  n_classes = sources.num_classes(config.dataset, train_source)
   model = classifier.classifier_from_config(
-      config, n_classes, probe=probe, drop_path=section.get("drop_path", 0.0),
+      config, n_classes, probe=probe, drop_path=0.0 if probe else section.drop_path,
       global_pool=section.global_pool)
   size = config.dataset.image_size
   variables = jax.jit(functools.partial(model.init, train=False))(
@@ -131,7 +131,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
 
   source_info = None
   if pretrained:
-    encoder, saved, step = classifier.load_encoder(pretrained, config, pretrained_step)
+    encoder, saved, step = weights.load_encoder(pretrained, config, pretrained_step)
     p_old = saved["model"]["patch_size"]
     old_grid = (saved["dataset"]["image_size"] // p_old,) * 2
     variables = {**variables, "params": classifier.merge_pretrained(
@@ -142,7 +142,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
     metrics_lib.log("no --pretrained: " + ("probing a randomly initialised encoder" if probe
                                            else "training from scratch (the baseline)"))
 
-  accum = section.get("grad_accum_steps", 1)
+  accum = 1 if probe else section.grad_accum_steps
   updates_per_epoch = steps_per_epoch(len(train_source), section.batch_size)
   total_updates = section.num_epochs * updates_per_epoch
   schedule = optim.warmup_cosine(optim.peak_lr(section.base_lr, section.batch_size), section.min_lr,
@@ -180,7 +180,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
     eval_hook(int(state.step), state)
   results = {"mode": mode, "metrics": {k: v for k, v in last_eval.items() if k != "step"},
              "step": int(state.step), "pretrained": source_info,
-             "from_scratch": pretrained is None, "labels": data.subset_info(train_source),
+             "from_scratch": pretrained is None, "labels": sources.subset_info(train_source),
              "config": config.to_dict()}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -2,13 +2,12 @@
 
 import difflib
 import os
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import checkpointing, config_lib, convert, data, host, lpips, parallel
+from mae_jax import checkpointing, config_lib, convert, data, host, lpips, parallel, weights
 from mae_jax import workdir as workdir_lib
 from mae_jax.trainer import NonFiniteError, StopRequested
 
@@ -27,13 +26,14 @@ def define_distributed_flags():
   flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
 
 
-def define_job_flags(pretrained_required: bool = False):
-  """--config, --workdir and --pretrained, as every evaluation entry point takes them."""
+def define_job_flags(pretrained_required: bool = False, pretrained_help: str = ""):
+  """--config, --workdir, --pretrained and --pretrained_step, as every job takes them."""
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where this job's checkpoints, metrics and results go.")
-  flags.DEFINE_string("pretrained", None, "Workdir of the pretraining run whose encoder is used, or "
-                      "an official/timm .pth or .safetensors file or a Hugging Face ViTMAE folder"
-                      + ("." if pretrained_required else " (none: a randomly initialised encoder)."))
+  flags.DEFINE_string("pretrained", None, pretrained_help or (
+      "Workdir of the pretraining run whose encoder is used, or an official/timm .pth or "
+      ".safetensors file or a Hugging Face ViTMAE folder"
+      + ("." if pretrained_required else " (none: a randomly initialised encoder).")))
   flags.DEFINE_integer("pretrained_step", None, "The checkpoint step of --pretrained to use (default: "
                        "its newest); pretraining keeps more with --config.keep_checkpoint_every_epochs.")
   define_distributed_flags()
@@ -41,13 +41,14 @@ def define_job_flags(pretrained_required: bool = False):
 
 
 def job_main(job, name: str):
-  """An absl main that validates the config for job `name` and runs job(config, workdir, pretrained)."""
+  """An absl main that validates the config for job `name`, takes over what the --pretrained
+  weights imply (weights.adopt_settings) and runs job(config, workdir, pretrained, step)."""
   def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     config = prepare(FLAGS.config, FLAGS.workdir, jobs=(name,))
     if FLAGS.pretrained:
-      guarded(lambda: checkpointing.adopt_pretrained_settings(config, FLAGS.pretrained))
+      guarded(lambda: weights.adopt_settings(config, FLAGS.pretrained))
     return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained, FLAGS.pretrained_step))
   return main
 
@@ -90,12 +91,6 @@ def run_guarded(fn):
           file=sys.stderr, flush=True)
     return 128 + e.signum
   return 0
-
-
-def bool_flag_given(argv, name: str) -> bool:
-  """Whether boolean flag `name` is set true on this command line (`--name`, `-name`,
-  `--name=true|t|1`), read before absl parses the flags."""
-  return any(re.fullmatch(rf"--?{re.escape(name)}(=(true|t|1))?", a, re.IGNORECASE) for a in argv[1:])
 
 
 def run_app(main, reuse_freed_memory: bool = True):

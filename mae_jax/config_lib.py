@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from mae_jax import data, masking
+from mae_jax import device_resample, masking, sources
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,7 +25,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.dataset = ml_collections.ConfigDict(dict(
-      name="cifar10",            # a key of mae_jax.data.DATASETS
+      name="cifar10",            # a key of mae_jax.sources.DATASETS
       source="tfds",             # 'tfds' (tfds.data_source), 'folder' (root/<split>/<class>/*.jpg)
                                  # or 'prepared' (written by python -m mae_jax.prepare)
       tfds_data_dir=ml_collections.FieldReference(None, field_type=str),
@@ -48,9 +48,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
       label_fraction=1.0,        # probe / fine-tune / kNN on a class-balanced subset of the
       labels_per_class=0,        # labelled train split: this fraction of every class, or (> 0)
       label_seed=0,              # this many images per class; the subset drawn with label_seed
-      resize_on="auto",          # where the train crop is resampled: 'host' (the loader's
-                                 # workers), 'device' (the train step; the workers decode and
-                                 # crop only) or 'auto' (device on GPU/TPU, host on CPU)
+      resize_on="host",          # where the train crop is resampled: 'host' (the loader's
+                                 # workers) or 'device' (the train step; the workers decode and
+                                 # crop only: mae_jax/device_resample.py)
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -343,12 +343,12 @@ def validate(config, jobs=("pretrain",)) -> None:
   need(m.attention_impl in ("", "xla", "cudnn"), f"model.attention_impl={m.attention_impl!r} must be '', 'xla' or 'cudnn'")
   need(m.remat in ("none", "block", "dots"), f"model.remat={m.remat!r} must be 'none', 'block' or 'dots'")
 
-  need(d.name in data.DATASETS,
-       f"unknown dataset.name={d.name!r}; known: {', '.join(sorted(data.DATASETS))}")
+  need(d.name in sources.DATASETS,
+       f"unknown dataset.name={d.name!r}; known: {', '.join(sorted(sources.DATASETS))}")
   need(d.source in ("tfds", "folder", "prepared"),
        f"dataset.source={d.source!r} must be 'tfds', 'folder' or 'prepared'")
-  if d.name in data.DATASETS and d.source == "tfds":
-    need(data.DATASETS[d.name].tfds_name is not None,
+  if d.name in sources.DATASETS and d.source == "tfds":
+    need(sources.DATASETS[d.name].tfds_name is not None,
          f"dataset {d.name!r} is not in tfds; use --config.dataset.source=folder --config.dataset.folder=DIR")
   if d.source in ("folder", "prepared"):
     need(bool(d.folder), f"dataset.source={d.source!r} needs --config.dataset.folder=DIR "
@@ -364,10 +364,10 @@ def validate(config, jobs=("pretrain",)) -> None:
     need(0.0 < lo <= hi <= 1.0, f"{name}.crop_scale={(lo, hi)} must satisfy 0 < low <= high <= 1")
   need(d.interpolation in ("bicubic", "bilinear", "nearest"),
        f"dataset.interpolation={d.interpolation!r} must be bicubic, bilinear or nearest")
-  need(d.resize_on in data.RESIZE_ON,
-       f"dataset.resize_on={d.resize_on!r} must be one of {', '.join(data.RESIZE_ON)}")
-  need(d.resize_on != "device" or d.interpolation in data.DEVICE_INTERPOLATIONS,
-       f"dataset.resize_on='device' resamples with {' or '.join(data.DEVICE_INTERPOLATIONS)}, not "
+  need(d.resize_on in device_resample.RESIZE_ON,
+       f"dataset.resize_on={d.resize_on!r} must be one of {', '.join(device_resample.RESIZE_ON)}")
+  need(d.resize_on != "device" or d.interpolation in device_resample.DEVICE_INTERPOLATIONS,
+       f"dataset.resize_on='device' resamples with {' or '.join(device_resample.DEVICE_INTERPOLATIONS)}, not "
        f"{d.interpolation!r}; use --config.dataset.resize_on=host for it")
 
   need(config.warmup_epochs <= config.num_epochs,
@@ -382,7 +382,7 @@ def validate(config, jobs=("pretrain",)) -> None:
     prefix, sec = batches[job]
     need(sec.warmup_epochs <= sec.num_epochs,
          f"{prefix}warmup_epochs={sec.warmup_epochs} must be within [0, {prefix}num_epochs={sec.num_epochs}]")
-    accum = sec.get("grad_accum_steps", 1)
+    accum = 1 if job == "probe" else sec.grad_accum_steps  # a probe does not accumulate
     if sec.batch_size % accum:
       need(False, f"{prefix}batch_size={sec.batch_size} is not divisible by {prefix}grad_accum_steps={accum}")
       continue
@@ -398,6 +398,17 @@ def validate(config, jobs=("pretrain",)) -> None:
   if problems:
     raise ConfigError("invalid config: " + problems[0] if len(problems) == 1 else
                       "invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def upgrade(saved: dict) -> dict:
+  """A config dict read back from a checkpoint or converted weights, with every field added to
+  `pretrain_config` since it was written filled with today's default: the one place where a
+  default stands in for a missing field (code reads every field directly)."""
+  def merge(default, have):
+    if not (isinstance(default, dict) and isinstance(have, dict)):
+      return have
+    return {**default, **{k: merge(default[k], v) if k in default else v for k, v in have.items()}}
+  return merge(pretrain_config().to_dict(), saved)
 
 
 def model_signature(config) -> dict:

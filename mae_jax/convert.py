@@ -28,7 +28,8 @@ from typing import Optional
 import numpy as np
 
 from mae_jax import checkpointing
-from mae_jax.model import LN_EPS, sincos_2d
+from mae_jax.layers import LN_EPS
+from mae_jax.model import sincos_2d
 
 FORMATS = ("official", "timm", "hf")
 
@@ -426,7 +427,7 @@ def hf_config(config: dict, shape: dict) -> dict:
           "num_hidden_layers": m["encoder_depth"], "num_attention_heads": m["encoder_heads"],
           "intermediate_size": int(m["encoder_width"] * m["mlp_ratio"]), "hidden_act": "gelu",
           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-          "layer_norm_eps": m.get("layer_norm_eps", LN_EPS), "image_size": config["dataset"]["image_size"],
+          "layer_norm_eps": m["layer_norm_eps"], "image_size": config["dataset"]["image_size"],
           "patch_size": m["patch_size"], "num_channels": 3, "qkv_bias": True,
           "decoder_num_attention_heads": m["decoder_heads"], "decoder_hidden_size": m["decoder_width"],
           "decoder_num_hidden_layers": m["decoder_depth"],

@@ -23,25 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import checkpointing, cli, config_lib, data, figures, lpips, masking
+from mae_jax import cli, config_lib, data, figures, lpips, masking, sources, weights
 from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
-from mae_jax.model import (LN_EPS, Encoder, attention_from_config, laplacian, mae_from_config,
-                           normalize_patches, patchify, unnormalize_patches, unpatchify)
+from mae_jax.curriculum_losses import depthwise_filter, laplacian
+from mae_jax.model import (encoder_from_config, mae_from_config, normalize_patches, patchify,
+                           unnormalize_patches, unpatchify)
 from mae_jax.parallel import Mesh
 
 # ----------------------------------------------------------------------------
 # Image metrics (pure; per image).
 # ----------------------------------------------------------------------------
-def _filter(x, kernel):
-  """Depthwise 'valid' 2D filtering of (N, H, W, C) with a (k, k) kernel."""
-  c = x.shape[-1]
-  k = jnp.tile(jnp.asarray(kernel, x.dtype)[:, :, None, None], (1, 1, 1, c))
-  return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", feature_group_count=c,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      precision=jax.lax.Precision.HIGHEST)
-
-
 def gaussian_kernel(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma**2))
   g /= g.sum()
@@ -56,10 +48,10 @@ def ssim(a, b, data_range: float = 1.0):
   if min(a.shape[1:3]) < k.shape[0]:  # images smaller than the window: shrink it
     k = gaussian_kernel(min(a.shape[1:3]) // 2 * 2 - 1, 1.5)
   c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-  mu_a, mu_b = _filter(a, k), _filter(b, k)
-  var_a = _filter(a * a, k) - mu_a**2
-  var_b = _filter(b * b, k) - mu_b**2
-  cov = _filter(a * b, k) - mu_a * mu_b
+  mu_a, mu_b = depthwise_filter(a, k), depthwise_filter(b, k)
+  var_a = depthwise_filter(a * a, k) - mu_a**2
+  var_b = depthwise_filter(b * b, k) - mu_b**2
+  cov = depthwise_filter(a * b, k) - mu_a * mu_b
   s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
   return s.mean(axis=(1, 2, 3))
 
@@ -91,8 +83,8 @@ def reconstruction_sums(model, params, images_uint8, noise, valid, mean, std, lp
   lap_err = jnp.abs(laplacian(pred_px) - laplacian(orig_px)) * removed
   sums["laplacian_l1"] = (lap_err.sum(axis=(1, 2, 3)) * valid).sum()
   sums["masked_values"] = (removed.sum(axis=(1, 2, 3)) * valid).sum()
-  for net, weights in lpips_weights.items():
-    sums[f"lpips_{net}"] = (lpips.lpips(weights, pasted, orig_px, net) * valid).sum()
+  for net, net_weights in lpips_weights.items():
+    sums[f"lpips_{net}"] = (lpips.lpips(net_weights, pasted, orig_px, net) * valid).sum()
   return sums
 
 
@@ -112,15 +104,7 @@ def summarize(sums: dict) -> dict:
 # ----------------------------------------------------------------------------
 # kNN on frozen features.
 # ----------------------------------------------------------------------------
-def encoder_from_config(config) -> Encoder:
-  m, size = config.model, config.dataset.image_size
-  return Encoder(m.patch_size, (size // m.patch_size,) * 2, m.encoder_width, m.encoder_depth,
-                 m.encoder_heads, m.mlp_ratio, dtype=jnp.dtype(m.dtype),
-                 attention_impl=attention_from_config(m, decoder=False),
-                 ln_eps=m.get("layer_norm_eps", LN_EPS))
-
-
-def extract_features(config, mesh: Mesh, encoder: Encoder, encoder_params, source, global_pool: bool):
+def extract_features(config, mesh: Mesh, encoder, encoder_params, source, global_pool: bool):
   """L2-normalised features of every record of `source` (host numpy) and their labels."""
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
 
@@ -162,12 +146,12 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k: int, temperature: float, c
 
 def knn_eval(config, mesh: Mesh, encoder_params, train_source, test_source) -> float:
   e = config.evaluate
-  encoder = encoder_from_config(config)
+  encoder = encoder_from_config(config.model, config.dataset.image_size, remat="none")
   pool = config.probe.global_pool
   train_f, train_y = extract_features(config, mesh, encoder, encoder_params,
-                                      data.evenly_spaced(train_source, e.knn_train_examples), pool)
+                                      sources.evenly_spaced(train_source, e.knn_train_examples), pool)
   test_f, test_y = extract_features(config, mesh, encoder, encoder_params,
-                                    data.evenly_spaced(test_source, e.num_images), pool)
+                                    sources.evenly_spaced(test_source, e.num_images), pool)
   return knn_accuracy(train_f, train_y, test_f, test_y, e.knn_k, e.knn_temperature)
 
 
@@ -184,10 +168,10 @@ def run(config, workdir: str, pretrained: str, pretrained_step: Optional[int] = 
       mask_ratio=mask_ratio)
   lpips_weights = {net: lpips.load_weights(path, net)
                    for net, path in (("alex", e.lpips_alex), ("vgg", e.lpips_vgg)) if path}
-  params, step = checkpointing.load_mae_params(pretrained, config, "reconstruction", pretrained_step)
+  params, step = weights.load_mae_params(pretrained, config, "reconstruction", pretrained_step)
   params = mesh.replicate(params)
-  train_source, test_source = data.labelled_sources(config.dataset)
-  test_source = data.evenly_spaced(test_source, e.num_images)
+  train_source, test_source = sources.labelled_sources(config.dataset)
+  test_source = sources.evenly_spaced(test_source, e.num_images)
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
 
   sums_fn = jax.jit(functools.partial(reconstruction_sums, model, mean=mean, std=std,
@@ -214,7 +198,7 @@ def run(config, workdir: str, pretrained: str, pretrained_step: Optional[int] = 
     os.makedirs(workdir, exist_ok=True)
     figures.save_grid(os.path.join(workdir, "reconstruction.png"), cols, figures.PANEL_TITLES)
     record = {"metrics": results, "pretrained": {"workdir": os.path.abspath(pretrained), "step": step},
-              "knn_labels": data.subset_info(train_source), "config": config.to_dict()}
+              "knn_labels": sources.subset_info(train_source), "config": config.to_dict()}
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(record, f, indent=2)
     writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s != step)  # one row per step

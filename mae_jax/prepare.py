@@ -24,7 +24,7 @@ import sys
 from absl import flags
 from PIL import Image
 
-from mae_jax import cli, data, host
+from mae_jax import cli, data, host, sources
 
 flags.DEFINE_string("folder", None, "Image folder: <folder>/<split>/<class>/<images>.")
 flags.DEFINE_string("out", None, "Where the shards and metadata.json go (a new or empty folder).")
@@ -71,17 +71,17 @@ def prepare(folder: str, out: str, splits=(), max_side: int = 0, quality: int = 
     raise data.DataError(f"image folder {folder!r} has no split folders (<split>/<class>/<images>)")
   if os.path.isdir(out) and os.listdir(out):
     raise data.DataError(f"--out {out!r} is not empty; give a new folder (nothing was written)")
-  sources = {splits[0]: data.ImageFolderSource(folder, splits[0])}
-  classes = sources[splits[0]].classes
+  folders = {splits[0]: sources.ImageFolderSource(folder, splits[0])}
+  classes = folders[splits[0]].classes
   for split in splits[1:]:  # the same classes in every split, or an error naming the difference
-    sources[split] = data.ImageFolderSource(folder, split, classes, splits[0])
+    folders[split] = sources.ImageFolderSource(folder, split, classes, splits[0])
   os.makedirs(out, exist_ok=True)
   meta = {"classes": classes, "source": os.path.abspath(folder), "max_side": max_side, "splits": {}}
   # spawn, not fork: this process has imported JAX, whose threads a fork would copy mid-flight.
   pool = concurrent.futures.ProcessPoolExecutor(workers or host.available_cores(),
                                                 mp_context=multiprocessing.get_context("spawn"))
   try:
-    for split, source in sources.items():
+    for split, source in folders.items():
       n = len(source)
       num_shards = max(1, -(-n // shard_images))
       names = [f"{split}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
@@ -90,13 +90,13 @@ def prepare(folder: str, out: str, splits=(), max_side: int = 0, quality: int = 
       for i, name in enumerate(names):
         writer = ArrayRecordWriter(os.path.join(out, name), "group_size:1")
         for index in range(i * shard_images, min(n, (i + 1) * shard_images)):
-          writer.write(data.encode_record(source.labels[index], next(encoded)))
+          writer.write(sources.encode_record(source.labels[index], next(encoded)))
         writer.close()
       meta["splits"][split] = {"count": n, "shards": names}
       print(f"{split}: {n} images in {num_shards} shard(s)", flush=True)
   finally:
     pool.shutdown(cancel_futures=True)
-  with open(os.path.join(out, data.PREPARED_METADATA), "w") as f:  # last: marks the folder complete
+  with open(os.path.join(out, sources.PREPARED_METADATA), "w") as f:  # last: marks the folder complete
     json.dump(meta, f, indent=1)
   return meta
 

@@ -1,5 +1,6 @@
 """MAE pretraining: the train state, the pure train step, and the job that `main` runs."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -10,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import checkpointing, data, figures, masking, optim
+from mae_jax import checkpointing, data, device_resample, figures, masking, optim, sources, weights
 from mae_jax import metrics as metrics_lib
 from mae_jax import workdir as workdir_lib
-from mae_jax.model import MAE, describe, mae_from_config, stack_layers
+from mae_jax.layer_stack import stack_layers, unstack_layers
+from mae_jax.layers import describe
+from mae_jax.model import MAE, mae_from_config
 from mae_jax.parallel import Mesh
 from mae_jax.trainer import (Hook, Task, TrainState, accumulate, accumulate_per_device, fit,
                              skip_if_nonfinite, steps_per_epoch)
@@ -36,33 +39,59 @@ def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int,
                     rng=train_key)
 
 
-def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
-                  mask_sampling: str = "random", variant=None, micro_batches: int = 1,
-                  mesh: Optional[Mesh] = None, fsdp: bool = False, interpolation: str = "bicubic"):
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What a pretraining update needs besides the state and the batch; built once from the
+  config (`from_config`), static under jit."""
+  model: MAE
+  tx: optax.GradientTransformation
+  mean: tuple = (0.5, 0.5, 0.5)       # the dataset's normalisation
+  std: tuple = (0.5, 0.5, 0.5)
+  mask_sampling: str = "random"      # 'random' and 'grid' drawn here; 'block' comes with the batch
+  micro_batches: int = 1             # K: the batch arrives as K micro-batches, accumulated here
+  interpolation: str = "bicubic"     # of crops the step resamples (dataset.resize_on='device')
+  mesh: Optional[Mesh] = None
+  fsdp: bool = False
+  per_device_accumulation: bool = False  # see from_config
+
+  @classmethod
+  def from_config(cls, config, model: MAE, tx, mesh: Optional[Mesh]) -> "StepSpec":
+    k, fsdp = config.grad_accum_steps, bool(config.sharding.fsdp)
+    # With a replicated state each device accumulates its own rows of the micro-batches and the
+    # gradients are all-reduced once per update, which needs a loss that is a mean of per-row
+    # terms. The uniformity loss compares a micro-batch's rows with each other across devices,
+    # so with it on (and under FSDP, whose state is split anyway) the micro-batches are
+    # accumulated whole, as the global batch: the same update, more collectives.
+    per_device = k > 1 and mesh is not None and not fsdp and config.model.uniformity_weight == 0
+    return cls(model, tx, tuple(config.dataset.mean), tuple(config.dataset.std),
+               config.model.mask_sampling, k, config.dataset.interpolation, mesh, fsdp, per_device)
+
+
+def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, variant=None):
   """One optimizer update: fresh masking noise (or the batch's block masks), loss, gradients,
   AdamW. `variant`, when given, is this step's (curriculum) mask ratio.
 
-  With `micro_batches` K > 1 the batch arrives as K micro-batches (leaves (K, m, ...)) whose
-  gradients are averaged inside this one step (`trainer.accumulate`). Given the `mesh`, a
-  replicated state has each device accumulate its own rows and the gradients all-reduced once per
-  update; an FSDP state (`fsdp`) accumulates in its shards. The masking noise of micro-batch k is
-  drawn from fold_in(rng, K * step + k), the key a run without accumulation would use for it.
-  Crops sent on canvases (dataset.resize_on='device') are resampled first (`data.train_images`)."""
+  With `spec.micro_batches` K > 1 the batch arrives as K micro-batches (leaves (K, m, ...))
+  whose gradients are averaged inside this one step (`trainer.accumulate`). The masking noise of
+  micro-batch k is drawn from fold_in(rng, K * step + k), the key a run without accumulation
+  would use for it. Crops sent on canvases (dataset.resize_on='device') are resampled first
+  (`device_resample.train_images`)."""
+  model, k = spec.model, spec.micro_batches
   if variant is not None:
     model = model.clone(mask_ratio=variant)
   if "mask_noise" in batch:  # block masks, drawn by the data pipeline
     noise = batch["mask_noise"]
   else:
     m = batch["image"].shape[-4]
-    key = lambda i: jax.random.fold_in(state.rng, micro_batches * state.step + i)  # micro-batch i's key
-    if mask_sampling == "grid":
+    key = lambda i: jax.random.fold_in(state.rng, k * state.step + i)  # micro-batch i's key
+    if spec.mask_sampling == "grid":
       draw = lambda i: masking.grid_noise(key(i), m, model.grid)
     else:
       draw = lambda i: masking.random_noise(key(i), m, model.num_patches)
-    noise = jax.vmap(draw)(jnp.arange(micro_batches)) if micro_batches > 1 else draw(0)
+    noise = jax.vmap(draw)(jnp.arange(k)) if k > 1 else draw(0)
 
   def grads_of(params, _, micro, carry):
-    images = data.normalize(data.train_images(micro, interpolation), mean, std)
+    images = data.normalize(device_resample.train_images(micro, spec.interpolation), spec.mean, spec.std)
 
     def loss_fn(params):
       (loss, _, _), sown = model.apply({"params": params}, images, micro["noise"], mutable=["losses"])
@@ -74,15 +103,13 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
       metrics.update({f"loss_{name}": v for name, v in parts.items()})
     return (metrics, grads), carry
 
-  micro = {**{k: batch[k] for k in ("image", data.CROP_FIELD) if k in batch}, "noise": noise}
-  # The uniformity loss compares the rows of a micro-batch with each other: it needs all of them.
-  if micro_batches > 1 and mesh is not None and not fsdp and not model.uniformity_weight > 0:
-    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, micro_batches, mesh)
+  micro = {**{f: batch[f] for f in ("image", device_resample.CROP_FIELD) if f in batch}, "noise": noise}
+  if spec.per_device_accumulation:
+    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, k, spec.mesh)
   else:
-    shardings = mesh.state_shardings(state.params, fsdp) if mesh is not None else None
-    (metrics, grads), _ = accumulate(grads_of, state.params, micro, micro_batches,
-                                     grad_shardings=shardings)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    shardings = spec.mesh.state_shardings(state.params, spec.fsdp) if spec.mesh is not None else None
+    (metrics, grads), _ = accumulate(grads_of, state.params, micro, k, grad_shardings=shardings)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state)
   grad_norm = optax.tree.norm(grads)
@@ -95,8 +122,8 @@ def pretrain_step(state: TrainState, batch: dict, *, model: MAE, tx, mean, std,
 
 def build(config, mesh: Mesh):
   """Everything pretraining needs from a config: model, sources, schedule, optimizer, step counts."""
-  pretrain_split, eval_split = data.resolved_splits(config.dataset)
-  train_source = data.make_source(config.dataset, pretrain_split)
+  pretrain_split, eval_split = sources.resolved_splits(config.dataset)
+  train_source = sources.make_source(config.dataset, pretrain_split)
   updates_per_epoch = steps_per_epoch(len(train_source), config.batch_size)
   total_updates = config.num_epochs * updates_per_epoch
   schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size),
@@ -110,12 +137,8 @@ def build(config, mesh: Mesh):
 
 
 def step_function(config, model: MAE, tx, mesh: Mesh):
-  """`pretrain_step` bound to the config's model, optimizer, normalisation, masking and
-  accumulation (not jitted)."""
-  return functools.partial(pretrain_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
-                           std=tuple(config.dataset.std), mask_sampling=config.model.mask_sampling,
-                           micro_batches=config.grad_accum_steps, mesh=mesh,
-                           fsdp=bool(config.sharding.fsdp), interpolation=config.dataset.interpolation)
+  """`pretrain_step` bound to the config's `StepSpec` (not jitted)."""
+  return functools.partial(pretrain_step, spec=StepSpec.from_config(config, model, tx, mesh))
 
 
 def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
@@ -163,17 +186,16 @@ def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Ho
 def knn_hook(config, mesh: Mesh) -> Hook:
   """Every `evaluate.knn_every_steps`: kNN top-1 of the current encoder's frozen features."""
   from mae_jax import evaluate  # evaluation code is only needed when asked for
-  memory, queries = data.labelled_sources(config.dataset)
-  from mae_jax.model import unstack_layers  # kNN's encoder is unrolled
+  memory, queries = sources.labelled_sources(config.dataset)
   return Hook(config.evaluate.knn_every_steps, lambda step, state: {
       "knn_top1": evaluate.knn_eval(config, mesh, unstack_layers(state.params["encoder"]), memory,
                                     queries)})
 
 
-def starting_params(config, model: MAE, pretrained: str) -> dict:
-  """The weights of `pretrained` (a workdir or a converted checkpoint with the decoder) in the
-  model's layer layout, checked against its shapes."""
-  params, step = checkpointing.load_mae_params(pretrained, config, "pretraining")
+def starting_params(config, model: MAE, pretrained: str, step: Optional[int] = None) -> dict:
+  """The weights of `pretrained` (a workdir, its newest checkpoint or `step`, or a converted
+  checkpoint with the decoder) in the model's layer layout, checked against its shapes."""
+  params, step = weights.load_mae_params(pretrained, config, "pretraining", step)
   params = {k: params[k] for k in ("encoder", "decoder")}
   if model.scan_layers:
     params = stack_layers(params)
@@ -187,21 +209,23 @@ def starting_params(config, model: MAE, pretrained: str) -> dict:
 
 
 @workdir_lib.holding_workdir
-def run(config, workdir: str, pretrained: Optional[str] = None) -> TrainState:
+def run(config, workdir: str, pretrained: Optional[str] = None,
+        pretrained_step: Optional[int] = None) -> TrainState:
   """Pretrains (or resumes) the MAE described by `config` in `workdir`; a new run starts from
   the weights of `pretrained` when given (its optimizer state and step start afresh)."""
   mesh = Mesh()
   b = build(config, mesh)
   model, tx = b["model"], b["tx"]
   resuming = checkpointing.saved_config(workdir) is not None
-  init_args = (starting_params(config, model, pretrained),) if pretrained and not resuming else ()
+  init_args = ((starting_params(config, model, pretrained, pretrained_step),)
+               if pretrained and not resuming else ())
   if pretrained and resuming:
     metrics_lib.log(f"--pretrained={pretrained} not used: {workdir} has a run to resume")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2)
-  eval_source = data.make_source(config.dataset, b["eval_split"])
+  eval_source = sources.make_source(config.dataset, b["eval_split"])
   hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
   if config.evaluate.knn_every_steps > 0:
     hooks.append(knn_hook(config, mesh))

@@ -90,8 +90,8 @@ def pretrained_step(study, epoch: int) -> Optional[int]:
   """The pretraining step at the end of `epoch` (None: the last checkpoint)."""
   if not epoch:
     return None
-  from mae_jax import data, trainer
-  source = data.make_source(study.dataset, data.resolved_splits(study.dataset)[0])
+  from mae_jax import sources, trainer
+  source = sources.make_source(study.dataset, sources.resolved_splits(study.dataset)[0])
   return epoch * trainer.steps_per_epoch(len(source), study.batch_size)
 
 
@@ -99,18 +99,18 @@ def knn_job(config, workdir: str, pretrained: Optional[str], step: Optional[int]
   """kNN top-1 of the encoder of `pretrained` (at `step`), or without it of the MAE's random
   initialisation (config.seed), with the labelled subset as memory; writes results.json."""
   import jax
-  from mae_jax import checkpointing, data, evaluate, pretrain
+  from mae_jax import evaluate, pretrain, sources, weights
   from mae_jax.model import mae_from_config
   from mae_jax.parallel import Mesh
   if pretrained:
-    params, step = checkpointing.load_mae_params(pretrained, config, "kNN", step)
+    params, step = weights.load_mae_params(pretrained, config, "kNN", step)
     encoder = params["encoder"]
   else:
     model = mae_from_config(config.model, config.dataset.image_size, scan_layers=False)
     encoder = pretrain.init_params(model, jax.random.split(jax.random.PRNGKey(config.seed))[0])["encoder"]
-  train, test = data.labelled_sources(config.dataset)
+  train, test = sources.labelled_sources(config.dataset)
   top1 = evaluate.knn_eval(config, Mesh(), encoder, train, test)
-  result = {"metrics": {"top1": top1}, "labels": data.subset_info(train),
+  result = {"metrics": {"top1": top1}, "labels": sources.subset_info(train),
             "pretrained": {"workdir": pretrained, "step": step} if pretrained else None}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.json"), "w") as f:

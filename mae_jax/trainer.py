@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from mae_jax import checkpointing, data, metrics as metrics_lib
+from mae_jax import checkpointing, data, device_resample, metrics as metrics_lib
 from mae_jax.parallel import Mesh
 
 
@@ -211,7 +211,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                             augment=augment)
   augments = augment if isinstance(augment, (list, tuple)) else [augment]
   on_device = any(getattr(a, "resize_on_device", False) for a in augments)
-  fields = (*task.batch_fields, data.CROP_FIELD)  # crops: dataset.resize_on='device'
+  fields = (*task.batch_fields, device_resample.CROP_FIELD)  # crops: dataset.resize_on='device'
   data_iter = DeviceFeed(iter(loader), lambda local: mesh.put_batch(
       {k: local[k] for k in fields if k in local}, micro_batches), depth=2, group=micro_batches)
   ckpt = checkpointing.Checkpointer(workdir, checkpoint_every or config.checkpoint_every_steps,

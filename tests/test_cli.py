@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mae_jax import cli, config_lib, host
+from mae_jax import config_lib, host
 from conftest import REPO, tiny_config
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.py")))
@@ -296,8 +296,8 @@ def test_an_unreadable_checkpoint_is_reported_in_a_line_not_thousands(cifar_fold
 
 def _aot(tmp_path, devices: int, *overrides) -> tuple[str, dict]:
   out_file = tmp_path / f"aot_{devices}_{len(overrides)}.json"
-  args = [sys.executable, "-m", "mae_jax.bench", f"--config={REPO / 'configs/cifar10_vit_t.py:tiny'}",
-          "--aot", f"--devices={devices}", f"--output={out_file}", *overrides]
+  args = [sys.executable, "-m", "mae_jax.compile", f"--config={REPO / 'configs/cifar10_vit_t.py:tiny'}",
+          f"--devices={devices}", f"--output={out_file}", *overrides]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
@@ -305,16 +305,7 @@ def _aot(tmp_path, devices: int, *overrides) -> tuple[str, dict]:
   return out.stdout, json.loads(out_file.read_text())
 
 
-def test_the_aot_bench_is_told_from_its_command_line():
-  # A compile-only job, before its flags are parsed: the one glibc arena of
-  # host.keep_freed_memory would slow XLA's compile (the AOT test below checks it is left off).
-  for argv, expected in ((["--aot"], True), (["-aot"], True), (["--aot=True"], True), (["--aot=1"], True),
-                         (["--aot=false"], False), (["--noaot"], False), ([], False),
-                         (["--config.aot_like=1"], False)):
-    assert cli.bool_flag_given(["bench", "--config=configs/cifar10_vit_t.py", *argv], "aot") == expected, argv
-
-
-def test_bench_aot_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_path):
+def test_compile_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_path):
   printed, replicated = _aot(tmp_path, 8)
   for field in ("lower_s", "compile_s", "flops_per_image", "argument_bytes_per_device", "temp_bytes_per_device",
                 "gradient_reductions_per_update", "collective_bytes_per_device"):

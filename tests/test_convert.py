@@ -22,7 +22,7 @@ timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
 from official_mae import OfficialMAE  # noqa: E402  (the official model; default shape = the constants below)
 from torch import nn  # noqa: E402
 
-from mae_jax import checkpointing, convert, pretrain  # noqa: E402
+from mae_jax import checkpointing, convert, pretrain, weights  # noqa: E402
 from mae_jax.classifier import Classifier  # noqa: E402
 from mae_jax.model import mae_from_config, sincos_2d  # noqa: E402
 
@@ -126,7 +126,7 @@ def test_official_encoder_only_checkpoint_gives_the_encoder_and_says_the_decoder
   assert_close([np.asarray(ours)], [theirs], names=("latent",))
   config = ml_collections.ConfigDict(saved)
   with pytest.raises(checkpointing.CheckpointMismatchError, match="holds an encoder only.*reconstruction needs the MAE decoder.*mae_visualize_vit"):
-    checkpointing.load_mae_params(dst, config, "reconstruction")
+    weights.load_mae_params(dst, config, "reconstruction")
 
 
 def test_hugging_face_pretraining_model_gives_its_outputs_and_its_config(tmp_path):
@@ -202,7 +202,7 @@ def test_export_round_trip_is_bit_identical_and_pytorch_reads_each_format(tmp_pa
     jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, expected))
 
   # A workdir of scanned (stacked) layers exports the same file as the unrolled one.
-  from mae_jax.model import stack_layers
+  from mae_jax.layer_stack import stack_layers
   convert.write_workdir(stack_layers(params), saved, str(tmp_path / "scanned"))
   assert convert.main([str(tmp_path / "scanned"), str(tmp_path / "scanned.pth"), "--to=official"]) == 0
   a = torch.load(str(tmp_path / "scanned.pth"), weights_only=True)["model"]
@@ -304,7 +304,7 @@ def test_pretraining_continues_from_converted_weights_with_their_decoder(cifar_f
   c.optimizer.update(base_lr=1e-12, weight_decay=0.0)
   c.model.scan_layers = True  # the weights are stacked into the scanned layout on the way in
   state = pretrain.run(c, str(tmp_path / "run"), pretrained=src)
-  from mae_jax.model import unstack_layers
+  from mae_jax.layer_stack import unstack_layers
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                unstack_layers(jax.device_get(state.params)), params)
   assert int(state.step) == 1

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mae_jax import data
+from mae_jax import data, device_resample, sources
 from conftest import tiny_config
 
 
@@ -25,7 +25,7 @@ def _write_folder(root, n_per_class=3, size=(10, 14)):
 
 
 def test_image_folder_source(tmp_path):
-  src = data.ImageFolderSource(str(_write_folder(tmp_path)), "train")
+  src = sources.ImageFolderSource(str(_write_folder(tmp_path)), "train")
   assert len(src) == 6 and src.classes == ["a_dog", "b_cat"]
   assert [src[i]["label"] for i in range(6)] == [0, 0, 0, 1, 1, 1]
   img = data.decode_image(src[0]["image"])
@@ -34,13 +34,13 @@ def test_image_folder_source(tmp_path):
 
 def test_image_folder_errors(tmp_path):
   with pytest.raises(data.DataError, match="does not exist"):
-    data.ImageFolderSource(str(tmp_path), "train")
+    sources.ImageFolderSource(str(tmp_path), "train")
   (tmp_path / "train" / "cls").mkdir(parents=True)
   with pytest.raises(data.DataError, match="holds no images"):
-    data.ImageFolderSource(str(tmp_path), "train")
+    sources.ImageFolderSource(str(tmp_path), "train")
   bad = tmp_path / "train" / "cls" / "broken.jpg"
   bad.write_bytes(b"not a jpeg at all")
-  src = data.ImageFolderSource(str(tmp_path), "train")
+  src = sources.ImageFolderSource(str(tmp_path), "train")
   with pytest.raises(data.DataError, match="broken.jpg"):
     data.decode_image(src[0]["image"])
 
@@ -195,8 +195,8 @@ def test_crops_resampled_on_device_match_pillow(tmp_path):
       assert canvas.shape == (2 * size, 2 * size, 3) and crop.dtype == np.float32
       want = data.resize_region(region, box, size, interpolation)
       canvases.append(canvas), crops.append(crop), expected.append(want[:, ::-1] if flip else want)
-    got = np.asarray(jax.jit(data.train_images, static_argnums=1)(
-        {"image": np.stack(canvases), data.CROP_FIELD: np.stack(crops)}, interpolation))
+    got = np.asarray(jax.jit(device_resample.train_images, static_argnums=1)(
+        {"image": np.stack(canvases), device_resample.CROP_FIELD: np.stack(crops)}, interpolation))
     diff = np.abs(got.astype(int) - np.stack(expected).astype(int))
     assert got.shape == (20, size, size, 3) and got.dtype == np.uint8
     # Pillow rounds to 8 bits between its two passes and (in Pillow 13) picks their order
@@ -213,12 +213,12 @@ def test_loader_sends_canvases_when_the_device_resamples(cifar_folder):
   resample of the canvases (up to rounding)."""
   c = tiny_config(cifar_folder)
   c.dataset.random_resized_crop, c.dataset.hflip = True, True
-  src = data.ImageFolderSource(cifar_folder, "test")
+  src = sources.ImageFolderSource(cifar_folder, "test")
   host = next(iter(data.make_loader(c, src, train=True, global_batch_size=8, seed=5)))
   c.dataset.resize_on = "device"
   dev = next(iter(data.make_loader(c, src, train=True, global_batch_size=8, seed=5)))
-  assert dev["image"].shape == (8, 64, 64, 3) and dev[data.CROP_FIELD].shape == (8, 6)
-  got = np.asarray(data.train_images(dev))
+  assert dev["image"].shape == (8, 64, 64, 3) and dev[device_resample.CROP_FIELD].shape == (8, 6)
+  got = np.asarray(device_resample.train_images(dev))
   assert np.abs(got.astype(int) - host["image"].astype(int)).max() <= 4
   assert (got == host["image"]).mean() > 0.97
 
@@ -243,7 +243,7 @@ def _first_batches(loader_iter, n):
 def test_loader_is_deterministic_and_resumes_exactly(cifar_folder):
   c = tiny_config(cifar_folder)
   c.dataset.random_resized_crop, c.dataset.hflip = True, True
-  src = data.ImageFolderSource(cifar_folder, "test")
+  src = sources.ImageFolderSource(cifar_folder, "test")
   make = lambda: iter(data.make_loader(c, src, train=True, global_batch_size=8, seed=3))
   run_a = _first_batches(make(), 5)
   run_b = _first_batches(make(), 5)
@@ -264,7 +264,7 @@ def test_loader_is_deterministic_and_resumes_exactly(cifar_folder):
 
 def test_the_stream_does_not_depend_on_the_read_threads(cifar_folder):
   c = tiny_config(cifar_folder)
-  src = data.ImageFolderSource(cifar_folder, "test")
+  src = sources.ImageFolderSource(cifar_folder, "test")
   streams = []
   for threads in (0, 1, 3):
     c.dataset.read_threads = threads
@@ -279,7 +279,7 @@ def test_the_stream_does_not_depend_on_the_read_threads(cifar_folder):
 def test_eval_batches_cover_every_example_once_in_order(cifar_folder):
   c = tiny_config(cifar_folder)
   c.dataset.num_workers = 0
-  src = data.ImageFolderSource(cifar_folder, "test")
+  src = sources.ImageFolderSource(cifar_folder, "test")
   subset = [src[i] for i in range(13)]
   batches = list(data.eval_batches(c, subset, 4, ("image", "label")))
   assert len(batches) == 4 and all(b["image"].shape == (4, 32, 32, 3) for b in batches)
@@ -303,7 +303,7 @@ def test_tfds_source_with_mock_data():
   c = tiny_config("unused")
   c.dataset.source, c.dataset.name = "tfds", "cifar10"
   with tfds.testing.mock_data(num_examples=16):
-    src = data.make_source(c.dataset, "train")
+    src = sources.make_source(c.dataset, "train")
     assert len(src) == 16
     batch = next(iter(data.make_loader(c, src, train=True, global_batch_size=4, seed=0)))
   assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
@@ -364,7 +364,7 @@ def test_tfds_downloads_and_prepares_cifar10_offline(tmp_path, monkeypatch):
   c.dataset.source, c.dataset.name, c.dataset.tfds_data_dir = "tfds", "cifar10", str(tmp_path / "tfds")
   try:
     for split in ("train", "test"):
-      src = data.make_source(c.dataset, split)
+      src = sources.make_source(c.dataset, split)
       labels, images = made[split]
       assert len(src) == len(labels)
       got = sorted((int(src[i]["label"]), data.decode_image(src[i]["image"]).tobytes()) for i in range(len(src)))
@@ -443,7 +443,7 @@ def test_splits_share_one_label_map_and_empty_classes_are_skipped_alike(tmp_path
   # in both splits (listed per split, an empty folder in one split used to shift the labels).
   d = _labelled_folder(tmp_path, {"train": {"a": 2, "b_empty": None, "c": 2},
                                   "test": {"a": 1, "c": 1}})
-  train, test = data.labelled_sources(d)
+  train, test = sources.labelled_sources(d)
   assert train.classes == test.classes == ["a", "c"]
   assert train.labels == [0, 0, 1, 1] and test.labels == [0, 1]
   assert "skipping 1 class folder(s) without images: b_empty" in caplog.text
@@ -458,20 +458,20 @@ def test_splits_share_one_label_map_and_empty_classes_are_skipped_alike(tmp_path
 def test_splits_with_different_classes_are_an_error_naming_the_class(tmp_path, layout, message):
   d = _labelled_folder(tmp_path, layout)
   with pytest.raises(data.DataError, match=message):
-    data.labelled_sources(d)
+    sources.labelled_sources(d)
 
 
-def test_resize_on_is_checked_and_auto_keeps_the_cpu_on_the_host(cifar_folder):
+def test_resize_on_is_checked_and_the_host_resamples_by_default(cifar_folder):
   from mae_jax import config_lib
   c = tiny_config(cifar_folder)
   c.dataset.random_resized_crop = True
-  assert jax.default_backend() == "cpu" and not data.train_augment(c.dataset).resize_on_device
+  assert c.dataset.resize_on == "host" and not data.train_augment(c.dataset).resize_on_device
   c.dataset.resize_on = "device"
   assert data.train_augment(c.dataset).resize_on_device
   c.finetune.random_resized_crop, c.finetune.randaug_num_ops = True, 2  # RandAugment: on the host
   assert not data.train_augment(c.dataset, c.finetune).resize_on_device
   c.dataset.resize_on = "gpu"
-  with pytest.raises(config_lib.ConfigError, match="dataset.resize_on='gpu' must be one of auto, host, device"):
+  with pytest.raises(config_lib.ConfigError, match="dataset.resize_on='gpu' must be one of host, device"):
     config_lib.validate(c)
   c.dataset.resize_on, c.dataset.interpolation = "device", "nearest"
   with pytest.raises(config_lib.ConfigError, match="use --config.dataset.resize_on=host"):
@@ -480,23 +480,23 @@ def test_resize_on_is_checked_and_auto_keeps_the_cpu_on_the_host(cifar_folder):
 
 def test_label_subsets_are_balanced_seeded_nested_and_from_the_train_split(cifar_folder):
   c = tiny_config(cifar_folder, **{"dataset.label_fraction": 0.01})
-  train, test = data.labelled_sources(c.dataset)
+  train, test = sources.labelled_sources(c.dataset)
   assert len(train) == 500 and len(test) == 10000  # the evaluation split stays whole
-  labels = data.source_labels(train)
+  labels = sources.source_labels(train)
   assert np.bincount(labels).tolist() == [50] * 10
   assert all("/train/" in train.source.files[i] for i in train.indices)
-  assert data.subset_info(train) == {"examples": 500, "of": 50000, "label_fraction": 0.01,
+  assert sources.subset_info(train) == {"examples": 500, "of": 50000, "label_fraction": 0.01,
                                      "labels_per_class": 0, "label_seed": 0, "per_class_min": 50,
                                      "per_class_max": 50}
-  again = data.labelled_sources(c.dataset)[0]
+  again = sources.labelled_sources(c.dataset)[0]
   np.testing.assert_array_equal(again.indices, train.indices)  # identical for a seed
   c.dataset.label_seed = 1
-  other = data.labelled_sources(c.dataset)[0]
+  other = sources.labelled_sources(c.dataset)[0]
   assert len(set(other.indices) & set(train.indices)) < 50  # about 1% of 500 by chance
   c.dataset.label_seed, c.dataset.label_fraction = 0, 0.1
-  assert set(train.indices) <= set(data.labelled_sources(c.dataset)[0].indices)  # 1% inside 10%
+  assert set(train.indices) <= set(sources.labelled_sources(c.dataset)[0].indices)  # 1% inside 10%
   c.dataset.label_fraction, c.dataset.labels_per_class = 1.0, 7
-  assert np.bincount(data.source_labels(data.labelled_sources(c.dataset)[0])).tolist() == [7] * 10
+  assert np.bincount(sources.source_labels(sources.labelled_sources(c.dataset)[0])).tolist() == [7] * 10
 
 
 def test_label_subsets_pick_the_same_images_from_a_folder_and_its_prepared_copy(tmp_path):
@@ -506,8 +506,8 @@ def test_label_subsets_pick_the_same_images_from_a_folder_and_its_prepared_copy(
   picked = {}
   for source, folder in (("folder", root), ("prepared", tmp_path / "prepared")):
     c = tiny_config(str(folder), **{"dataset.source": source, "dataset.label_fraction": 0.25})
-    train = data.labelled_sources(c.dataset)[0]
-    assert np.bincount(data.source_labels(train)).tolist() == [5, 5]
+    train = sources.labelled_sources(c.dataset)[0]
+    assert np.bincount(sources.source_labels(train)).tolist() == [5, 5]
     picked[source] = [data.decode_image(train[i]["image"]).tobytes() for i in range(len(train))]
   assert picked["folder"] == picked["prepared"]
 
@@ -515,8 +515,8 @@ def test_label_subsets_pick_the_same_images_from_a_folder_and_its_prepared_copy(
 def test_label_subsets_of_a_tfds_source():
   c = tiny_config("unused", **{"dataset.source": "tfds", "dataset.labels_per_class": 2})
   with tfds.testing.mock_data(num_examples=60):
-    train = data.label_subset(data.make_source(c.dataset, "train"), c.dataset)
-    labels = data.source_labels(train)
+    train = sources.label_subset(sources.make_source(c.dataset, "train"), c.dataset)
+    labels = sources.source_labels(train)
   assert len(train) == 2 * len(np.unique(labels)) and np.all(np.bincount(labels)[np.unique(labels)] == 2)
 
 

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import data, evaluate
-from mae_jax.model import laplacian
+from mae_jax import evaluate, sources
+from mae_jax.curriculum_losses import laplacian
 
 skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is a test-only reference")
 
@@ -53,6 +53,6 @@ def test_knn_by_hand():
 
 
 def test_subset_is_evenly_spaced():
-  s = data.evenly_spaced(list(range(100)), 5)
+  s = sources.evenly_spaced(list(range(100)), 5)
   assert [s[i] for i in range(len(s))] == [0, 25, 50, 74, 99]
-  assert len(data.evenly_spaced(list(range(7)), 0)) == 7
+  assert len(sources.evenly_spaced(list(range(7)), 0)) == 7

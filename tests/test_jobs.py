@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mae_jax import checkpointing, classify, evaluate, pretrain
+from mae_jax import classify, evaluate, pretrain, weights
 from conftest import REPO, small_folder, tiny_config
 from test_cli import _cli
 
@@ -39,9 +39,9 @@ def test_probe_and_knn_learn_from_pretraining(cifar_folder, pretrained, tmp_path
   probe = classify.run(c, str(tmp_path / "probe"), pretrained, "probe")["metrics"]["top1"]
   probe_random = classify.run(c, str(tmp_path / "probe_random"), None, "probe")["metrics"]["top1"]
   mesh = pretrain.Mesh()
-  from mae_jax import data
-  train, test = data.make_source(c.dataset, "train"), data.make_source(c.dataset, "test")
-  params, _ = checkpointing.load_mae_params(pretrained, c, "reconstruction")
+  from mae_jax import sources
+  train, test = sources.make_source(c.dataset, "train"), sources.make_source(c.dataset, "test")
+  params, _ = weights.load_mae_params(pretrained, c, "reconstruction")
   import jax
   import jax.numpy as jnp
   from mae_jax.model import mae_from_config
@@ -144,12 +144,12 @@ def test_job_errors(cifar_folder, pretrained, tmp_path):
 
 def test_probe_finetune_and_evaluate_read_a_scanned_pretraining_checkpoint(cifar_folder, tmp_path):
   import numpy as np
-  from mae_jax import checkpointing, classifier
+  from mae_jax import checkpointing
   c = tiny_config(cifar_folder, max_steps=2, log_every_steps=1, figure_every_steps=1000,
                   **{"model.scan_layers": True})
   state = pretrain.run(c, str(tmp_path / "pre"))
   assert "blocks" in state.params["encoder"]
-  encoder, _, _ = classifier.load_encoder(str(tmp_path / "pre"), c)
+  encoder, _, _ = weights.load_encoder(str(tmp_path / "pre"), c)
   np.testing.assert_array_equal(encoder["block1"]["fc1"]["kernel"],
                                 np.asarray(state.params["encoder"]["blocks"]["fc1"]["kernel"][1]))
   # Fine-tuning accumulates 2 micro-batches per step.
@@ -157,8 +157,8 @@ def test_probe_finetune_and_evaluate_read_a_scanned_pretraining_checkpoint(cifar
   for job in ("probe", "finetune"):
     metrics = classify.run(c, str(tmp_path / job), str(tmp_path / "pre"), job)["metrics"]
     assert 0.0 <= metrics["top1"] <= 100.0
-  params, _ = checkpointing.load_mae_params(str(tmp_path / "pre"), c, "reconstruction")
-  assert "block0" in params["decoder"] and not checkpointing.model_lib.is_scanned(params)
+  params, _ = weights.load_mae_params(str(tmp_path / "pre"), c, "reconstruction")
+  assert "block0" in params["decoder"] and not checkpointing.layer_stack.is_scanned(params)
 
 
 def test_knn_during_pretraining_is_logged(cifar_folder, tmp_path):

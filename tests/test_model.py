@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mae_jax import layer_stack, layers
 from mae_jax import model as mae
 from configs import cifar10_vit_t
 
@@ -142,7 +143,7 @@ def test_init_follows_official_scheme():
 
 
 def test_block_uses_exact_gelu_and_layernorm_eps():
-  blk = mae.Block(num_heads=1)
+  blk = layers.Block(num_heads=1)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 4))
   p = blk.init(jax.random.PRNGKey(1), x)["params"]
   # Recompute the block by hand with erf-GELU and eps 1e-6.
@@ -166,8 +167,8 @@ def test_block_uses_exact_gelu_and_layernorm_eps():
 def test_gelu_is_torchs_exact_erf_formula():
   x = np.linspace(-12, 12, 4001).astype(np.float32)
   want = 0.5 * x.astype(np.float64) * (1 + np.vectorize(math.erf)(x.astype(np.float64) / math.sqrt(2)))
-  np.testing.assert_allclose(mae.gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)
-  grad = jax.vmap(jax.grad(mae.gelu))(jnp.asarray(x))
+  np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)
+  grad = jax.vmap(jax.grad(layers.gelu))(jnp.asarray(x))
   cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
   np.testing.assert_allclose(grad, cdf + x * np.exp(-0.5 * x.astype(np.float64) ** 2) / math.sqrt(2 * math.pi),
                              rtol=1e-5, atol=1e-6)
@@ -184,7 +185,7 @@ def test_layer_norm_is_flax_s_with_a_backward_pass_from_the_saved_statistics():
     xi = x.astype(dtype)
     p = ref.init(jax.random.PRNGKey(1), xi)
     p = jax.tree.map(lambda a: a + jax.random.normal(jax.random.PRNGKey(2), a.shape), p)
-    ours = mae.LayerNorm(epsilon=1e-6, dtype=dtype)
+    ours = layers.LayerNorm(epsilon=1e-6, dtype=dtype)
     assert ours.init(jax.random.PRNGKey(1), xi)["params"].keys() == p["params"].keys()
     np.testing.assert_array_equal(np.asarray(ours.apply(p, xi), np.float32), np.asarray(ref.apply(p, xi), np.float32))
     loss = lambda m: (lambda p, x: jnp.sum(m.apply(p, x).astype(jnp.float32) * w))
@@ -201,8 +202,8 @@ def test_attention_gradients_equal_autodiff_of_the_softmax_formula():
   q, k, v = (2 * jax.random.normal(key, (2, 3, 17, 8)) for key in keys[:3])
   w = jax.random.normal(keys[3], q.shape)
   loss = lambda f: (lambda *a: jnp.sum(f(*a) * w))
-  np.testing.assert_allclose(mae.attention(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-5)
-  for got, want in zip(jax.grad(loss(mae.attention), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+  np.testing.assert_allclose(layers.attention(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(loss(layers.attention), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -211,7 +212,7 @@ def test_a_bfloat16_block_keeps_few_activations_for_its_backward_pass(capsys):
   float32 activation but the attention probabilities, and two MLP-wide tensors (fc1's output
   and GELU's), not autodiff's five (three GELU intermediates) plus four float32 ones per norm."""
   b, n, d = 2, 5, 8
-  blk = mae.Block(num_heads=2, dtype=jnp.bfloat16)
+  blk = layers.Block(num_heads=2, dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.PRNGKey(0), (b, n, d)).astype(jnp.bfloat16)
   p = blk.init(jax.random.PRNGKey(1), x)["params"]
   capsys.readouterr()
@@ -227,7 +228,7 @@ def test_multi_head_attention_against_per_head_softmax():
   """3 heads of width 4: the qkv output is split (q|k|v) then (head, head_dim), as timm's reshape
   (B, N, 3, heads, head_dim); each head is softmax(q k^T / sqrt(4)) v on its own slice."""
   heads, hd, n = 3, 4, 5
-  attn = mae.Attention(num_heads=heads)
+  attn = layers.Attention(num_heads=heads)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, n, heads * hd))
   p = attn.init(jax.random.PRNGKey(1), x)["params"]
   got = attn.apply({"params": p}, x)
@@ -306,20 +307,20 @@ def test_scanned_layers_match_the_unrolled_ones(remat):
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
   noise = jax.random.uniform(jax.random.PRNGKey(1), (4, unrolled.num_patches))
   params = unrolled.init(jax.random.PRNGKey(2), images, noise)["params"]
-  stacked = mae.stack_layers(params)
+  stacked = layer_stack.stack_layers(params)
   shapes = jax.tree.map(np.shape, scanned.init(jax.random.PRNGKey(2), images, noise)["params"])
   assert jax.tree.map(np.shape, stacked) == shapes
   assert shapes["encoder"]["blocks"]["fc1"]["kernel"] == (2, 64, 256)
   assert shapes["decoder"]["blocks"]["attn"]["qkv"]["bias"] == (1, 96)
-  assert mae.is_scanned(stacked) and not mae.is_scanned(params)
+  assert layer_stack.is_scanned(stacked) and not layer_stack.is_scanned(params)
   loss = lambda m, p: m.apply({"params": p}, images, noise)[0]
   loss_u, grads_u = jax.jit(jax.value_and_grad(lambda p: loss(unrolled, p)))(params)
   loss_s, grads_s = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(stacked)
   np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(mae.stack_layers(grads_u)), jax.tree.leaves(grads_s)):
+  for a, b in zip(jax.tree.leaves(layer_stack.stack_layers(grads_u)), jax.tree.leaves(grads_s)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
   # The layout conversions are exact inverses.
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(mae.unstack_layers(stacked))):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(layer_stack.unstack_layers(stacked))):
     np.testing.assert_array_equal(a, b)
 
 
@@ -329,7 +330,7 @@ def test_scanned_biases_and_norms_are_not_decayed():
   images, noise = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 64))
   params = mae.mae_from_config(c.model, 32).init(jax.random.PRNGKey(0), images, noise)["params"]
   unrolled_mask = optim.pretrain_decay_mask(params)
-  scanned_mask = optim.pretrain_decay_mask(mae.stack_layers(params))
+  scanned_mask = optim.pretrain_decay_mask(layer_stack.stack_layers(params))
   assert scanned_mask["encoder"]["blocks"]["fc1"] == {"bias": False, "kernel": True}
   for part in ("encoder", "decoder"):  # every layer's mask is the unrolled block's
     assert scanned_mask[part]["blocks"] == unrolled_mask[part]["block0"]
@@ -340,15 +341,15 @@ def test_scanned_biases_and_norms_are_not_decayed():
 def test_attention_backend_is_cudnn_only_where_the_fused_kernel_applies(monkeypatch):
   import types
   bf16 = jnp.bfloat16
-  assert mae.attention_backend("", bf16, (64, 32)) == "xla"         # this CPU
-  assert mae.attention_backend("cudnn", jnp.float32, (64,)) == "cudnn"  # forced
-  monkeypatch.setattr(mae.jax, "default_backend", lambda: "gpu")
-  gpu = lambda cc: monkeypatch.setattr(mae.jax, "devices", lambda: [types.SimpleNamespace(compute_capability=cc)])
+  assert layers.attention_backend("", bf16, (64, 32)) == "xla"         # this CPU
+  assert layers.attention_backend("cudnn", jnp.float32, (64,)) == "cudnn"  # forced
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+  gpu = lambda cc: monkeypatch.setattr(layers.jax, "devices", lambda: [types.SimpleNamespace(compute_capability=cc)])
   gpu("9.0")
-  assert mae.attention_backend("", bf16, (64, 32)) == "cudnn"       # ViT-B/L encoder, decoder
-  assert mae.attention_backend("", bf16, (80, 32)) == "cudnn"       # ViT-H/14
-  assert mae.attention_backend("", jnp.float32, (64, 32)) == "xla"  # float32: XLA
-  assert mae.attention_backend("", bf16, (64, 20)) == "xla"         # a head dim cuDNN does not take
-  assert mae.attention_backend("xla", bf16, (64, 32)) == "xla"
+  assert layers.attention_backend("", bf16, (64, 32)) == "cudnn"       # ViT-B/L encoder, decoder
+  assert layers.attention_backend("", bf16, (80, 32)) == "cudnn"       # ViT-H/14
+  assert layers.attention_backend("", jnp.float32, (64, 32)) == "xla"  # float32: XLA
+  assert layers.attention_backend("", bf16, (64, 20)) == "xla"         # a head dim cuDNN does not take
+  assert layers.attention_backend("xla", bf16, (64, 32)) == "xla"
   gpu("7.0")
-  assert mae.attention_backend("", bf16, (64, 32)) == "xla"         # before Ampere
+  assert layers.attention_backend("", bf16, (64, 32)) == "xla"         # before Ampere

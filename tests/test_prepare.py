@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import config_lib, data, prepare
+from mae_jax import config_lib, data, prepare, sources
 from conftest import REPO, tiny_config
 
 
@@ -37,7 +37,7 @@ def test_prepared_folder_feeds_the_same_batches_as_the_image_folder(tmp_path):
   assert meta["classes"] == ["cat", "dog", "eel"] and meta["splits"]["train"]["count"] == 12
   assert len(meta["splits"]["train"]["shards"]) == 3  # 12 images, 5 per shard
   for split in ("train", "test"):
-    images, prepared = data.ImageFolderSource(folder, split), data.PreparedSource(str(tmp_path / "prep"), split)
+    images, prepared = sources.ImageFolderSource(folder, split), sources.PreparedSource(str(tmp_path / "prep"), split)
     assert len(prepared) == len(images) and prepared.classes == images.classes
     for i in range(len(images)):
       assert prepared[i]["label"] == images[i]["label"]
@@ -51,7 +51,7 @@ def test_prepared_folder_feeds_the_same_batches_as_the_image_folder(tmp_path):
   config_lib.validate(p, ("pretrain",))
   batches = []
   for cfg in (c, p):
-    loader = data.make_loader(cfg, data.make_source(cfg.dataset, "train"), train=True, global_batch_size=4, seed=1)
+    loader = data.make_loader(cfg, sources.make_source(cfg.dataset, "train"), train=True, global_batch_size=4, seed=1)
     it = iter(loader)
     batches.append([next(it) for _ in range(4)])
   for a, b in zip(*batches):
@@ -62,7 +62,7 @@ def test_prepared_folder_feeds_the_same_batches_as_the_image_folder(tmp_path):
 def test_max_side_shrinks_only_larger_images(tmp_path):
   folder = _folder(tmp_path / "images")
   prepare.prepare(folder, str(tmp_path / "prep"), ["train"], max_side=64, workers=1)
-  images, prepared = data.ImageFolderSource(folder, "train"), data.PreparedSource(str(tmp_path / "prep"), "train")
+  images, prepared = sources.ImageFolderSource(folder, "train"), sources.PreparedSource(str(tmp_path / "prep"), "train")
   for i in range(len(images)):
     original = data.decode_image(images[i]["image"])
     stored = data.decode_image(prepared[i]["image"])
@@ -83,16 +83,16 @@ def test_bad_input_is_named_and_nothing_half_written_is_readable(tmp_path):
   result = subprocess.run([sys.executable, "-m", "mae_jax.prepare", f"--folder={folder}", f"--out={out}"],
                           capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 2 and "broken.jpg" in result.stderr
-  assert not (out / data.PREPARED_METADATA).exists()
+  assert not (out / sources.PREPARED_METADATA).exists()
   with pytest.raises(data.DataError, match="not a folder written by mae_jax.prepare"):
-    data.PreparedSource(str(out), "train")
+    sources.PreparedSource(str(out), "train")
   broken.unlink()
   with pytest.raises(data.DataError, match="is not empty"):
     prepare.prepare(folder, str(out), workers=1)
   prepare.prepare(folder, str(tmp_path / "prep2"), ["train"], workers=1)
   with pytest.raises(data.DataError, match="no split 'test'"):
-    data.PreparedSource(str(tmp_path / "prep2"), "test")
-  with open(tmp_path / "prep2" / data.PREPARED_METADATA) as f:
+    sources.PreparedSource(str(tmp_path / "prep2"), "test")
+  with open(tmp_path / "prep2" / sources.PREPARED_METADATA) as f:
     assert json.load(f)["splits"]["train"]["count"] == 12
   c = tiny_config(folder)
   c.dataset.source, c.dataset.folder = "prepared", ""

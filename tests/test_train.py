@@ -234,9 +234,9 @@ def test_accumulation_inside_the_step_is_one_update_on_the_mean_gradient(per_dev
   tx = optax.sgd(0.5)
   state = pretrain.create_train_state(model, tx, 0)
   images = np.random.default_rng(0).integers(0, 256, (k, m, 32, 32, 3), dtype=np.uint8)
-  step = jax.jit(functools.partial(pretrain.pretrain_step, model=model, tx=tx, mean=(0.5,) * 3,
-                                   std=(0.5,) * 3, micro_batches=k,
-                                   mesh=Mesh() if per_device else None))
+  spec = pretrain.StepSpec(model, tx, micro_batches=k, mesh=Mesh() if per_device else None,
+                           per_device_accumulation=per_device)
+  step = jax.jit(functools.partial(pretrain.pretrain_step, spec=spec))
   new, metrics = step(state, {"image": images})
 
   @jax.jit
@@ -332,7 +332,7 @@ def test_a_checkpoint_resumes_in_the_other_layer_layout(cifar_folder, tmp_path, 
   pretrain.run(make(8, first), str(tmp_path / "full"))
   pretrain.run(make(4, first), str(tmp_path / "split"))
   resumed = pretrain.run(make(8, then), str(tmp_path / "split"))
-  from mae_jax.model import is_scanned
+  from mae_jax.layer_stack import is_scanned
   assert is_scanned(resumed.params) == then
   a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
   assert sorted(b) == list(range(1, 9))

@@ -32,7 +32,7 @@ def main():
   if a.num_processes > 1:
     parallel.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
   import jax
-  from mae_jax import data, optim, pretrain
+  from mae_jax import data, optim, pretrain, sources
   from conftest import tiny_config
 
   c = tiny_config(a.folder)
@@ -44,7 +44,7 @@ def main():
   # Per parameter: its global shape and the shape one device holds.
   shards = {jax.tree_util.keystr(path): [list(x.shape), list(x.addressable_shards[0].data.shape)]
             for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
-  src = data.ImageFolderSource(a.folder, "test")
+  src = sources.ImageFolderSource(a.folder, "test")
   k, n, i = a.accum, jax.process_count(), jax.process_index()
   losses = []
   for t in range(a.steps):
@@ -60,7 +60,7 @@ def main():
   from mae_jax import evaluate
   c.evaluate.batch_size = max(4, jax.device_count())
   feats, labels = evaluate.extract_features(c, mesh, evaluate.encoder_from_config(c),
-                                            state.params["encoder"], data.evenly_spaced(src, 9), True)
+                                            state.params["encoder"], sources.evenly_spaced(src, 9), True)
   if jax.process_index() == 0:
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
                       "losses": losses, "shards": shards, "eval_labels": sorted(labels.tolist()),
