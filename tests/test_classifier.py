@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import augment, classifier, classify, model as mae
+from mae_jax import augment, classifier, classify, layers
+from mae_jax import model as mae
 from conftest import tiny_config
 
 
@@ -110,7 +111,7 @@ def test_cutmix_pastes_a_box_and_mixup_blends():
 
 
 def test_drop_path_by_hand():
-  dp = mae.DropPath(0.5)
+  dp = layers.DropPath(0.5)
   x = jnp.ones((1000, 3, 2))
   np.testing.assert_array_equal(dp.apply({}, x, deterministic=True), x)
   y = dp.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
