@@ -302,3 +302,21 @@ def check_compatible(workdir: str, config) -> None:
         f"{workdir} holds weights converted by mae_jax.convert, not a training run to resume; start "
         f"from them with --pretrained={workdir} and a new --workdir")
   check_model(saved, config, "--workdir", workdir)
+
+
+def write_workdir(params: dict, config: dict, workdir: str) -> None:
+  """A workdir holding `params` as the step-0 checkpoint, as `restore_params` reads it."""
+  if os.path.exists(checkpoint_dir(workdir)):
+    raise CheckpointMismatchError(f"{workdir} holds checkpoints already; give a new folder")
+  step = os.path.join(checkpoint_dir(workdir), "0")
+  os.makedirs(os.path.join(step, "config"), exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(step, "state"), {"params": params, "step": np.int32(0)})
+  with open(os.path.join(step, "config", "metadata"), "w") as f:
+    json.dump(config, f)
+
+
+def has_batch_stats(workdir: str, step: int) -> bool:
+  """Whether the checkpoint holds BatchNorm statistics: a linear probe's."""
+  paths = saved_tree_paths(checkpoint_dir(workdir), step) or []
+  return any("'batch_stats'" in p for p in paths)

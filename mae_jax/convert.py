@@ -494,19 +494,6 @@ def load_foreign(src: str, fmt: str = "", encoder_heads: int = 0, decoder_heads:
   return params, config
 
 
-def write_workdir(params: dict, config: dict, workdir: str) -> None:
-  """A workdir holding `params` as the step-0 checkpoint, as `restore_params` reads it."""
-  import orbax.checkpoint as ocp
-  if os.path.exists(checkpointing.checkpoint_dir(workdir)):
-    raise ConvertError(f"{workdir} holds checkpoints already; give a new folder")
-  step = os.path.join(checkpointing.checkpoint_dir(workdir), "0")
-  os.makedirs(os.path.join(step, "config"), exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(step, "state"), {"params": params, "step": np.int32(0)})
-  with open(os.path.join(step, "config", "metadata"), "w") as f:
-    json.dump(config, f)
-
-
 def is_foreign(path: str) -> bool:
   """Whether a `--pretrained` path is a PyTorch checkpoint (a file, or a Hugging Face folder)
   rather than a mae_jax workdir."""
@@ -526,17 +513,11 @@ def is_hf_folder(path: str) -> bool:
 # ----------------------------------------------------------------------------
 # Export: a mae_jax workdir -> a PyTorch checkpoint.
 # ----------------------------------------------------------------------------
-def _has_batch_stats(workdir: str, step: int) -> bool:
-  """Whether the checkpoint holds BatchNorm statistics: a linear probe's."""
-  paths = checkpointing.saved_tree_paths(checkpointing.checkpoint_dir(workdir), step) or []
-  return any("'batch_stats'" in p for p in paths)
-
-
 def export(workdir: str, dst: str, fmt: str) -> int:
   """Writes the newest checkpoint of `workdir` to `dst` in `fmt`; returns the tensors written."""
   params, config, step = checkpointing.restore_params(workdir)
   params = {k: v for k, v in params.items() if k in ("encoder", "decoder", "fc_norm", "head")}
-  if _has_batch_stats(workdir, step):
+  if checkpointing.has_batch_stats(workdir, step):
     # A linear probe's head reads BatchNorm-normalised features, which no target format's head
     # does: only the (frozen, pretrained) encoder goes out.
     params = {"encoder": params["encoder"]}
@@ -586,7 +567,7 @@ def main(argv=None) -> int:
       return 0
     params, config = load_foreign(a.src, a.src_format, a.encoder_heads, a.decoder_heads,
                                   None if a.norm_pix_loss is None else a.norm_pix_loss == "true")
-    write_workdir(params, config, a.dst)
+    checkpointing.write_workdir(params, config, a.dst)
     m = config["model"]
     print(f"wrote {a.dst}: {', '.join(config['converted_from']['parts'])} | patch {m['patch_size']}, image "
           f"{config['dataset']['image_size']}, encoder {m['encoder_width']} x {m['encoder_depth']} "
@@ -596,7 +577,7 @@ def main(argv=None) -> int:
           + (str(m["norm_pix_loss"]) if "norm_pix_loss" in config["converted_from"]["settings"]
              else "not said (the job's config decides; --norm_pix_loss=true|false to set)"))
     return 0
-  except ConvertError as e:
+  except (ConvertError, checkpointing.CheckpointMismatchError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 

@@ -203,7 +203,7 @@ def test_export_round_trip_is_bit_identical_and_pytorch_reads_each_format(tmp_pa
 
   # A workdir of scanned (stacked) layers exports the same file as the unrolled one.
   from mae_jax.layer_stack import stack_layers
-  convert.write_workdir(stack_layers(params), saved, str(tmp_path / "scanned"))
+  checkpointing.write_workdir(stack_layers(params), saved, str(tmp_path / "scanned"))
   assert convert.main([str(tmp_path / "scanned"), str(tmp_path / "scanned.pth"), "--to=official"]) == 0
   a = torch.load(str(tmp_path / "scanned.pth"), weights_only=True)["model"]
   b = torch.load(str(tmp_path / "out.pth"), weights_only=True)["model"]
