@@ -1,14 +1,15 @@
 """mae_jax's training input feed against torchvision's, side by side on this machine.
 
   python benchmarks/feed_vs_torch.py [--folder=DIR] [--workers=2] [--batch=64] [--reps=5]
-                                    [--resize_on=device|host]
+                                    [--resize_on=host|device]
 
 Both sides read the same image folder (DIR/train/<class>/*.jpg) and do the MAE pretraining
 augmentation: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic), horizontal flip, batching.
 mae_jax: its grain loader (`data.make_loader`), uint8 batches as they go to the device (where
-the normalisation happens). With --resize_on=device (the default here, and what a GPU or TPU run
-does) the workers decode and crop, and the bicubic resample runs in the train step: its cost
-on this machine's JAX backend is printed separately, not counted in the feed's figures. torchvision: `ImageFolder` + `RandomResizedCrop` + `RandomHorizontalFlip`
+the normalisation happens), resampling the crop in the workers as mae_jax does by default. With
+--resize_on=device the workers decode and crop, and the bicubic resample runs in the train step
+(mae_jax/device_resample.py): its cost on this machine's JAX backend is printed separately, not
+counted in the feed's figures. torchvision: `ImageFolder` + `RandomResizedCrop` + `RandomHorizontalFlip`
 + `ToTensor` + `Normalize` in a `DataLoader`, as the official MAE's main_pretrain.py. Each side
 runs `--workers` worker processes; the repetitions alternate and the figures are medians, in
 images per second per worker. The last line reads
@@ -140,7 +141,7 @@ def main():
                  "(48 of 64: longer than one of torchvision's epochs of the default folder)")
   p.add_argument("--warmup", type=int, default=2, help="untimed batches after the workers start")
   p.add_argument("--reps", type=int, default=5, help="alternated repetitions per side")
-  p.add_argument("--resize_on", choices=("host", "device"), default="device",
+  p.add_argument("--resize_on", choices=("host", "device"), default="host",
                  help="mae_jax's dataset.resize_on: 'device' sends "
                  "each crop on a canvas and the train step resamples it; 'host' resamples in the workers")
   a = p.parse_args()
