@@ -174,7 +174,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
   )
   state = fit(config, workdir, task, train_source, mesh=mesh, total_steps=total_steps,
               batch_size=section.batch_size, micro_batches=accum, lr_fn=schedule,
-              augment=data.train_augment(config.dataset, section),
+              augment=data.train_augment(config.dataset, section, randaug=not probe),
               log_every=section.log_every_steps, checkpoint_every=section.checkpoint_every_steps)
   if last_eval.get("step") != int(state.step):  # e.g. a finished run started again
     eval_hook(int(state.step), state)

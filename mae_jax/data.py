@@ -310,15 +310,16 @@ class TrainAugment(grain.transforms.RandomMap):
 
 
 
-def train_augment(dataset_cfg, section=None) -> TrainAugment:
-  """The train transform of `config.dataset`, with the crop/flip/RandAugment fields of a job's
-  config section (`config.probe`, `config.finetune`) taking precedence where it has them."""
-  get = lambda k, default: section[k] if section is not None and k in section else default
-  crop, randaug = get("random_resized_crop", dataset_cfg.random_resized_crop), get("randaug_num_ops", 0)
-  return TrainAugment(dataset_cfg.image_size, crop, tuple(get("crop_scale", dataset_cfg.crop_scale)),
-                      get("hflip", dataset_cfg.hflip), dataset_cfg.interpolation, randaug,
-                      get("randaug_magnitude", 9.0), get("randaug_magnitude_std", 0.5),
-                      device_resample.enabled(dataset_cfg, crop, randaug))
+def train_augment(dataset_cfg, section=None, randaug: bool = False) -> TrainAugment:
+  """The pretraining transform of `config.dataset`, or a probe's or fine-tuning's: the crop and
+  flip fields of its config section (`config.probe`, `config.finetune`) in place of the
+  dataset's, and with `randaug` (fine-tuning) the section's RandAugment."""
+  s = dataset_cfg if section is None else section
+  ops, magnitude, magnitude_std = ((section.randaug_num_ops, section.randaug_magnitude,
+                                    section.randaug_magnitude_std) if randaug else (0, 9.0, 0.5))
+  return TrainAugment(dataset_cfg.image_size, s.random_resized_crop, tuple(s.crop_scale), s.hflip,
+                      dataset_cfg.interpolation, ops, magnitude, magnitude_std,
+                      device_resample.enabled(dataset_cfg, s.random_resized_crop, ops))
 
 
 @dataclasses.dataclass

@@ -469,7 +469,7 @@ def test_resize_on_is_checked_and_the_host_resamples_by_default(cifar_folder):
   c.dataset.resize_on = "device"
   assert data.train_augment(c.dataset).resize_on_device
   c.finetune.random_resized_crop, c.finetune.randaug_num_ops = True, 2  # RandAugment: on the host
-  assert not data.train_augment(c.dataset, c.finetune).resize_on_device
+  assert not data.train_augment(c.dataset, c.finetune, randaug=True).resize_on_device
   c.dataset.resize_on = "gpu"
   with pytest.raises(config_lib.ConfigError, match="dataset.resize_on='gpu' must be one of host, device"):
     config_lib.validate(c)
