@@ -163,6 +163,31 @@ def augment(args, r: dict) -> None:
     v = pixel_stats(x)
     print(f"| {name} | {v[0]:.4f} / {v[1]:.4f} / {v[2]:.4f} | {v[3]:.4f} / {v[4]:.4f} / {v[5]:.4f} "
           f"| {v[6]:.4f} | {v[7]:.4f} |")
+  if args.weights:
+    batch_difficulty(r, args.weights, tv, mj)
+
+
+def batch_difficulty(r: dict, weights: str, tv: np.ndarray, mj: np.ndarray) -> None:
+  """The loss of one trained model (an official checkpoint, `weights`) on each pipeline's batches,
+  with masking noise drawn alike: how hard the batches are as a whole, which pixel statistics
+  alone may not show."""
+  import jax
+  from mae_jax import convert
+  from mae_jax.model import mae_from_config
+  model = mae_from_config(_mae_jax_config("", r).model, r["image_size"])
+  sd = convert.read_state_dict(weights)
+  params = {k: v for k, v in convert.official_to_params(sd).items() if k in ("encoder", "decoder")}
+  loss = jax.jit(lambda x, noise: model.apply({"params": params}, x, noise)[0])
+  rng, b, length = np.random.default_rng(0), r["batch"], (r["image_size"] // r["patch"]) ** 2
+  out = {}
+  for name, x in (("torchvision", tv), ("mae_jax", mj)):
+    out[name] = np.array([float(loss(x[i:i + b].astype(np.float32), rng.random((b, length)).astype(np.float32)))
+                          for i in range(0, len(x) - b + 1, b)])
+  n = len(out["mae_jax"])
+  se = np.sqrt(out["mae_jax"].var(ddof=1) / n + out["torchvision"].var(ddof=1) / n)
+  print(f"\nthe loss of {weights} on {n} batches of each: torchvision {out['torchvision'].mean():.4f}, "
+        f"mae_jax {out['mae_jax'].mean():.4f}, difference {out['mae_jax'].mean() - out['torchvision'].mean():+.4f} "
+        f"(standard error {se:.4f})")
 
 
 def run_parity(folder: str, r: dict, steps: int, steps_per_epoch: int = 0, threads: int = 0):

@@ -27,7 +27,8 @@ Diagnostics, each printing a table (docs/numerics.md has what they showed):
   --diagnose=init     the loss on one batch from each side's own initialisation, over seeds, and
                       every parameter tensor's mean and standard deviation on both sides;
   --diagnose=augment  crop area / aspect / pixel statistics of mae_jax's train batches against
-                      torchvision's RandomResizedCrop on the same folder;
+                      torchvision's RandomResizedCrop on the same folder, and with --weights the
+                      loss of one trained model on both pipelines' batches;
   --diagnose=parity   N steps of both training steps from identical weights, batches and masking
                       noise (multi-step parity): the two loss curves and the weights' drift;
   --diagnose=swap     both loops, as users run them, for N steps from their own and from the other
@@ -315,7 +316,10 @@ def main(argv=None):
   p.add_argument("--eval_images", type=int, default=2000, help="test images evaluated")
   p.add_argument("--knn_memory", type=int, default=10000, help="train images in the kNN memory")
   p.add_argument("--diagnose", choices=["", "init", "augment", "parity", "swap"], default="")
-  p.add_argument("--steps", type=int, default=100, help="--diagnose=parity and swap: steps")
+  p.add_argument("--steps", type=int, default=100, help="--diagnose=parity and swap: steps; "
+                 "augment: batches / 10 compared")
+  p.add_argument("--weights", default="", help="--diagnose=augment: an official checkpoint whose "
+                 "loss on both pipelines' batches is compared (e.g. a run's checkpoint-2.pth)")
   args = p.parse_args(argv)
   if args.diagnose:
     import official_diagnostics
