@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mae_jax import config_lib, sweep
+from mae_jax import config_lib, pretrain, sweep
 from conftest import REPO
 
 STUDIES = sorted(glob.glob(str(REPO / "configs" / "ablations" / "*.py")))
@@ -62,12 +62,12 @@ def test_every_study_config_is_valid(path, tmp_path):
       config_lib.validate(c)
 
 
-def test_pretrain_summary_separates_the_reconstruction_term(tmp_path):
+def test_the_pretraining_summary_separates_the_reconstruction_term(tmp_path):
   rows = ['{"step": 5, "loss": 0.9}', '{"step": 5, "test_top1": 10.0}',
           '{"step": 10, "loss": 0.25, "loss_mse": 0.3, "loss_uniformity": -5.0, "lr": 0.1}']
   (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-  assert sweep.pretrain_summary(str(tmp_path)) == {
+  assert pretrain.summary(str(tmp_path)) == {
       "final_loss": 0.25, "final_mse": 0.3, "final_loss_uniformity": -5.0, "steps": 10}
   # Without extra terms the loss is the reconstruction term.
   (tmp_path / "metrics.jsonl").write_text(rows[0] + "\n")
-  assert sweep.pretrain_summary(str(tmp_path)) == {"final_loss": 0.9, "final_mse": 0.9, "steps": 5}
+  assert pretrain.summary(str(tmp_path)) == {"final_loss": 0.9, "final_mse": 0.9, "steps": 5}
