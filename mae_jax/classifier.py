@@ -80,7 +80,7 @@ def classifier_from_config(config, num_classes: int, *, probe: bool, drop_path: 
   return Classifier(num_classes=num_classes, image_size=(size, size), patch_size=m.patch_size,
                     width=m.encoder_width, depth=m.encoder_depth, num_heads=m.encoder_heads,
                     mlp_ratio=m.mlp_ratio, drop_path=drop_path, global_pool=global_pool,
-                    probe=probe, learned_pos_embed=not probe, **compute_settings(m, decoder=False))
+                    probe=probe, learned_pos_embed=not probe, **compute_settings(m, size, decoder=False))
 
 
 # ----------------------------------------------------------------------------

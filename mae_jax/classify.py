@@ -110,6 +110,50 @@ def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.
   return tx
 
 
+def micro_batches(config, mode: str) -> int:
+  """The micro-batches of one update: a probe does not accumulate."""
+  return 1 if mode == "probe" else config.finetune.grad_accum_steps
+
+
+def model_from_config(config, mode: str, num_classes: int):
+  section = config[mode]
+  probe = mode == "probe"
+  return classifier.classifier_from_config(
+      config, num_classes, probe=probe, drop_path=0.0 if probe else section.drop_path,
+      global_pool=section.global_pool)
+
+
+def init_function(config, model):
+  """() -> the classifier's initial variables (params and e.g. batch_stats)."""
+  size = config.dataset.image_size
+  return lambda: model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)), train=False)
+
+
+def step_function(config, mode: str, model, tx, num_classes: int):
+  """`classify_step` bound to the section's recipe (not jitted)."""
+  section = config[mode]
+  aug = {} if mode == "probe" else dict(label_smoothing=section.label_smoothing, mixup=section.mixup,
+                                        cutmix=section.cutmix, random_erasing=section.random_erasing)
+  return functools.partial(classify_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
+                           std=tuple(config.dataset.std), num_classes=num_classes,
+                           micro_batches=micro_batches(config, mode),
+                           interpolation=config.dataset.interpolation, **aug)
+
+
+def sharded_step(config, mesh: Mesh, mode: str, num_classes: int, schedule: optax.Schedule):
+  """The probe's or fine-tuning's step as `run` compiles it, for use outside it (mae_jax.compile):
+  (jitted step, abstract state, state shardings), from abstract weights (nothing computed)."""
+  model = model_from_config(config, mode, num_classes)
+  variables = jax.eval_shape(init_function(config, model))
+  tx = make_optimizer(config[mode], schedule, variables["params"], config.model.encoder_depth,
+                      mode == "probe")
+  init = functools.partial(create_train_state, tx, config.seed)
+  abstract, shardings = mesh.abstract_state(init, variables, fsdp=config.sharding.fsdp)
+  step = mesh.jit_train_step(step_function(config, mode, model, tx, num_classes), shardings,
+                             micro_batches(config, mode))
+  return step, abstract, shardings
+
+
 @workdir_lib.holding_workdir
 def run(config, workdir: str, pretrained: Optional[str], mode: str,
         pretrained_step: Optional[int] = None) -> dict:
@@ -121,13 +165,8 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
   mesh = Mesh()
   train_source, test_source = sources.labelled_sources(config.dataset)
   n_classes = sources.num_classes(config.dataset, train_source)
-  model = classifier.classifier_from_config(
-      config, n_classes, probe=probe, drop_path=0.0 if probe else section.drop_path,
-      global_pool=section.global_pool)
-  size = config.dataset.image_size
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)))
-  variables = jax.device_get(variables)
+  model = model_from_config(config, mode, n_classes)
+  variables = jax.device_get(jax.jit(init_function(config, model))())
 
   source_info = None
   if pretrained:
@@ -142,7 +181,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
     metrics_lib.log("no --pretrained: " + ("probing a randomly initialised encoder" if probe
                                            else "training from scratch (the baseline)"))
 
-  accum = 1 if probe else section.grad_accum_steps
+  accum = micro_batches(config, mode)
   updates_per_epoch = steps_per_epoch(len(train_source), section.batch_size)
   total_updates = section.num_epochs * updates_per_epoch
   schedule = optim.warmup_cosine(optim.peak_lr(section.base_lr, section.batch_size), section.min_lr,
@@ -160,15 +199,11 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
     last_eval["step"] = step
     return {"test_top1": last_eval["top1"], "test_top5": last_eval["top5"]}
 
-  aug = {} if probe else dict(label_smoothing=section.label_smoothing, mixup=section.mixup,
-                              cutmix=section.cutmix, random_erasing=section.random_erasing)
   task = Task(
       summary=describe(model),
       init_state=functools.partial(create_train_state, tx, config.seed),
       init_args=(variables,),
-      train_step=functools.partial(classify_step, model=model, tx=tx, mean=mean, std=std,
-                                   num_classes=n_classes, micro_batches=accum,
-                                   interpolation=config.dataset.interpolation, **aug),
+      train_step=step_function(config, mode, model, tx, n_classes),
       batch_fields=("image", "label"),
       hooks=[Hook(max(1, section.eval_every_epochs * updates_per_epoch), eval_hook)],
   )

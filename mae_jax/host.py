@@ -16,6 +16,7 @@ steps). So the ahead-of-time bench, which compiles and runs nothing, leaves the 
 """
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -26,12 +27,20 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
 
+# Device files of the accelerators JAX drives: NVIDIA GPUs, AMD GPUs (ROCm), TPU chips (v4 and
+# v5p as /dev/accel*, v5e and later through VFIO).
+ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+
 def cpu_backend_expected() -> bool:
   """True when JAX will run on the CPU: JAX_PLATFORMS names cpu first, or no accelerator plugin
-  (CUDA, ROCm: registered under the `jax_plugins` entry points; TPU: libtpu) is installed."""
+  (CUDA, ROCm: registered under the `jax_plugins` entry points; TPU: libtpu) is installed, or no
+  accelerator is attached (the plugins are there only to compile for one: mae_jax.compile)."""
   platforms = os.environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
+  if not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+    return True
   if importlib.util.find_spec("libtpu") is not None:
     return False
   return not importlib.metadata.entry_points(group="jax_plugins")

@@ -278,18 +278,18 @@ class MAE(nn.Module):
     return loss, pred, mask
 
 
-def compute_settings(model_cfg, decoder: bool = True) -> dict:
+def compute_settings(model_cfg, image_size: int, decoder: bool = True) -> dict:
   """How every model built from a `config.model` computes: dtype, attention backend (for the
-  encoder's heads, and the decoder's with `decoder`), LayerNorm epsilon, remat."""
+  encoder's heads, and the decoder's with `decoder`, at `image_size`), LayerNorm epsilon, remat."""
   return dict(dtype=jnp.dtype(model_cfg.dtype), ln_eps=model_cfg.layer_norm_eps, remat=model_cfg.remat,
-              attention_impl=attention_from_config(model_cfg, decoder))
+              attention_impl=attention_from_config(model_cfg, image_size, decoder))
 
 
 def encoder_from_config(model_cfg, image_size: int, **changes) -> Encoder:
   """The MAE's encoder alone (kNN features, the classifier's backbone), with `changes`."""
   m, grid = model_cfg, (image_size // model_cfg.patch_size,) * 2
   return Encoder(m.patch_size, grid, m.encoder_width, m.encoder_depth, m.encoder_heads,
-                 m.mlp_ratio, **{**compute_settings(m, decoder=False), **changes})
+                 m.mlp_ratio, **{**compute_settings(m, image_size, decoder=False), **changes})
 
 
 def mae_from_config(model_cfg, image_size: int, scan_layers: Optional[bool] = None) -> MAE:
@@ -303,4 +303,4 @@ def mae_from_config(model_cfg, image_size: int, scan_layers: Optional[bool] = No
              mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
              mask_token_in_encoder=m.mask_token_in_encoder, laplacian_weight=m.laplacian_weight,
              uniformity_weight=m.uniformity_weight,
-             scan_layers=m.scan_layers if scan_layers is None else scan_layers, **compute_settings(m))
+             scan_layers=m.scan_layers if scan_layers is None else scan_layers, **compute_settings(m, image_size))

@@ -70,10 +70,16 @@ def batch_sharded(x):
 class Mesh:
   """The data-parallel mesh and the shardings the trainers use."""
 
-  def __init__(self):
+  def __init__(self, devices=None):
+    """Over `devices` (default: all devices of all processes; mae_jax.compile passes a TPU or
+    GPU topology's devices to compile for hardware that is not here)."""
     # Auto axes: the compiler propagates shardings from the inputs (GSPMD), no annotations needed.
-    self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                              axis_types=(jax.sharding.AxisType.Auto,))
+    if devices is None:
+      self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                                axis_types=(jax.sharding.AxisType.Auto,))
+    else:
+      self.mesh = jax.sharding.Mesh(np.array(devices), ("data",),
+                                    axis_types=(jax.sharding.AxisType.Auto,))
     self.batch = NamedSharding(self.mesh, P("data"))
     self.replicated = NamedSharding(self.mesh, P())
 

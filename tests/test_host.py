@@ -60,6 +60,18 @@ def test_applied_only_where_jax_runs_on_the_cpu(monkeypatch):
   assert not host.keep_freed_memory()
 
 
+def test_accelerator_plugins_without_an_accelerator_leave_jax_on_the_cpu(monkeypatch):
+  # libtpu and the CUDA plugin come with the dev extra to compile for TPUs and GPUs; without a
+  # device file of one, JAX runs on the CPU and the CPU's allocator setting applies.
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(host.importlib.util, "find_spec", lambda name: object())  # libtpu "installed"
+  attached = []
+  monkeypatch.setattr(host.glob, "glob", lambda pattern: [p for p in attached if p.startswith(pattern[:9])])
+  assert host.cpu_backend_expected()
+  attached.append("/dev/accel0")
+  assert not host.cpu_backend_expected()
+
+
 ZEN3 = """processor\t: 0
 vendor_id\t: AuthenticAMD
 model name\t: AMD EPYC 7B13

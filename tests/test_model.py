@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import layer_stack, layers
+from mae_jax import config_lib, layer_stack, layers
 from mae_jax import model as mae
 from configs import cifar10_vit_t
 
@@ -338,18 +338,30 @@ def test_scanned_biases_and_norms_are_not_decayed():
     assert rest(scanned_mask[part]) == rest(unrolled_mask[part])
 
 
-def test_attention_backend_is_cudnn_only_where_the_fused_kernel_applies(monkeypatch):
+def test_attention_backend_is_cudnn_only_where_the_fused_kernel_applies(caplog):
   import types
   bf16 = jnp.bfloat16
-  assert layers.attention_backend("", bf16, (64, 32)) == "xla"         # this CPU
-  assert layers.attention_backend("cudnn", jnp.float32, (64,)) == "cudnn"  # forced
-  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
-  gpu = lambda cc: monkeypatch.setattr(layers.jax, "devices", lambda: [types.SimpleNamespace(compute_capability=cc)])
-  gpu("9.0")
-  assert layers.attention_backend("", bf16, (64, 32)) == "cudnn"       # ViT-B/L encoder, decoder
-  assert layers.attention_backend("", bf16, (80, 32)) == "cudnn"       # ViT-H/14
-  assert layers.attention_backend("", jnp.float32, (64, 32)) == "xla"  # float32: XLA
-  assert layers.attention_backend("", bf16, (64, 20)) == "xla"         # a head dim cuDNN does not take
-  assert layers.attention_backend("xla", bf16, (64, 32)) == "xla"
-  gpu("7.0")
-  assert layers.attention_backend("", bf16, (64, 32)) == "xla"         # before Ampere
+  gpu = lambda cc: types.SimpleNamespace(platform="gpu", compute_capability=cc)
+  tpu = types.SimpleNamespace(platform="tpu")
+  assert layers.attention_backend("", bf16, (64, 32)) == "xla"                # this CPU
+  assert layers.attention_backend("", bf16, (64, 32), gpu("9.0")) == "cudnn"  # ViT-B/L encoder, decoder
+  assert layers.attention_backend("", bf16, (80, 32), gpu("9.0")) == "cudnn"  # ViT-H/14
+  assert layers.attention_backend("", jnp.float32, (64, 32), gpu("9.0")) == "xla"  # float32: XLA
+  assert layers.attention_backend("", bf16, (64, 20), gpu("9.0")) == "xla"    # a head dim cuDNN does not take
+  assert layers.attention_backend("xla", bf16, (64, 32), gpu("9.0")) == "xla"
+  assert layers.attention_backend("", bf16, (64, 32), gpu("7.0")) == "xla"    # before Ampere
+  # JAX's cuDNN attention does not train on odd lengths: ViT-B/16's decoder sees 197 tokens.
+  vit_b = config_lib.imagenet_config("b").model
+  assert layers.sequence_lengths(vit_b, 224) == (50, 197)
+  assert layers.sequence_lengths(vit_b, 224, decoder=False) == (197,)
+  assert layers.attention_backend("", bf16, (64, 32), gpu("9.0"), (50, 197)) == "xla"
+  assert layers.attention_backend("", bf16, (64, 32), gpu("9.0"), (50, 196)) == "cudnn"
+  with layers.building_for(gpu("9.0")):  # mae_jax.compile for a GPU that is not here
+    assert layers.attention_backend("", bf16, (64, 32)) == "cudnn"
+  assert layers.attention_backend("", bf16, (64, 32)) == "xla"
+  # Asked for where it cannot run: XLA's attention, and the reason logged (not a failure at compile).
+  for device, reason in ((tpu, "NVIDIA GPUs only"), (gpu("9.0"), "bfloat16 or float16")):
+    with caplog.at_level("WARNING"):
+      dtype = jnp.float32 if device.platform == "gpu" else bf16
+      assert layers.attention_backend("cudnn", dtype, (64,), device) == "xla"
+    assert reason in caplog.text
