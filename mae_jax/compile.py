@@ -338,9 +338,10 @@ def report(config, target, jobs=("pretrain",), search: bool = True, output: str 
     attention = layers.attention_from_config(config.model, config.dataset.image_size)
   r = {**machine(target), "devices": target.num_devices, "memory_bytes_per_device": target.memory_bytes,
        "peak_flops_per_device": target.peak_flops, "config": {**c, "attention": attention}, "jobs": {}}
-  where = "compiled without the hardware" if not target.present else "present"
+  where = ("compiled without the hardware" if not target.present else "simulated CPU devices"
+           if target.platform == "cpu" and target.num_devices > 1 else "present")
   print(f"{target.name}: {target.num_devices} x {target.device_kind} ({where}; "
-        f"{fmt_bytes(target.memory_bytes)} per device) | {c['model']} | {c['image_size']} px | "
+        f"{fmt_bytes(target.memory_bytes)} per device: {target.memory_note}) | {c['model']} | {c['image_size']} px | "
         f"{c['dtype']}, attention {attention} | fsdp {c['fsdp']}, scan_layers {c['scan_layers']}, "
         f"remat {c['remat']} | host {r['host_cpu']}")
   for job in jobs:
@@ -360,19 +361,18 @@ def report(config, target, jobs=("pretrain",), search: bool = True, output: str 
 def _print_job(j: dict, target) -> None:
   print(f"\n{j['job']}: batch {j['batch_size']} = {j['grad_accum_steps']} x micro-batch of "
         f"{j['micro_batch_per_device']} per device")
-  print(f"  lower_s {j['lower_s']:.1f} | compile_s {j['compile_s']:.1f}")
+  print(f"  lower_s: {j['lower_s']:.1f}\n  compile_s: {j['compile_s']:.1f}")
   print(f"  flops_per_image: {j['flops_per_image'] / 1e9:.4g} GFLOP")
   if "peak_bytes_per_device" in j:
-    print(f"  argument_bytes_per_device: {fmt_bytes(j['argument_bytes_per_device'])} | "
-          f"temp_bytes_per_device: {fmt_bytes(j['temp_bytes_per_device'])} | "
-          f"peak_bytes_per_device: {fmt_bytes(j['peak_bytes_per_device'])} of {fmt_bytes(target.memory_bytes)}")
-    print(f"  gradient_reductions_per_update: {j['gradient_reductions_per_update']} | "
-          f"collective_bytes_per_device: {fmt_bytes(j['collective_bytes_per_device'])}")
+    for field in ("argument_bytes_per_device", "temp_bytes_per_device"):
+      print(f"  {field}: {fmt_bytes(j[field])}")
+    print(f"  peak_bytes_per_device: {fmt_bytes(j['peak_bytes_per_device'])} of {fmt_bytes(target.memory_bytes)}")
+    print(f"  gradient_reductions_per_update: {j['gradient_reductions_per_update']}")
+    print(f"  collective_bytes_per_device: {fmt_bytes(j['collective_bytes_per_device'])}")
   if "estimated_step_s" in j:
-    print(f"  estimated step: {_fmt_seconds(j['estimated_step_s'])} at {ESTIMATE_MFU:.0%} of "
+    print(f"  estimated_step_s: {_fmt_seconds(j['estimated_step_s'])} at {ESTIMATE_MFU:.0%} of "
           f"{target.peak_flops / 1e12:,.0f} TFLOP/s per device (an estimate from the FLOPs, not a measurement)")
-  verdict = "FITS" if j["fits"] else f"DOES NOT FIT ({j['reason']})"
-  print(f"  verdict: {verdict}")
+  print(f"  verdict: {'fits' if j['fits'] else 'DOES NOT FIT: ' + j['reason']}")
   best = j.get("largest_fitting")
   if best is not None:
     print(f"  largest micro-batch that fits: {best['micro_batch_per_device']} per device "

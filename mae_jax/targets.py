@@ -62,6 +62,7 @@ class Target:
   memory_bytes: Optional[float]  # per device, the most a program may use
   peak_flops: Optional[float]    # per device, dense bfloat16 (float32 on a CPU)
   present: bool                  # the hardware is this machine's (else: compiled for it only)
+  memory_note: str = ""          # how memory_bytes was found
 
   @property
   def num_devices(self) -> int:
@@ -86,8 +87,6 @@ def prepare(spec: str) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:  # JAX reads the variable on import
       sys.modules["jax"].config.update("jax_platforms", "cpu")
-  if kind == "tpu":
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask off Google Cloud
   if kind == "cpu":
     if not rest.isdigit() or int(rest) < 1:
       raise TargetError(f"--target=cpu:{rest}: the number of simulated devices, e.g. cpu:8")
@@ -99,6 +98,8 @@ def get(spec: str) -> Target:
   """The target `spec` names (call `prepare(spec)` before JAX starts)."""
   import jax
   kind, rest = parse(spec)
+  if kind in ("tpu", "gpu"):  # a program for absent hardware cannot be cached by this process's client
+    jax.config.update("jax_enable_compilation_cache", False)
   if kind == "present" or (kind == "cpu" and jax.default_backend() == "cpu"):
     devices = tuple(jax.devices())
     if kind == "cpu" and len(devices) != int(rest):
@@ -134,13 +135,18 @@ def _tpu(spec: str, topology: str) -> Target:
     import libtpu  # noqa: F401  (only to say clearly what is missing)
   except ImportError as e:
     raise TargetError(f"--target={spec}: {_install_hint('tpu')}") from e
+  # No chip is driven here: other processes may load libtpu at the same time, and there is no
+  # Cloud metadata server to ask.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   devices = tuple(_topology(spec, topology_name=topology, platform="tpu").devices)
   kind = devices[0].device_kind
   dims = [int(d) for d in re.findall(r"\d+", topology.partition(":")[2])]
   chips = math.prod(dims) if dims else len(devices)
   per_chip = PEAK_FLOPS_PER_CHIP.get(kind)
   return Target(spec, "tpu", devices, kind, TPU_AVAILABLE_BYTES.get(kind),
-                per_chip * chips / len(devices) if per_chip else None, present=False)
+                per_chip * chips / len(devices) if per_chip else None, present=False,
+                memory_note="what XLA:TPU lets a program use")
 
 
 def _gpu(spec: str, name: str) -> Target:
@@ -151,8 +157,9 @@ def _gpu(spec: str, name: str) -> Target:
   devices = tuple(_topology(spec, platform="cuda", target_config=config, topology=f"1x1x{n}").devices)
   kind = devices[0].device_kind
   memory = float(re.search(r"device_memory_size:\s*(\d+)", config).group(1))
-  return Target(spec, "gpu", devices, kind, memory * gpu_memory_fraction(),
-                PEAK_FLOPS_PER_CHIP.get(kind), present=False)
+  fraction = gpu_memory_fraction()
+  return Target(spec, "gpu", devices, kind, memory * fraction, PEAK_FLOPS_PER_CHIP.get(kind), present=False,
+                memory_note=f"{fraction:.0%} of {memory / GiB:.2f} GiB, JAX's preallocation")
 
 
 def gpu_memory_fraction() -> float:
@@ -165,7 +172,8 @@ def _present(spec: str, devices: tuple) -> Target:
   d = devices[0]
   if d.platform == "cpu":
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / len(devices)  # host RAM shared
-    return Target(spec, "cpu", devices, d.device_kind, memory, None, present=True)
+    return Target(spec, "cpu", devices, d.device_kind, memory, None, present=True,
+                  memory_note=f"the host's memory shared by {len(devices)} devices" if len(devices) > 1 else "the host's memory")
   try:
     memory = d.memory_stats().get("bytes_limit")
   except Exception:  # a backend without memory statistics

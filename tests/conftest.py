@@ -14,6 +14,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = pathlib.Path(os.environ.get(
     "MAE_JAX_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"))
 
+# The suite runs on the CPU. The dev extra brings libtpu and the CUDA plugin to compile for TPUs
+# and GPUs (tests/test_targets.py); JAX itself, and every job the tests start, stays on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # One persistent XLA compilation cache for the session, its subprocesses included (they inherit
 # the environment; JAX reads it when first imported, after this file). pytest-xdist's controller
 # loads this file before it starts the test processes, so they share the controller's cache.
