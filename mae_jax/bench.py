@@ -5,8 +5,12 @@ steps, each one optimizer update on a synthetic batch of `batch_size`), its FLOP
 and the FLOP/s achieved, the peak device memory where the backend reports it, and the input
 pipeline's images/s on its own (decode + augment + batch, no model).
 
-Compiling without running (memory, FLOPs and collectives of any config for N devices):
-`python -m mae_jax.compile` (mae_jax/compile.py).
+`--check` is the first run on new hardware: a few steps of the config on the devices present,
+then the model-FLOPs utilisation (MFU: the achieved FLOP/s against the devices' peak; on a CPU
+against a measured float32 matmul), the attention backend chosen, the feed's images/s against
+the step's, and which of the two holds the training back.
+
+Compiling without running, for hardware that is not here: `python -m mae_jax.compile`.
 """
 
 import json
@@ -17,13 +21,15 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mae_jax import cli
+from mae_jax import cli, targets
 from mae_jax.compile import flops_per_image, fmt_bytes, machine, train_step_program
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed train steps (after 2 untimed warm-up steps).")
 flags.DEFINE_integer("pipeline_batches", 20, "Batches timed for the input pipeline (0: skip it).")
 flags.DEFINE_string("output", "", "Also write the figures as JSON to this file.")
+flags.DEFINE_bool("check", False, "First contact with new hardware: 5 timed steps and 10 feed "
+                  "batches (unless given), then MFU, attention backend and the bottleneck.")
 cli.define_distributed_flags()
 flags.mark_flags_as_required(["config"])
 
@@ -74,6 +80,41 @@ def bench_train_step(config, steps: int) -> dict:
   }
 
 
+def cpu_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """The host's float32 matmul FLOP/s through XLA (all cores): a CPU's practical peak."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
+  return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def check(config, r: dict) -> dict:
+  """MFU, the attention backend and the bottleneck of a benchmarked config (`r`)."""
+  from mae_jax import layers
+  target = targets.get("present")
+  if target.platform == "cpu":
+    peak, basis = cpu_matmul_flops(), "this CPU's float32 matmul through XLA, measured"
+  else:
+    peak = target.peak_flops * target.num_devices if target.peak_flops else None
+    basis = f"{target.num_devices} x {target.device_kind}'s published bfloat16 peak"
+  out = {"attention": layers.attention_from_config(config.model, config.dataset.image_size),
+         "peak_flops_per_s": peak, "peak_basis": basis,
+         "mfu": r["achieved_flops_per_s"] / peak if peak else None}
+  feed = r.get("pipeline_images_per_s")
+  if feed:
+    out["bottleneck"] = ("the host's input pipeline" if feed < r["images_per_s"] else "the device's step")
+  return out
+
+
 def bench_pipeline(config, batches: int) -> dict:
   from mae_jax import data, sources
   split, _ = sources.resolved_splits(config.dataset)
@@ -93,6 +134,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = cli.prepare(flags.FLAGS.config)
+  if flags.FLAGS.check:  # a short run unless the counts are given
+    for name, value in (("steps", 5), ("pipeline_batches", 10)):
+      if not flags.FLAGS[name].present:
+        flags.FLAGS[name].value = value
   r = bench_train_step(config, flags.FLAGS.steps)
   m = config.model
   print(f"device: {r['devices']} x {r['device_kind']} ({r['backend']}) | encoder {m.encoder_depth}x"
@@ -115,6 +160,16 @@ def main(argv):
             f"({r['pipeline_workers']} workers, {flags.FLAGS.pipeline_batches} batches)")
     except cli.USER_ERRORS as e:
       print(f"input pipeline: skipped ({e})")
+  if flags.FLAGS.check:
+    r.update(check(config, r))
+    print(f"attention: {r['attention']}")
+    if r["mfu"] is not None:
+      print(f"MFU: {r['mfu']:.1%} of {r['peak_flops_per_s'] / 1e12:,.2f} TFLOP/s ({r['peak_basis']})")
+    else:
+      print(f"MFU: unknown (no peak FLOP/s known for {r['device_kind']}; mae_jax/targets.py lists them)")
+    if "bottleneck" in r:
+      print(f"bottleneck: {r['bottleneck']} (feed {r['pipeline_images_per_s']:,.0f} img/s, "
+            f"step {r['images_per_s']:,.0f} img/s)")
   if flags.FLAGS.output:
     with open(flags.FLAGS.output, "w") as f:
       json.dump(r, f, indent=2)

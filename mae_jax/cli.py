@@ -4,6 +4,7 @@ import difflib
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -98,6 +99,11 @@ def run_app(main, reuse_freed_memory: bool = True):
   unknown config argument, a value of the wrong type) reported as one line, exit 2. First, before
   JAX starts, the host allocator is set to reuse XLA's freed CPU memory (mae_jax/host.py), unless
   `reuse_freed_memory` is False (a job that compiles and runs no step)."""
+  if not os.environ.get("JAX_PLATFORMS") and not host.accelerator_attached():
+    # Accelerator plugins installed without the hardware (the dev extra compiles for TPUs and
+    # GPUs) would each try to start, and print why they could not, before JAX settles on the CPU.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
   if reuse_freed_memory:
     host.keep_freed_memory()
   return app.run(main, flags_parser=parse_flags)

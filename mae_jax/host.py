@@ -32,6 +32,11 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
 
 
+def accelerator_attached() -> bool:
+  """Whether a GPU or TPU is attached to this machine (one of its device files exists)."""
+  return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
+
+
 def cpu_backend_expected() -> bool:
   """True when JAX will run on the CPU: JAX_PLATFORMS names cpu first, or no accelerator plugin
   (CUDA, ROCm: registered under the `jax_plugins` entry points; TPU: libtpu) is installed, or no
@@ -39,7 +44,7 @@ def cpu_backend_expected() -> bool:
   platforms = os.environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  if not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+  if not accelerator_attached():
     return True
   if importlib.util.find_spec("libtpu") is not None:
     return False

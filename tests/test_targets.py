@@ -120,7 +120,7 @@ def test_a_program_over_the_memory_is_a_verdict_and_the_search_finds_what_fits(m
 
 
 def test_the_tpu_memory_table_is_what_xla_tpu_allows():
-  pytest.importorskip("libtpu", reason="libtpu is not installed")
+  _libtpu()  # libtpu loaded as mae_jax.compile loads it
   from jax.experimental import topologies
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   topology = {"TPU v4": "v4:2x2x1", "TPU v5 lite": "v5e:2x2", "TPU v5": "v5p:2x2x1",
