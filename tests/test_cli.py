@@ -342,3 +342,21 @@ def test_compile_reports_every_field_and_fsdp_bytes_fall_with_the_devices(tmp_pa
   assert accumulated["gradient_reductions_per_update"] == 1
   # Per image the same model FLOPs; the one AdamW update is shared by 16 images here, not 64.
   assert 0 < accumulated["flops_per_image"] - replicated["flops_per_image"] < 1e-2 * replicated["flops_per_image"]
+
+
+def test_bench_check_reports_mfu_attention_and_the_bottleneck(tmp_path, cifar_folder):
+  out_file = tmp_path / "check.json"
+  args = [sys.executable, "-m", "mae_jax.bench", f"--config={REPO / 'configs/cifar10_vit_t.py:tiny'}",
+          "--check", "--steps=3", "--pipeline_batches=5", f"--output={out_file}",
+          "--config.dataset.source=folder", f"--config.dataset.folder={cifar_folder}",
+          "--config.dataset.num_workers=1"]
+  out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                       cwd=REPO, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out_file.read_text())
+  assert r["attention"] == "xla" and "measured" in r["peak_basis"] and r["peak_flops_per_s"] > 1e9
+  assert 0 < r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / r["peak_flops_per_s"])
+  feed_bound = r["pipeline_images_per_s"] < r["images_per_s"]
+  assert r["bottleneck"] == ("the host's input pipeline" if feed_bound else "the device's step")
+  for line in ("train step: median", "MFU: ", "attention: xla", "bottleneck: "):
+    assert line in out.stdout
