@@ -115,6 +115,11 @@ def micro_batches(config, mode: str) -> int:
   return 1 if mode == "probe" else config.finetune.grad_accum_steps
 
 
+def train_augment(config, mode: str) -> data.TrainAugment:
+  """The train transform of probing or fine-tuning (fine-tuning adds RandAugment where set)."""
+  return data.train_augment(config.dataset, config[mode], randaug=mode == "finetune")
+
+
 def model_from_config(config, mode: str, num_classes: int):
   section = config[mode]
   probe = mode == "probe"
@@ -209,7 +214,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
   )
   state = fit(config, workdir, task, train_source, mesh=mesh, total_steps=total_steps,
               batch_size=section.batch_size, micro_batches=accum, lr_fn=schedule,
-              augment=data.train_augment(config.dataset, section, randaug=not probe),
+              augment=train_augment(config, mode),
               log_every=section.log_every_steps, checkpoint_every=section.checkpoint_every_steps)
   if last_eval.get("step") != int(state.step):  # e.g. a finished run started again
     eval_hook(int(state.step), state)

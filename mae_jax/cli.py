@@ -4,7 +4,6 @@ import difflib
 import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -102,8 +101,7 @@ def run_app(main, reuse_freed_memory: bool = True):
   if not os.environ.get("JAX_PLATFORMS") and not host.accelerator_attached():
     # Accelerator plugins installed without the hardware (the dev extra compiles for TPUs and
     # GPUs) would each try to start, and print why they could not, before JAX settles on the CPU.
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    jax.config.update("jax_platforms", "cpu")
+    host.run_jax_on_cpu()
   if reuse_freed_memory:
     host.keep_freed_memory()
   return app.run(main, flags_parser=parse_flags)

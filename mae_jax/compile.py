@@ -33,6 +33,13 @@ ESTIMATE_MFU = 0.4
 NUM_CLASSES = 1000
 
 
+def _schedule():
+  """A learning-rate schedule for a step compiled and not run (the value does not change the
+  program)."""
+  from mae_jax import optim
+  return optim.warmup_cosine(1e-4, 0.0, 10, 1000)
+
+
 def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
@@ -43,23 +50,22 @@ def _flops(compiled) -> float:
 def train_step_program(config, devices=None):
   """`pretrain.sharded_step` on a fresh mesh (over `devices`; default all present) with a fixed
   schedule: (step, init, abstract state, state shardings, mesh)."""
-  from mae_jax import optim, pretrain
+  from mae_jax import pretrain
   from mae_jax.parallel import Mesh
   mesh = Mesh(devices)
-  return (*pretrain.sharded_step(config, mesh, optim.warmup_cosine(1e-4, 0.0, 10, 1000)), mesh)
+  return (*pretrain.sharded_step(config, mesh, _schedule()), mesh)
 
 
 def step_program(config, job: str, devices=None):
   """The `job`'s training step as its trainer compiles it, and its abstract arguments:
   (jitted step, abstract state, abstract batch)."""
-  from mae_jax import classify, optim
+  from mae_jax import classify
   from mae_jax.parallel import Mesh
   if job == "pretrain":
     step, _, abstract, _, mesh = train_step_program(config, devices)
     return step, abstract, abstract_batch(config, mesh)
   mesh = Mesh(devices)
-  step, abstract, _ = classify.sharded_step(config, mesh, job, NUM_CLASSES,
-                                            optim.warmup_cosine(1e-4, 0.0, 10, 1000))
+  step, abstract, _ = classify.sharded_step(config, mesh, job, NUM_CLASSES, _schedule())
   return step, abstract, abstract_batch(config, mesh, job)
 
 
@@ -163,12 +169,12 @@ def abstract_batch(config, mesh, job: str = "pretrain"):
   dataset.resize_on='device', canvases and crops: the step's resample counted too), and labels
   for probing and fine-tuning."""
   import jax
-  from mae_jax import data, device_resample
+  from mae_jax import classify, data, device_resample
   batch, k = batch_shape(config, job)
   size = config.dataset.image_size
-  section = None if job == "pretrain" else config[job]
-  # as the trainer's loader decides
-  on_device = data.train_augment(config.dataset, section, randaug=job == "finetune").resize_on_device
+  # the train transform as the job's loader has it
+  augment = data.train_augment(config.dataset) if job == "pretrain" else classify.train_augment(config, job)
+  on_device = augment.resize_on_device
   lead = (batch,) if k == 1 else (k, batch // k)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(lead + shape, dtype, sharding=mesh.batch_sharding(k))
   out = {} if job == "pretrain" else {"label": spec((), jax.numpy.int32)}
@@ -287,23 +293,27 @@ def fit(config, job: str, target, search: bool = True) -> dict:
   if not search:
     return result
   micro = result["micro_batch_per_device"]
-  options = candidates(config, job, n)
-  per_device = lambda c: batch_shape(c, job)[0] // batch_shape(c, job)[1] // n
-  if result["fits"]:  # larger micro-batches, while they fit
-    order = [c for c in reversed(options) if per_device(c) > micro]
-    order.sort(key=per_device)
-  else:               # smaller ones, until one fits
-    order = [c for c in options if per_device(c) < micro]
+
+  def per_device(c) -> int:
+    b, k = batch_shape(c, job)
+    return b // k // n
+
+  options = candidates(config, job, n)  # the largest micro-batch first
   best = result if result["fits"] else None
-  for c in order:
-    r = compile_step(c, job, target)
-    result["tried"].append(_attempt(r))
-    if r["fits"]:
-      best = r
-      if not result["fits"]:
+  if result["fits"]:  # larger micro-batches, smallest first, while they fit
+    for c in reversed([c for c in options if per_device(c) > micro]):
+      r = compile_step(c, job, target)
+      result["tried"].append(_attempt(r))
+      if not r["fits"]:
         break
-    elif result["fits"]:
-      break
+      best = r
+  else:               # smaller ones, largest first, until one fits
+    for c in [c for c in options if per_device(c) < micro]:
+      r = compile_step(c, job, target)
+      result["tried"].append(_attempt(r))
+      if r["fits"]:
+        best = r
+        break
   result["largest_fitting"] = None if best is None else {
       key: best[key] for key in ("batch_size", "grad_accum_steps", "micro_batch_per_device",
                                  "peak_bytes_per_device")}

@@ -313,7 +313,7 @@ def validate(config, jobs=("pretrain",)) -> None:
          f"dataset.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
          "pick sizes where image_size % patch_size == 0")
     num_patches = (d.image_size // m.patch_size) ** 2
-    need(int(num_patches * (1 - m.mask_ratio)) >= 1,
+    need(masking.num_kept(num_patches, m.mask_ratio) >= 1,
          f"model.mask_ratio={m.mask_ratio} keeps no patch of {num_patches}; lower it")
   for part in ("encoder", "decoder"):
     width, heads = m[f"{part}_width"], m[f"{part}_heads"]

@@ -37,6 +37,15 @@ def accelerator_attached() -> bool:
   return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
 
 
+def run_jax_on_cpu() -> None:
+  """Makes JAX use its CPU backend, also when it is imported already (it reads JAX_PLATFORMS on
+  import): where accelerator plugins are installed without the hardware, or to compile for
+  hardware that is not here."""
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def cpu_backend_expected() -> bool:
   """True when JAX will run on the CPU: JAX_PLATFORMS names cpu first, or no accelerator plugin
   (CUDA, ROCm: registered under the `jax_plugins` entry points; TPU: libtpu) is installed, or no

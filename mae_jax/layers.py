@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mae_jax import masking
 from mae_jax.parallel import batch_sharded
 
 LN_EPS = 1e-6
@@ -209,7 +210,7 @@ def sequence_lengths(model_cfg, image_size: int, decoder: bool = True) -> tuple:
   patches = (image_size // model_cfg.patch_size) ** 2
   if not decoder:
     return (1 + patches,)
-  return (1 + int(patches * (1 - model_cfg.mask_ratio)), 1 + patches)
+  return (1 + masking.num_kept(patches, model_cfg.mask_ratio), 1 + patches)
 
 
 def attention_from_config(model_cfg, image_size: int, decoder: bool = True) -> str:

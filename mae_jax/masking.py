@@ -17,6 +17,11 @@ import numpy as np
 STRATEGIES = ("random", "block", "grid")
 
 
+def num_kept(length: int, mask_ratio: float) -> int:
+  """The patches an MAE keeps of `length`, as the official random_masking: int(L * (1 - ratio))."""
+  return int(length * (1 - mask_ratio))
+
+
 def random_noise(key, batch: int, num_patches: int):
   return jax.random.uniform(key, (batch, num_patches))
 
@@ -40,7 +45,7 @@ def block_mask(rng: np.random.Generator, grid: tuple[int, int], mask_ratio: floa
   """
   gh, gw = grid
   length = gh * gw
-  target = length - int(length * (1 - mask_ratio))
+  target = length - num_kept(length, mask_ratio)
   mask = np.zeros((gh, gw), bool)
   log_aspect = (math.log(aspect), math.log(1 / aspect))
   count = 0

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import curriculum_losses
+from mae_jax import curriculum_losses, masking
 from mae_jax.layer_stack import block_stack
 from mae_jax.layers import LN_EPS, attention_from_config, conv_default_bias, dense, layer_norm, normal_02
 
@@ -90,7 +90,7 @@ def random_masking(x: jax.Array, noise: jax.Array, mask_ratio: float):
   the original order). Static-shaped: len_keep is a Python int.
   """
   length = x.shape[1]
-  len_keep = int(length * (1 - mask_ratio))
+  len_keep = masking.num_kept(length, mask_ratio)  # int(L * (1 - mask_ratio))
   ids_restore = noise_ranks(noise)  # = argsort(ids_shuffle), ids_shuffle = argsort(noise)
   # ids_keep[:, r] = the patch of rank r, for the len_keep smallest ranks.
   is_rank = ids_restore[:, None, :] == jnp.arange(len_keep)[None, :, None]  # (B, len_keep, L)

@@ -12,8 +12,9 @@ import dataclasses
 import math
 import os
 import re
-import sys
 from typing import Optional
+
+from mae_jax import host
 
 GiB = 2**30
 
@@ -84,9 +85,7 @@ def prepare(spec: str) -> None:
   if kind == "present":
     return
   if not os.environ.get("JAX_PLATFORMS"):
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    if "jax" in sys.modules:  # JAX reads the variable on import
-      sys.modules["jax"].config.update("jax_platforms", "cpu")
+    host.run_jax_on_cpu()
   if kind == "cpu":
     if not rest.isdigit() or int(rest) < 1:
       raise TargetError(f"--target=cpu:{rest}: the number of simulated devices, e.g. cpu:8")
