@@ -241,15 +241,20 @@ def _plots(study, rows, along, workdir):
     pts = [(x, np.mean(v), np.std(v)) for x, v in pts if v]
     if pts:
       x, m, sd = map(np.array, zip(*pts))
-      ax.errorbar(x, m, yerr=sd, color=color, ls=ls, marker="o", capsize=3, label=label)
+      # Hollow markers for the random/scratch side: the legend's short lines hide the dashes.
+      ax.errorbar(x, m, yerr=sd, color=color, ls=ls, marker="o", mfc="white" if enc == "random" else color,
+                  capsize=3, label=label)
   ax.set_xscale("log")
-  _save(fig, ax, "labelled training images (%)", "Accuracy against labels", os.path.join(workdir, "labels.png"))
+  ax.set_xticks([f * 100 for f in fractions], [f"{f * 100:g}%" for f in fractions])
+  ax.minorticks_off()
+  _save(fig, ax, "labelled training images", "Accuracy against labels", os.path.join(workdir, "labels.png"))
   fig, ax = plt.subplots(figsize=(5.5, 4))
   epochs = sorted(along)
   for i, job in enumerate(s.along_jobs):
     pts = [(e, along[e][i]) for e in epochs if along[e][i] is not None]
     if pts:
-      ax.plot(*zip(*pts), marker="o", label=f"{job}, MAE ({s.along_fraction * 100:g}% labels)")
+      name = {"finetune": "fine-tune", "probe": "linear probe", "knn": "kNN"}.get(job, job)
+      ax.plot(*zip(*pts), marker="o", label=f"{name}, MAE ({s.along_fraction * 100:g}% labels)")
   _save(fig, ax, "pretraining epoch", "Accuracy along pretraining", os.path.join(workdir, "pretraining.png"))
 
 
@@ -258,7 +263,7 @@ def _save(fig, ax, xlabel: str, title: str, path: str) -> None:
   ax.set_xlabel(xlabel)
   ax.set_ylabel("test top-1 (%)")
   ax.set_title(title)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, handlelength=3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
