@@ -119,7 +119,8 @@ def knn_job(config, workdir: str, pretrained: Optional[str], step: Optional[int]
 
 
 def run_part(study, part: Part, workdir: str) -> None:
-  """Runs (or resumes) one part in workdir/<part.name>; records its wall time."""
+  """Runs (or resumes) one part in workdir/<part.name>; adds this invocation's wall time to the
+  part's (an interrupted part that resumes is charged for every invocation)."""
   from mae_jax import classify, pretrain
   c = part_config(study, part)
   out = os.path.join(workdir, part.name)
@@ -127,16 +128,26 @@ def run_part(study, part: Part, workdir: str) -> None:
   pre_dir = os.path.join(workdir, PRETRAIN)
   pretrained = pre_dir if part.encoder == "mae" else None
   step = pretrained_step(study, part.epoch) if pretrained else None
-  if part.job == "pretrain":
-    pretrain.run(c, out)
-    with open(os.path.join(out, "results.json"), "w") as f:
-      json.dump({"metrics": pretrain.summary(out)}, f, indent=2)
-  elif part.job == "knn":
-    knn_job(c, out, pretrained, step)
-  else:
-    classify.run(c, out, pretrained, part.job, step)
-  with open(os.path.join(out, "wall_time.json"), "w") as f:
-    json.dump({"seconds": time.time() - start}, f)
+  try:
+    if part.job == "pretrain":
+      pretrain.run(c, out)
+      with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"metrics": pretrain.summary(out)}, f, indent=2)
+    elif part.job == "knn":
+      knn_job(c, out, pretrained, step)
+    else:
+      classify.run(c, out, pretrained, part.job, step)
+  finally:  # also on Ctrl-C / SIGTERM (the trainer saves, then raises)
+    _add_wall_time(out, time.time() - start)
+
+
+def _add_wall_time(out: str, seconds: float) -> None:
+  path = os.path.join(out, "wall_time.json")
+  t = _read(path) or {}
+  os.makedirs(out, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"seconds": t.get("seconds", 0.0) + seconds,
+               "invocations": t.get("invocations", 0) + 1}, f)
 
 
 def _read(path: str):

@@ -38,3 +38,26 @@ def test_the_study_runs_every_part_once_and_reports(cifar_folder, tmp_path):
   stamp = os.path.getmtime(os.path.join(work, "probe_mae_50pct_seed0", "results.json"))
   study.run(c, work)
   assert os.path.getmtime(os.path.join(work, "probe_mae_50pct_seed0", "results.json")) == stamp
+
+
+def test_an_interrupted_part_is_charged_for_every_invocation(tmp_path, monkeypatch):
+  c = _tiny_study(str(tmp_path / "unused"))
+  part = next(p for p in study.parts(c) if p.job == "knn" and p.encoder == "random")
+  calls = []
+
+  def knn_job(config, out, pretrained, step):  # first invocation interrupted, second finishes
+    calls.append(out)
+    if len(calls) == 1:
+      raise KeyboardInterrupt
+  monkeypatch.setattr(study, "knn_job", knn_job)
+  work = str(tmp_path / "study")
+  try:
+    study.run_part(c, part, work)
+  except KeyboardInterrupt:
+    pass
+  path = os.path.join(work, part.name, "wall_time.json")
+  first = json.load(open(path))
+  assert first["invocations"] == 1 and first["seconds"] >= 0
+  study.run_part(c, part, work)
+  second = json.load(open(path))
+  assert second["invocations"] == 2 and second["seconds"] >= first["seconds"]
