@@ -286,7 +286,6 @@ def subset_info(source) -> Optional[dict]:
   return getattr(source, "info", None)
 
 
-
 def num_classes(dataset_cfg, source) -> int:
   """Classes of a source: an image folder's class folders, else the registry's count."""
   return len(source.classes) if hasattr(source, "classes") else DATASETS[dataset_cfg.name].num_classes
