@@ -21,7 +21,8 @@ from mae_jax import config_lib
 def get_config(arg=None):
   c = config_lib.pretrain_config()
   c.dataset.update(name="cifar10", image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                   random_resized_crop=False, hflip=False)
+                   random_resized_crop=False, hflip=False,
+                   eval_crop_pct=1.0)  # test images as they are (the official eval would resize 32 -> 36 and crop)
   c.model.update(patch_size=2, encoder_width=192, encoder_depth=12, encoder_heads=3,
                  decoder_width=192, decoder_depth=4, decoder_heads=3, mask_ratio=0.75,
                  norm_pix_loss=False)

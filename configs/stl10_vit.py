@@ -13,7 +13,7 @@ from mae_jax import config_lib
 def get_config(arg=None):
   c = config_lib.pretrain_config()
   c.dataset.update(name="stl10", image_size=224, random_resized_crop=True, crop_scale=(0.2, 1.0),
-                   hflip=True)
+                   hflip=True, eval_crop_pct=1.0)  # test images resized to 224 whole, as the study
   c.model.update(patch_size=16, encoder_width=192, encoder_depth=8, encoder_heads=6,
                  decoder_width=128, decoder_depth=4, decoder_heads=4, mask_ratio=0.75,
                  norm_pix_loss=False)

@@ -16,7 +16,8 @@ from mae_jax import config_lib
 def get_config(arg=None):
   c = config_lib.pretrain_config()
   c.dataset.update(name="tiny_imagenet", source="folder", folder="data/tiny-imagenet-200",
-                   image_size=64, random_resized_crop=True, crop_scale=(0.2, 1.0), hflip=True)
+                   image_size=64, random_resized_crop=True, crop_scale=(0.2, 1.0), hflip=True,
+                   eval_crop_pct=1.0)
   c.model.update(patch_size=4, encoder_width=256, encoder_depth=7, encoder_heads=4,
                  decoder_width=128, decoder_depth=2, decoder_heads=4, mask_ratio=0.75,
                  norm_pix_loss=True)

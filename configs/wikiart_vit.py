@@ -25,7 +25,8 @@ MODELS = {
 def get_config(arg=None):
   c = config_lib.pretrain_config()
   c.dataset.update(name="wikiart", source="folder", folder="data/wikiart", image_size=224,
-                   random_resized_crop=True, crop_scale=(0.2, 1.0), hflip=True)
+                   random_resized_crop=True, crop_scale=(0.2, 1.0), hflip=True,
+                   eval_crop_pct=1.0)
   model = arg if arg in MODELS else "model2"
   c.model.update(patch_size=16, mask_ratio=0.75, norm_pix_loss=False, **MODELS[model])
   c.batch_size, c.num_epochs, c.warmup_epochs = 32, 10, 1

@@ -22,12 +22,17 @@ def _signed(v, rng):
   return -v if rng.random() < 0.5 else v
 
 
+# The official fine-tuning passes interpolation='bicubic' to timm's create_transform, which
+# RandAugment's geometric ops then resample with.
+_RESAMPLE = Image.BICUBIC
+
+
 def _affine(img, matrix):
-  return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=_FILL)
+  return img.transform(img.size, Image.AFFINE, matrix, resample=_RESAMPLE, fillcolor=_FILL)
 
 
 def _rotate(img, m, rng):
-  return img.rotate(_signed(m / _MAX_LEVEL * 30.0, rng), resample=Image.BILINEAR, fillcolor=_FILL)
+  return img.rotate(_signed(m / _MAX_LEVEL * 30.0, rng), resample=_RESAMPLE, fillcolor=_FILL)
 
 
 def _shear_x(img, m, rng):
@@ -143,24 +148,29 @@ def mixup_cutmix(key, images, targets, mixup_alpha: float, cutmix_alpha: float,
 
 
 def random_erasing(key, images, prob: float, min_area: float = 0.02, max_area: float = 1 / 3,
-                   min_aspect: float = 0.3):
-  """timm's RandomErasing(mode='pixel', count 1) on normalised images: with probability `prob`,
-  one box of 2-33% of the area and aspect in [0.3, 1/0.3] is filled with N(0, 1) noise.
-  (timm retries a box that does not fit up to 10 times; here such an example is left as it is.)
-  """
+                   min_aspect: float = 0.3, tries: int = 10):
+  """timm's RandomErasing(mode='pixel', max_count=1) on normalised images, each image on its own
+  (timm erases in the loader's transform, before mixup): with probability `prob`, up to `tries`
+  boxes are drawn (area U(min_area, max_area) of the image, log-aspect uniform in
+  [log min_aspect, -log min_aspect], sides rounded) and the first that fits (both sides smaller
+  than the image's) is placed uniformly and filled with N(0, 1) noise per pixel and channel.
+  An image where no draw fits is left as it is, as in timm."""
   if prob <= 0:
     return images
   b, h, w, c = images.shape
   k_apply, k_area, k_aspect, k_top, k_left, k_noise = jax.random.split(key, 6)
-  area = jax.random.uniform(k_area, (b,), minval=min_area, maxval=max_area) * h * w
-  log_r = jax.random.uniform(k_aspect, (b,), minval=np.log(min_aspect), maxval=np.log(1 / min_aspect))
+  area = jax.random.uniform(k_area, (b, tries), minval=min_area, maxval=max_area) * h * w
+  log_r = jax.random.uniform(k_aspect, (b, tries), minval=np.log(min_aspect), maxval=np.log(1 / min_aspect))
   bh = jnp.round(jnp.sqrt(area * jnp.exp(log_r))).astype(jnp.int32)
   bw = jnp.round(jnp.sqrt(area / jnp.exp(log_r))).astype(jnp.int32)
   fits = (bh < h) & (bw < w)
+  first = jnp.argmax(fits, axis=1)[:, None]  # the first draw that fits
+  bh = jnp.take_along_axis(bh, first, axis=1)[:, 0]
+  bw = jnp.take_along_axis(bw, first, axis=1)[:, 0]
   top = (jax.random.uniform(k_top, (b,)) * (h - bh + 1)).astype(jnp.int32)
   left = (jax.random.uniform(k_left, (b,)) * (w - bw + 1)).astype(jnp.int32)
   masks = jax.vmap(lambda t, l, hh, ww: _box_mask(h, w, t, l, hh, ww))(top, left, bh, bw)
-  erase = (jax.random.uniform(k_apply, (b,)) < prob) & fits
+  erase = (jax.random.uniform(k_apply, (b,)) < prob) & fits.any(axis=1)
   masks = masks * erase[:, None, None].astype(jnp.float32)
   noise = jax.random.normal(k_noise, images.shape, images.dtype)
   return images * (1 - masks[..., None]) + noise * masks[..., None]

@@ -24,6 +24,32 @@ from mae_jax.model import Encoder, compute_settings, sincos_2d
 
 
 
+class HeadBatchNorm(nn.Module):
+  """PyTorch's BatchNorm1d(affine=False) in front of the probe's head: in training, features
+  normalised by the batch mean and biased variance, the running statistics updated with
+  momentum 0.1 from the batch mean and the *unbiased* variance (Flax's BatchNorm keeps the biased
+  one); in evaluation, the running statistics."""
+  epsilon: float = 1e-6
+  momentum: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool):
+    d = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (d,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (d,), jnp.float32)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      n = x.shape[0]
+      mean = x.mean(axis=0)
+      var = jnp.square(x - mean).mean(axis=0)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+
+
 class Classifier(nn.Module):
   num_classes: int
   image_size: tuple[int, int]
@@ -54,7 +80,7 @@ class Classifier(nn.Module):
     if self.global_pool:
       self.fc_norm = layer_norm(self.dtype, "fc_norm", self.ln_eps)
     if self.probe:
-      self.head_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-6, use_bias=False, use_scale=False)
+      self.head_norm = HeadBatchNorm()
     std = 0.01 if self.probe else 2e-5
     self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(std),
                          param_dtype=jnp.float32)
@@ -87,13 +113,14 @@ def classifier_from_config(config, num_classes: int, *, probe: bool, drop_path: 
 # Restoring a pretrained encoder.
 # ----------------------------------------------------------------------------
 def interpolate_pos_embed(pos: np.ndarray, old_grid, new_grid) -> np.ndarray:
-  """(1, gh*gw, D) -> (1, nh*nw, D), bicubic over the grid (as the official interpolate_pos_embed)."""
+  """(1, 1 + gh*gw, D) -> (1, 1 + nh*nw, D): the cls row kept, the patch rows bicubic over the
+  grid (as the official interpolate_pos_embed)."""
   if tuple(old_grid) == tuple(new_grid):
     return pos
   d = pos.shape[-1]
-  grid = jnp.asarray(pos).reshape(old_grid[0], old_grid[1], d)
+  grid = jnp.asarray(pos[:, 1:]).reshape(old_grid[0], old_grid[1], d)
   out = jax.image.resize(grid, (new_grid[0], new_grid[1], d), "bicubic")
-  return np.asarray(out).reshape(1, new_grid[0] * new_grid[1], d)
+  return np.concatenate([pos[:, :1], np.asarray(out).reshape(1, new_grid[0] * new_grid[1], d)], axis=1)
 
 
 def merge_pretrained(params: dict, encoder: dict, old_grid, new_grid) -> dict:
@@ -111,9 +138,12 @@ def merge_pretrained(params: dict, encoder: dict, old_grid, new_grid) -> dict:
     if jax.tree.map(np.shape, v) != jax.tree.map(np.shape, new[k]):
       raise CheckpointMismatchError(f"pretrained encoder weight {k} has another shape")
     new[k] = v
-  if "pos_embed" in new:
-    old = encoder.get("pos_embed", sincos_2d(new["pos_embed"].shape[-1], old_grid)[None])
-    new["pos_embed"] = interpolate_pos_embed(np.asarray(old), old_grid, new_grid)
+  if "pos_embed" in new:  # learned, with the cls row (zeros from a pretrained MAE), as timm's ViT
+    old = encoder.get("pos_embed", sincos_2d(new["pos_embed"].shape[-1], old_grid, cls_token=True)[None])
+    old = np.asarray(old)
+    if old.shape[1] == old_grid[0] * old_grid[1]:  # saved before the cls row was a parameter
+      old = np.concatenate([np.zeros_like(old[:, :1]), old], axis=1)
+    new["pos_embed"] = interpolate_pos_embed(old, old_grid, new_grid)
   return {**params, "encoder": new}
 
 

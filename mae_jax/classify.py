@@ -46,9 +46,9 @@ def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_c
     key = jax.random.fold_in(state.rng, micro_batches * state.step + k)
     k_mix, k_erase, k_drop = jax.random.split(key, 3)
     images = data.normalize(device_resample.train_images(micro, interpolation), mean, std)
+    images = augment.random_erasing(k_erase, images, random_erasing)  # per image, then mixed (timm)
     targets = augment.one_hot(micro["label"], num_classes, label_smoothing)
     images, targets = augment.mixup_cutmix(k_mix, images, targets, mixup, cutmix)
-    images = augment.random_erasing(k_erase, images, random_erasing)
 
     def loss_fn(params):
       out = model.apply({"params": params, **(model_state or {})}, images, train=True,
@@ -95,8 +95,8 @@ def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.
     base = optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay,
                        mask=optim.finetune_decay_mask)
   elif kind == "lars":  # as the official util/lars.py: no decay or trust ratio on biases and norms
-    base = optax.lars(schedule, weight_decay=section.weight_decay, momentum=section.momentum,
-                      weight_decay_mask=optim.finetune_decay_mask, trust_ratio_mask=optim.finetune_decay_mask)
+    base = optim.lars(schedule, weight_decay=section.weight_decay, momentum=section.momentum,
+                      mask=optim.finetune_decay_mask)
   elif kind == "sgd":
     base = optax.chain(optax.add_decayed_weights(section.weight_decay, optim.finetune_decay_mask),
                        optax.sgd(schedule, momentum=section.momentum))

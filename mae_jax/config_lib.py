@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from mae_jax import device_resample, masking, sources
+from mae_jax import data, device_resample, masking, sources
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +41,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
       crop_scale=(0.2, 1.0),
       hflip=True,
       interpolation="bicubic",
+      crop_mode="retry",         # RandomResizedCrop's rule: 'retry' (torchvision: up to 10 draws)
+                                 # or 'clamp' (one draw clamped to the image: util/crop.py)
+      eval_crop_pct=0.875,       # evaluation: resize the shorter side to int(image_size / this),
+                                 # centre-crop image_size (official 224 / 256; 1.0: the image as it is)
       num_workers=-1,            # grain worker processes (-1: from the cores, data.resolve_workers;
                                  # 0: decode in the main process)
       read_threads=2,            # threads per loader process reading records ahead (raise for
@@ -105,6 +109,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
       base_lr=0.1, min_lr=0.0, weight_decay=0.0, momentum=0.9, b1=0.9, b2=0.999,
       global_pool=False,         # cls-token features (the paper's probe); True: mean patch token
       random_resized_crop=True, crop_scale=(0.08, 1.0), hflip=True,
+      crop_mode="clamp",         # main_linprobe.py's RandomResizedCrop (util/crop.py)
       log_every_steps=50, checkpoint_every_steps=1000, eval_every_epochs=10,
   ))
   # Fine-tuning (mae_jax.finetune), also from scratch without --pretrained: the paper's ViT-B recipe.
@@ -114,7 +119,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
       drop_path=0.1, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
       randaug_num_ops=2, randaug_magnitude=9.0, randaug_magnitude_std=0.5,  # num_ops 0: off
       random_erasing=0.25,
-      random_resized_crop=True, crop_scale=(0.08, 1.0), hflip=True,
+      random_resized_crop=True, crop_scale=(0.08, 1.0), hflip=True, crop_mode="retry",
       global_pool=True,          # mean patch token + fc_norm; False: cls token
       trainable_blocks=-1,       # k >= 0: fine-tune only the last k blocks (partial fine-tuning)
       log_every_steps=50, checkpoint_every_steps=1000, eval_every_epochs=5,
@@ -163,13 +168,40 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def official_evaluation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The probe and fine-tuning recipes of the official main_linprobe.py and main_finetune.py
+  (their defaults) and their evaluation transform; the schedule lengths and batch sizes stay the
+  config's, and so does the normalisation (the pretraining's). docs/numerics.md shows the two
+  jobs train and evaluate as the official scripts do."""
+  c.dataset.update(eval_crop_pct=224 / 256, interpolation="bicubic")
+  c.probe.update(optimizer="lars", base_lr=0.1, min_lr=0.0, weight_decay=0.0, momentum=0.9,
+                 global_pool=False, random_resized_crop=True, crop_scale=(0.08, 1.0), hflip=True,
+                 crop_mode="clamp")
+  c.finetune.update(base_lr=1e-3, min_lr=1e-6, layer_decay=0.75, weight_decay=0.05, b1=0.9, b2=0.999,
+                    drop_path=0.1, mixup=0.8, cutmix=1.0, label_smoothing=0.1, randaug_num_ops=2,
+                    randaug_magnitude=9.0, randaug_magnitude_std=0.5, random_erasing=0.25,
+                    random_resized_crop=True, crop_scale=(0.08, 1.0), hflip=True, crop_mode="retry",
+                    global_pool=True, trainable_blocks=-1)
+  return c
+
+
+CONFIG_ARGS = {"tiny": tiny_overrides, "official_eval": official_evaluation}
+
+
 def apply_arg(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
-  """The config-file argument every config accepts: '' (full size) or 'tiny' (CPU-sized preset)."""
+  """The config-file argument every config accepts: '' (full size), or comma-separated words of
+  CONFIG_ARGS: 'tiny' (CPU-sized preset), 'official_eval' (the official probe and fine-tuning
+  recipes), e.g. ':tiny,official_eval'. 'tiny' goes first whatever the order."""
   if arg in (None, ""):
     return c
-  if arg == "tiny":
-    return tiny_overrides(c)
-  raise ConfigError(f"unknown config argument {arg!r}; use no argument or ':tiny'")
+  words = arg.split(",")
+  unknown = [w for w in words if w not in CONFIG_ARGS]
+  if unknown:
+    raise ConfigError(f"unknown config argument {unknown[0]!r}; use no argument or words of "
+                      f"{', '.join(CONFIG_ARGS)} joined by ',' (e.g. ':tiny,official_eval')")
+  for word in sorted(set(words), key=list(CONFIG_ARGS).index):
+    c = CONFIG_ARGS[word](c)
+  return c
 
 
 VIT_SIZES = {  # the paper's encoders: (patch, width, depth, heads)
@@ -229,7 +261,7 @@ RANGES = {
     "warmup_epochs": ">= 0", "max_steps": ">= 0", "log_every_steps": ">= 1",
     "figure_every_steps": ">= 1", "num_figure_images": ">= 1", "checkpoint_every_steps": ">= 1",
     "keep_checkpoints": ">= 1", "keep_checkpoint_every_epochs": ">= 0",
-    "dataset.image_size": ">= 1", "dataset.num_workers": ">= -1", "dataset.read_threads": ">= 0",
+    "dataset.image_size": ">= 1", "dataset.eval_crop_pct": "(0, 1]", "dataset.num_workers": ">= -1", "dataset.read_threads": ">= 0",
     "dataset.label_fraction": "(0, 1]", "dataset.labels_per_class": ">= 0", "dataset.label_seed": ">= 0",
     "model.patch_size": ">= 1", "model.encoder_width": ">= 1", "model.encoder_depth": ">= 1",
     "model.encoder_heads": ">= 1", "model.decoder_width": ">= 1", "model.decoder_depth": ">= 1",
@@ -362,6 +394,8 @@ def validate(config, jobs=("pretrain",)) -> None:
     lo, hi = section.crop_scale
     name = "dataset" if section is d else ("probe" if section is config.probe else "finetune")
     need(0.0 < lo <= hi <= 1.0, f"{name}.crop_scale={(lo, hi)} must satisfy 0 < low <= high <= 1")
+    need(section.crop_mode in data.CROP_MODES,
+         f"{name}.crop_mode={section.crop_mode!r} must be one of {', '.join(data.CROP_MODES)}")
   need(d.interpolation in ("bicubic", "bilinear", "nearest"),
        f"dataset.interpolation={d.interpolation!r} must be bicubic, bilinear or nearest")
   need(d.resize_on in device_resample.RESIZE_ON,

@@ -112,8 +112,7 @@ def official_to_params(sd: dict) -> dict:
   'decoder' when it has one, with 'fc_norm' / 'head' when fine-tuned.
 
   A position embedding that is the fixed sin-cos one is dropped (mae_jax computes it); a learned
-  one (fine-tuned) becomes the encoder's 'pos_embed', its cls row folded into the cls token (the
-  two are only ever added)."""
+  one (fine-tuned) becomes the encoder's 'pos_embed', its cls row included."""
   shape = describe_official(sd)
   p, width, grid = shape["patch_size"], shape["encoder_width"], (shape["image_size"] // shape["patch_size"],) * 2
   check_keys(sd, expected_official_shapes(shape))
@@ -123,8 +122,7 @@ def official_to_params(sd: dict) -> dict:
          "cls_token": sd["cls_token"]}
   pos = sd["pos_embed"]
   if not _is_sincos(pos, grid):
-    enc["pos_embed"] = pos[:, 1:]
-    enc["cls_token"] = sd["cls_token"] + pos[:, :1]
+    enc["pos_embed"] = pos
   for i in range(shape["encoder_depth"]):
     enc[f"block{i}"] = _block(sd, f"blocks.{i}.")
   if "norm.weight" in sd:
@@ -177,8 +175,11 @@ def params_to_official(params: dict, patch_size: int, image_size: int) -> dict:
   grid = (image_size // p,) * 2
   out = {}
   out["cls_token"] = np.asarray(enc["cls_token"])
-  if "pos_embed" in enc:  # learned (fine-tuned): the cls row lives in the cls token
-    out["pos_embed"] = np.concatenate([np.zeros((1, 1, width), np.float32), enc["pos_embed"]], axis=1)
+  if "pos_embed" in enc:  # learned (fine-tuned)
+    pos = np.asarray(enc["pos_embed"])
+    if pos.shape[1] == grid[0] * grid[1]:  # saved before its cls row was a parameter
+      pos = np.concatenate([np.zeros((1, 1, width), np.float32), pos], axis=1)
+    out["pos_embed"] = pos
   else:
     out["pos_embed"] = sincos_2d(width, grid, cls_token=True)[None]
   k = np.asarray(enc["patch_embed"]["kernel"])

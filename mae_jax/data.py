@@ -122,15 +122,23 @@ def resize(img: np.ndarray, size: tuple[int, int], interpolation: str) -> np.nda
   return np.asarray(Image.fromarray(img).resize((size[1], size[0]), _RESAMPLE[interpolation]))
 
 
-def random_resized_crop_box(h, w, rng: np.random.Generator, scale, ratio=(3 / 4, 4 / 3)):
-  """torchvision's RandomResizedCrop.get_params: (top, left, height, width)."""
+CROP_MODES = ("retry", "clamp")
+
+
+def random_resized_crop_box(h, w, rng: np.random.Generator, scale, ratio=(3 / 4, 4 / 3),
+                            mode: str = "retry"):
+  """RandomResizedCrop's box, (top, left, height, width). mode 'retry': torchvision's get_params
+  (up to 10 draws until the box fits, then a central crop); 'clamp': the official linear probe's
+  util/crop.py (one draw, the box's sides clamped to the image)."""
   area = h * w
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
+  for _ in range(10 if mode == "retry" else 1):
     target_area = area * rng.uniform(scale[0], scale[1])
     aspect = math.exp(rng.uniform(*log_ratio))
     cw = int(round(math.sqrt(target_area * aspect)))
     ch = int(round(math.sqrt(target_area / aspect)))
+    if mode == "clamp":
+      cw, ch = max(1, min(cw, w)), max(1, min(ch, h))
     if 0 < cw <= w and 0 < ch <= h:
       return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
   # Fallback: central crop at the nearest allowed aspect ratio.
@@ -157,9 +165,9 @@ def _jpeg_header(data: bytes):
   return (h, w) if colorspace in _TURBO_COLORSPACES else None
 
 
-def decode_crop_region(data: bytes, rng: np.random.Generator, size: int, scale):
+def decode_crop_region(data: bytes, rng: np.random.Generator, size: int, scale, mode: str = "retry"):
   """RandomResizedCrop's box, drawn from the header's size by `random_resized_crop_box`
-  (torchvision's rule), and the decoded pixels that cover it, nothing more resampled.
+  (the rule of `mode`), and the decoded pixels that cover it, nothing more resampled.
 
   Returns (region, box): region uint8 (h, w, 3), box (left, top, right, bottom) in region pixels,
   as Pillow's `resize(box=...)` takes it. A JPEG decodes with libjpeg-turbo (simplejpeg; the same
@@ -169,9 +177,9 @@ def decode_crop_region(data: bytes, rng: np.random.Generator, size: int, scale):
   hw = _jpeg_header(data)
   if hw is None:
     with Image.open(io.BytesIO(data)) as im:
-      return crop_region(to_rgb8(im), rng, scale)
+      return crop_region(to_rgb8(im), rng, scale, mode)
   h, w = hw
-  top, left, ch, cw = random_resized_crop_box(h, w, rng, scale)
+  top, left, ch, cw = random_resized_crop_box(h, w, rng, scale, mode=mode)
   k = 1  # the DCT scale 1/k; libjpeg-turbo's other (m/8) scales decode more slowly than 1/1
   while k < 8 and min(cw, ch) >= 2 * k * size:
     k *= 2
@@ -183,9 +191,9 @@ def decode_crop_region(data: bytes, rng: np.random.Generator, size: int, scale):
   return region, (x0 - fx, y0 - fy, x1 - fx, y1 - fy)
 
 
-def crop_region(img: np.ndarray, rng: np.random.Generator, scale):
+def crop_region(img: np.ndarray, rng: np.random.Generator, scale, mode: str = "retry"):
   """`decode_crop_region` for a decoded uint8 image: (the box's pixels, the whole of them)."""
-  top, left, ch, cw = random_resized_crop_box(img.shape[0], img.shape[1], rng, scale)
+  top, left, ch, cw = random_resized_crop_box(img.shape[0], img.shape[1], rng, scale, mode=mode)
   return img[top:top + ch, left:left + cw], (0.0, 0.0, float(cw), float(ch))
 
 
@@ -219,14 +227,17 @@ def crop_on_canvas(region: np.ndarray, box, size: int, flip: bool, interpolation
   return canvas, np.array([x0, y0, x1, y1, rw, rh], np.float32)
 
 
-def center_crop_resize(img: np.ndarray, size: int, interpolation: str) -> np.ndarray:
-  """Resize the shorter side to `size`, then take the central size x size crop."""
+def center_crop_resize(img: np.ndarray, size: int, interpolation: str, crop_pct: float = 1.0) -> np.ndarray:
+  """torchvision's Resize(int(size / crop_pct)) of the shorter side, then CenterCrop(size): with
+  crop_pct 1 the image as it is where it is already size x size; the official evaluation
+  transform (util/datasets.build_transform, main_linprobe.py) has crop_pct 224 / 256."""
   h, w = img.shape[:2]
-  if (h, w) != (size, size):
-    s = size / min(h, w)
-    img = resize(img, (max(size, round(h * s)), max(size, round(w * s))), interpolation)
+  short = int(size / crop_pct)
+  if (h, w) != (size, size) or short != size:
+    s = short / min(h, w)  # the longer side as torchvision computes it: int(short * long / short_side)
+    img = resize(img, (short, int(w * s)) if h <= w else (int(h * s), short), interpolation)
     h, w = img.shape[:2]
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     img = img[top:top + size, left:left + size]
   return img
 
@@ -285,14 +296,16 @@ class TrainAugment(grain.transforms.RandomMap):
   randaug_magnitude: float = 9.0
   randaug_magnitude_std: float = 0.5
   resize_on_device: bool = False
+  crop_mode: str = "retry"  # random_resized_crop_box's rule: 'retry' (torchvision) or 'clamp'
 
   def random_map(self, element, rng: np.random.Generator):
     img = element["image"]
     if self.random_resized_crop:
       if is_encoded(img):  # decoded here, only as much as the crop needs
-        region, box = decode_image(img, lambda b: decode_crop_region(b, rng, self.size, self.crop_scale))
+        region, box = decode_image(img, lambda b: decode_crop_region(b, rng, self.size, self.crop_scale,
+                                                                     self.crop_mode))
       else:
-        region, box = crop_region(img, rng, self.crop_scale)
+        region, box = crop_region(img, rng, self.crop_scale, self.crop_mode)
       flip = self.hflip and rng.random() < 0.5
       if self.resize_on_device:
         canvas, crop = crop_on_canvas(region, box, self.size, flip, self.interpolation)
@@ -319,7 +332,7 @@ def train_augment(dataset_cfg, section=None, randaug: bool = False) -> TrainAugm
                                     section.randaug_magnitude_std) if randaug else (0, 9.0, 0.5))
   return TrainAugment(dataset_cfg.image_size, s.random_resized_crop, tuple(s.crop_scale), s.hflip,
                       dataset_cfg.interpolation, ops, magnitude, magnitude_std,
-                      device_resample.enabled(dataset_cfg, s.random_resized_crop, ops))
+                      device_resample.enabled(dataset_cfg, s.random_resized_crop, ops), s.crop_mode)
 
 
 @dataclasses.dataclass
@@ -337,9 +350,11 @@ class BlockMaskNoise(grain.transforms.RandomMap):
 class EvalResize(grain.transforms.Map):
   size: int
   interpolation: str
+  crop_pct: float = 1.0
 
   def map(self, element):
-    return {**element, "image": center_crop_resize(element["image"], self.size, self.interpolation)}
+    return {**element, "image": center_crop_resize(element["image"], self.size, self.interpolation,
+                                                   self.crop_pct)}
 
 
 # ----------------------------------------------------------------------------
@@ -397,7 +412,7 @@ def make_loader(config, source, *, train: bool, global_batch_size: int, seed: in
   if train:
     transforms = augment or train_augment(d)
   else:
-    transforms = EvalResize(d.image_size, d.interpolation)
+    transforms = EvalResize(d.image_size, d.interpolation, d.eval_crop_pct)
   if not isinstance(transforms, (list, tuple)):
     transforms = [transforms]
   # The train crop decodes the image itself (only what its box needs) when it comes first.

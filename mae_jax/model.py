@@ -125,7 +125,9 @@ class Encoder(nn.Module):
     # The patch projection is a Linear on flattened patches (= the official conv: xavier on its
     # flattened weight, the conv's default bias).
     x = dense(self.width, self.dtype, "patch_embed", conv_default_bias(x.shape[-1]))(x)
-    pos = sincos_2d(self.width, self.grid)[None]
+    # (1, 1 + L, D): the cls row is zeros. Fine-tuning learns all of it, the cls row a parameter
+    # of its own beside the cls token (timm's ViT, which the official fine-tuning uses).
+    pos = sincos_2d(self.width, self.grid, cls_token=True)[None]
     if self.learned_pos_embed:
       pos = self.param("pos_embed", lambda *_: jnp.asarray(pos), pos.shape)
     mask = ids_restore = None
@@ -134,11 +136,12 @@ class Encoder(nn.Module):
       _, mask, _ = random_masking(x, noise, mask_ratio)
       token = self.param("mask_token", normal_02, (1, 1, self.width), jnp.float32).astype(self.dtype)
       x = jnp.where(mask[:, :, None] > 0, token, x)
-    x = x + pos.astype(self.dtype)
+    x = x + pos[:, 1:].astype(self.dtype)
     if noise is not None and not self.mask_token:
       x, mask, ids_restore = random_masking(x, noise, mask_ratio)
     cls = self.param("cls_token", normal_02, (1, 1, self.width), jnp.float32)
-    # The cls position embedding is zeros, so the cls token goes in as it is.
+    if self.learned_pos_embed:  # the fixed cls row is zeros: the token goes in as it is
+      cls = cls + pos[:, :1]
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], 1)
     rates = np.linspace(0, self.drop_path, self.depth)  # stochastic depth decay rule
     x = block_stack(x, self.depth, rates, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,

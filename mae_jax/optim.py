@@ -50,3 +50,18 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule):
   """AdamW with the pretraining decay mask. (Gradient accumulation happens inside the step.)"""
   return optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay,
                      mask=pretrain_decay_mask)
+
+
+def lars(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0, momentum: float = 0.9,
+         trust_coefficient: float = 0.001, mask=finetune_decay_mask) -> optax.GradientTransformation:
+  """LARS as the official linear probe's util/lars.py (from MoCo v3): on the parameters `mask`
+  marks (matrices: not biases and norms), weight decay is added to the gradient and the sum
+  scaled by the trust ratio trust_coefficient * |p| / |g| (1 where either norm is 0); the
+  momentum buffer accumulates these steps before any lr, mu = momentum * mu + g, and the
+  parameter moves by -lr(step) * mu. (`optax.lars` scales by the lr first, mu = momentum * mu +
+  lr * g: the two differ whenever the lr changes, i.e. all through warmup and cosine.)"""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), mask),
+      optax.trace(decay=momentum),
+      optax.scale_by_learning_rate(learning_rate))

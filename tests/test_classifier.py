@@ -39,8 +39,9 @@ def test_finetune_head_pools_patch_tokens_into_fc_norm():
   m = _classifier(global_pool=True)
   v = _init(m)
   assert "fc_norm" in v["params"] and "norm" not in v["params"]["encoder"]
-  assert "pos_embed" in v["params"]["encoder"]  # learned, starting from sin-cos
-  np.testing.assert_allclose(v["params"]["encoder"]["pos_embed"][0], mae.sincos_2d(32, (4, 4)), atol=1e-7)
+  assert "pos_embed" in v["params"]["encoder"]  # learned, starting from sin-cos; its cls row zeros
+  np.testing.assert_allclose(v["params"]["encoder"]["pos_embed"][0],
+                             mae.sincos_2d(32, (4, 4), cls_token=True), atol=1e-7)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
   tokens, _, _ = m.apply(v, x, method=lambda mod, x: mod.encoder(x))
   pooled = tokens[:, 1:].mean(1)
@@ -148,9 +149,13 @@ def test_rand_augment_is_seeded_and_keeps_shape():
 
 
 def test_pos_embed_interpolation_and_pretrained_merge():
-  pos = mae.sincos_2d(32, (4, 4))[None]
+  pos = mae.sincos_2d(32, (4, 4), cls_token=True)[None]
+  pos[0, 0] = 0.5  # a learned cls row is carried over as it is
   np.testing.assert_array_equal(classifier.interpolate_pos_embed(pos, (4, 4), (4, 4)), pos)
-  assert classifier.interpolate_pos_embed(pos, (4, 4), (8, 8)).shape == (1, 64, 32)
+  bigger = classifier.interpolate_pos_embed(pos, (4, 4), (8, 8))
+  assert bigger.shape == (1, 65, 32)
+  np.testing.assert_array_equal(bigger[0, 0], pos[0, 0])
+  pos[0, 0] = 0.0  # as pretraining leaves it
   pretrain = mae.MAE(image_size=(16, 16), patch_size=4, encoder_width=32, encoder_depth=3,
                      encoder_heads=2, decoder_width=16, decoder_depth=1, decoder_heads=2)
   pre = pretrain.init(jax.random.PRNGKey(3), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16)))["params"]

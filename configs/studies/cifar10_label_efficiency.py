@@ -25,7 +25,7 @@ IMAGENET = dict(mean=config_lib.IMAGENET_MEAN, std=config_lib.IMAGENET_STD)
 def get_config(arg=None):
   c = config_lib.pretrain_config()
   c.dataset.update(name="cifar10", image_size=32, random_resized_crop=True, crop_scale=(0.2, 1.0),
-                   hflip=True, interpolation="bicubic", **IMAGENET)
+                   hflip=True, interpolation="bicubic", eval_crop_pct=1.0, **IMAGENET)
   c.model.update(patch_size=4, encoder_width=128, encoder_depth=4, encoder_heads=4,
                  decoder_width=64, decoder_depth=2, decoder_heads=2, mask_ratio=0.75,
                  norm_pix_loss=True)
