@@ -117,7 +117,7 @@ def official_run(folder: str, out: str, r: dict, seed: int, init_pth: str, threa
 def mae_jax_overrides(folder: str, r: dict, seed: int) -> list:
   job = r["job"]
   fields = {
-      "seed": seed, "dataset.source": "folder", "dataset.folder": folder,
+      "seed": seed, "max_steps": 0, "dataset.source": "folder", "dataset.folder": folder,
       "dataset.image_size": r["image_size"], "dataset.mean": tuple(r["mean"]),
       "dataset.std": tuple(r["std"]), "dataset.num_workers": r["workers"],
       "model.patch_size": r["patch"], "model.encoder_width": r["enc_width"],
