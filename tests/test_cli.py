@@ -113,7 +113,7 @@ def test_cli_bad_config_errors(tmp_path, override, message):
 
 @pytest.mark.parametrize("config, message", [
     ("configs/nope.py", "config file"),
-    ("configs/cifar10_vit_t.py:huge", "unknown config argument 'huge'; use no argument or ':tiny'"),
+    ("configs/cifar10_vit_t.py:huge", "unknown config argument 'huge'; use no argument or words of tiny, official_eval"),
 ])
 def test_cli_bad_config_file_errors(tmp_path, config, message):
   out = _cli(tmp_path / "w", config=config)
