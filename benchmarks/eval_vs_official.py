@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -306,14 +305,14 @@ def parity_config(job: str, r: dict, **section):
   """mae_jax's config for the parity run: the official recipe, the shape of `r`, `section`'s
   fields of the job's section."""
   from configs import cifar10_vit_t
-  from mae_jax import config_lib
+  from mae_jax import config_check
   c = cifar10_vit_t.get_config("tiny,official_eval")
   c.dataset.update(image_size=r["image_size"], mean=tuple(r["mean"]), std=tuple(r["std"]))
   c.model.update(patch_size=r["patch"], encoder_width=r["enc_width"], encoder_depth=r["enc_depth"],
                  encoder_heads=r["enc_heads"])
   c[job].update(num_epochs=r["epochs"], warmup_epochs=r["warmup_epochs"], batch_size=r["batch"],
                 base_lr=r["base_lr"], min_lr=r["min_lr"], weight_decay=r["weight_decay"], **section)
-  config_lib.validate(c, jobs=(job,))
+  config_check.validate(c, jobs=(job,))
   return c
 
 
@@ -325,12 +324,14 @@ def run_parity(job: str, folder: str, r: dict, steps: int, steps_per_epoch: int,
   off in `r`: their draws cannot be shared. Returns (official losses, mae_jax losses, the largest
   |difference| of the two models' evaluation logits on a held-out batch afterwards, and the
   largest change of the official model's logits there over the run)."""
-  import functools
   import jax
   import torch
   import official_eval as oe
   import official_mae
-  from mae_jax import classifier, classify, convert, optim
+  from mae_jax.models import classifier
+  from mae_jax.train import classify
+  from mae_jax.io import convert
+  from mae_jax.train import optim
   assert not any(r.get(k, 0) for k in ("drop_path", "mixup", "cutmix", "random_erasing")), r
   torch.manual_seed(seed)
   mae = official_mae.OfficialMAE(img_size=r["image_size"], patch_size=r["patch"], embed_dim=r["enc_width"],
@@ -378,6 +379,6 @@ def run_parity(job: str, folder: str, r: dict, steps: int, steps_per_epoch: int,
   with torch.no_grad():
     want = ref(to_torch(held_images)).numpy()
   got = model.apply({"params": state.params, **(state.model_state or {})},
-                    classify.data.normalize(held_images, tuple(r["mean"]), tuple(r["std"])), train=False)
+                    classify.pipeline.normalize(held_images, tuple(r["mean"]), tuple(r["std"])), train=False)
   return (np.array(theirs), np.array(ours), float(np.max(np.abs(np.asarray(got) - want))),
           float(np.max(np.abs(want - before))))

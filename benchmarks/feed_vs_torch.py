@@ -5,10 +5,10 @@
 
 Both sides read the same image folder (DIR/train/<class>/*.jpg) and do the MAE pretraining
 augmentation: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic), horizontal flip, batching.
-mae_jax: its grain loader (`data.make_loader`), uint8 batches as they go to the device (where
+mae_jax: its grain loader (`pipeline.make_loader`), uint8 batches as they go to the device (where
 the normalisation happens), resampling the crop in the workers as mae_jax does by default. With
 --resize_on=device the workers decode and crop, and the bicubic resample runs in the train step
-(mae_jax/device_resample.py): its cost on this machine's JAX backend is printed separately, not
+(mae_jax/data/device_resample.py): its cost on this machine's JAX backend is printed separately, not
 counted in the feed's figures. torchvision: `ImageFolder` + `RandomResizedCrop` + `RandomHorizontalFlip`
 + `ToTensor` + `Normalize` in a `DataLoader`, as the official MAE's main_pretrain.py. Each side
 runs `--workers` worker processes; the repetitions alternate and the figures are medians, in
@@ -63,13 +63,15 @@ def write_folder(root: str, count: int, seed: int = 0) -> str:
 def mae_jax_feed(folder: str, workers: int, batch: int, prepared: str = "", resize_on: str = "host"):
   """An endless iterator of mae_jax's training batches from `folder` (or the `prepared` one);
   with resize_on='device', canvases and crops for the train step to resample."""
-  from mae_jax import config_lib, data, sources
+  from mae_jax import config_lib
+  from mae_jax.data import pipeline
+  from mae_jax.data import sources
   config = config_lib.load_config_file(os.path.join(REPO, "configs", "imagenet_vit_b.py"), None)
   config.dataset.update(source="prepared" if prepared else "folder", folder=prepared or folder, image_size=SIZE, random_resized_crop=True,
                         crop_scale=(0.2, 1.0), hflip=True, interpolation="bicubic",
                         num_workers=workers, resize_on=resize_on)
   source = sources.make_source(config.dataset, "train")
-  return iter(data.make_loader(config, source, train=True, global_batch_size=batch, seed=0))
+  return iter(pipeline.make_loader(config, source, train=True, global_batch_size=batch, seed=0))
 
 
 def torchvision_feed(folder: str, workers: int, batch: int):
@@ -103,7 +105,7 @@ def device_resample_ms(folder: str, batch: int, prepared: str = "", reps: int = 
   """Milliseconds per image of the train step's resample (`device_resample.resize_crops`) on this
   machine's JAX backend, compiled, on one batch of the device feed."""
   import jax
-  from mae_jax import device_resample
+  from mae_jax.data import device_resample
   batches = mae_jax_feed(folder, 0, batch, prepared, "device")
   b = {k: jax.device_put(v) for k, v in next(batches).items() if k in ("image", device_resample.CROP_FIELD)}
   resample = jax.jit(device_resample.train_images)
@@ -153,7 +155,7 @@ def main():
   sides = {"mae_jax": lambda: mae_jax_feed(folder, a.workers, a.batch, a.prepared, a.resize_on),
            "torchvision": lambda: torchvision_feed(folder, a.workers, a.batch)}
   per_worker = max(a.workers, 1)
-  from mae_jax import host
+  from mae_jax.runtime import host
   print(f"{host.cpu_description()} | {a.workers} worker(s) per side | folder {folder}"
         + (f" (mae_jax: prepared {a.prepared})" if a.prepared else "")
         + f" | mae_jax resamples on the {a.resize_on} | batch {a.batch} | {a.reps} alternated "

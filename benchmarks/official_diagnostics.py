@@ -63,8 +63,9 @@ def init(args, r: dict) -> None:
   """Initial loss over seeds on one batch, and per-tensor init statistics."""
   import jax
   import torch
-  from mae_jax import convert, pretrain
-  from mae_jax.model import mae_from_config
+  from mae_jax.io import convert
+  from mae_jax.train import pretrain
+  from mae_jax.models.mae import mae_from_config
   folder = os.path.abspath(args.folder)
   imgs = _torch_batches(folder, r, 1, 0)[0][0]
   seeds = range(int(args.seeds)) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(",")]
@@ -110,10 +111,10 @@ def init(args, r: dict) -> None:
 
 def _mae_jax_crops(config, n: int):
   """`n` RandomResizedCrop boxes (height, width) as mae_jax's loader draws them on a CIFAR image."""
-  from mae_jax import data
+  from mae_jax.data import transforms
   rng = np.random.default_rng(0)
   s = config.dataset.image_size
-  return np.array([data.random_resized_crop_box(s, s, rng, tuple(config.dataset.crop_scale))[2:]
+  return np.array([transforms.random_resized_crop_box(s, s, rng, tuple(config.dataset.crop_scale))[2:]
                    for _ in range(n)], np.float64)
 
 
@@ -121,7 +122,8 @@ def augment(args, r: dict) -> None:
   """Crop area / aspect distributions and batch pixel statistics, both pipelines."""
   import torch
   import torch_cpu
-  from mae_jax import data, sources
+  from mae_jax.data import pipeline
+  from mae_jax.data import sources
   transforms = torch_cpu.tolerant_import("torchvision.transforms")
   folder = os.path.abspath(args.folder)
   config = _mae_jax_config(folder, r)
@@ -134,7 +136,7 @@ def augment(args, r: dict) -> None:
   batches = max(1, args.steps // 10)
   tv = np.concatenate([b.numpy().transpose(0, 2, 3, 1) for b in _torch_batches(folder, r, batches, 0)[0]])
   source = sources.make_source(config.dataset, sources.resolved_splits(config.dataset)[0])
-  loader = iter(data.make_loader(config, source, train=True, global_batch_size=r["batch"], seed=0))
+  loader = iter(pipeline.make_loader(config, source, train=True, global_batch_size=r["batch"], seed=0))
   mean, std = np.array(tvo.IMAGENET_MEAN), np.array(tvo.IMAGENET_STD)
   mj = np.concatenate([(next(loader)["image"] / 255.0 - mean) / std for _ in range(batches)])
 
@@ -172,10 +174,10 @@ def batch_difficulty(r: dict, weights: str, tv: np.ndarray, mj: np.ndarray) -> N
   with masking noise drawn alike: how hard the batches are as a whole, which pixel statistics
   alone may not show."""
   import jax
-  from mae_jax import convert
-  from mae_jax.model import mae_from_config
+  from mae_jax.io import convert, foreign
+  from mae_jax.models.mae import mae_from_config
   model = mae_from_config(_mae_jax_config("", r).model, r["image_size"])
-  sd = convert.read_state_dict(weights)
+  sd = foreign.read_state_dict(weights)
   params = {k: v for k, v in convert.official_to_params(sd).items() if k in ("encoder", "decoder")}
   loss = jax.jit(lambda x, noise: model.apply({"params": params}, x, noise)[0])
   rng, b, length = np.random.default_rng(0), r["batch"], (r["image_size"] // r["patch"]) ** 2
@@ -199,8 +201,10 @@ def run_parity(folder: str, r: dict, steps: int, steps_per_epoch: int = 0, threa
   import jax
   import torch
   import official_mae
-  from mae_jax import convert, optim, pretrain
-  from mae_jax.model import mae_from_config
+  from mae_jax.io import convert
+  from mae_jax.train import optim
+  from mae_jax.train import pretrain
+  from mae_jax.models.mae import mae_from_config
   config = _mae_jax_config(folder, r)
   if threads:
     torch.set_num_threads(threads)
@@ -270,8 +274,9 @@ def _initial_weights(r: dict, seed: int, out: str) -> dict:
   """Both sides' initial weights for `seed`, saved as official checkpoints: {side: path}."""
   import jax
   import torch
-  from mae_jax import convert, pretrain
-  from mae_jax.model import mae_from_config
+  from mae_jax.io import convert
+  from mae_jax.train import pretrain
+  from mae_jax.models.mae import mae_from_config
   os.makedirs(out, exist_ok=True)
   model = mae_from_config(_mae_jax_config("", r).model, r["image_size"])
   params = jax.device_get(pretrain.init_params(model, jax.random.split(jax.random.PRNGKey(seed))[0]))

@@ -21,7 +21,7 @@ What each piece is, by the official file it follows:
   * the losses: timm's Mixup (mixup 0.8 / cutmix 1.0, label smoothing inside) with
     SoftTargetCrossEntropy, else LabelSmoothingCrossEntropy, else plain cross-entropy.
 
-Used by benchmarks/eval_vs_official.py and tests/test_official_eval.py. torch and timm come with
+Used by benchmarks/eval_vs_official.py and tests/integration/test_official_eval.py. torch and timm come with
 the dev extra.
 """
 

@@ -7,8 +7,8 @@ the official initialisation (`init_official`): xavier-uniform Linear weights and
 projection's flattened weight, zero Linear biases, normal(0.02) cls and mask tokens, LayerNorm
 ones/zeros, and the patch projection's bias left at PyTorch's Conv2d default.
 
-Used by benchmarks/train_vs_official.py (the reference pretraining loop) and tests/test_convert.py
-and tests/test_official_loop.py. torch and timm come with the dev extra.
+Used by benchmarks/train_vs_official.py (the reference pretraining loop) and tests/io/test_convert.py
+and tests/integration/test_official_loop.py. torch and timm come with the dev extra.
 """
 
 import functools

@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def mae_jax_step(config, images):
   """A function running one mae_jax pretraining step (compiled, state donated) on `images`."""
   import jax
-  from mae_jax import optim, pretrain
-  from mae_jax.model import mae_from_config
+  from mae_jax.train import optim
+  from mae_jax.train import pretrain
+  from mae_jax.models.mae import mae_from_config
   model = mae_from_config(config.model, config.dataset.image_size)
   schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size), 0.0, 0, 10**6)
   tx = optim.make_optimizer(config.optimizer, schedule)
@@ -96,7 +97,7 @@ def attention_calls(batch: int, heads: int, tokens: int, head_dim: int, threads:
   import jax.numpy as jnp
   import numpy as np
   import torch
-  from mae_jax import layers
+  from mae_jax.models import layers
   torch.set_num_threads(threads)
   q, k, v, w = np.random.default_rng(0).standard_normal((4, batch, heads, tokens, head_dim), np.float32)
   grad = jax.jit(jax.grad(lambda q, k, v, w: jnp.sum(layers.attention(q, k, v) * w), argnums=(0, 1, 2)))
@@ -158,7 +159,7 @@ def main():
                  help="time one attention (forward + backward) at the config's shapes instead")
   a = p.parse_args()
 
-  from mae_jax import host
+  from mae_jax.runtime import host
   malloc_kept = host.keep_freed_memory()  # as the mae_jax entry points do, before JAX starts
   import jax
   import numpy as np

@@ -7,14 +7,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import checkpointing, config_lib, convert, data, host, lpips, parallel, weights
-from mae_jax import workdir as workdir_lib
-from mae_jax.trainer import NonFiniteError, StopRequested
+from mae_jax import config_check, config_lib, errors
+from mae_jax.errors import StopRequested, UserError
+from mae_jax.io import checkpointing, weights
+from mae_jax.runtime import host, parallel
 
 FLAGS = flags.FLAGS
-USER_ERRORS = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointMismatchError,
-               checkpointing.CheckpointUnreadableError,
-               lpips.LPIPSWeightsError, workdir_lib.WorkdirError, NonFiniteError, convert.ConvertError)
 
 
 def define_distributed_flags():
@@ -59,10 +57,10 @@ def prepare(config, workdir=None, jobs=("pretrain",)):
   if FLAGS.distributed:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
-    config_lib.validate(config, jobs)
+    config_check.validate(config, jobs)
     if workdir is not None:
       checkpointing.check_compatible(workdir, config)
-  except USER_ERRORS as e:
+  except UserError as e:
     fail(e)
   return config
 
@@ -71,7 +69,7 @@ def guarded(fn):
   """fn(), a user error ending the process with its message (exit 2) before any work."""
   try:
     return fn()
-  except USER_ERRORS as e:
+  except UserError as e:
     fail(e)
 
 
@@ -84,7 +82,7 @@ def run_guarded(fn):
   """Runs the job; user errors print one clear message, a signal exits with 128 + its number."""
   try:
     fn()
-  except USER_ERRORS as e:
+  except UserError as e:
     fail(e)
   except StopRequested as e:
     print(f"stopped at step {e.step}; checkpoint saved. Run the same command to resume.",
@@ -96,7 +94,7 @@ def run_guarded(fn):
 def run_app(main, reuse_freed_memory: bool = True):
   """`absl.app.run(main)` with flag mistakes (an unknown config field, a missing config file, an
   unknown config argument, a value of the wrong type) reported as one line, exit 2. First, before
-  JAX starts, the host allocator is set to reuse XLA's freed CPU memory (mae_jax/host.py), unless
+  JAX starts, the host allocator is set to reuse XLA's freed CPU memory (mae_jax/runtime/host.py), unless
   `reuse_freed_memory` is False (a job that compiles and runs no step)."""
   if not os.environ.get("JAX_PLATFORMS") and not host.accelerator_attached():
     # Accelerator plugins installed without the hardware (the dev extra compiles for TPUs and
@@ -126,7 +124,7 @@ def flag_error_message(args, error: Exception) -> str:
       return f"config file {path!r} does not exist (--config=PATH[:ARG], e.g. configs/cifar10_vit_t.py)"
     try:
       config = config_lib.load_config_file(path, arg or None)
-    except config_lib.ConfigError as e:
+    except errors.ConfigError as e:
       return f"--config={spec}: {e}"
     except Exception as e:
       return f"config file {path!r} fails to load: {type(e).__name__}: {e}"

@@ -8,14 +8,13 @@ partial fine-tuning. Writes top-1 / top-5 on the test split to `workdir/results.
 
 import sys
 
-
 from mae_jax import cli
 
 cli.define_job_flags()
 
 
 def finetune(config, workdir, pretrained, pretrained_step):
-  from mae_jax import classify
+  from mae_jax.train import classify
   return classify.run(config, workdir, pretrained, "finetune", pretrained_step)
 
 

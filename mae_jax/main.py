@@ -14,7 +14,7 @@ cli.define_job_flags(pretrained_help=(
 
 
 def pretrain_job(config, workdir, pretrained, pretrained_step):
-  from mae_jax import pretrain  # after the distributed start: JAX's devices not touched before it
+  from mae_jax.train import pretrain  # after the distributed start: JAX's devices not touched before it
   return pretrain.run(config, workdir, pretrained, pretrained_step)
 
 

@@ -8,14 +8,13 @@ reports top-1 / top-5 on the test split in `workdir/results.json`. Resumes like 
 
 import sys
 
-
 from mae_jax import cli
 
 cli.define_job_flags()
 
 
 def probe(config, workdir, pretrained, pretrained_step):
-  from mae_jax import classify
+  from mae_jax.train import classify
   return classify.run(config, workdir, pretrained, "probe", pretrained_step)
 
 

@@ -5,6 +5,8 @@ import fcntl
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 
@@ -15,7 +17,7 @@ CIFAR_ARCHIVE = pathlib.Path(os.environ.get(
     "MAE_JAX_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"))
 
 # The suite runs on the CPU. The dev extra brings libtpu and the CUDA plugin to compile for TPUs
-# and GPUs (tests/test_targets.py); JAX itself, and every job the tests start, stays on the CPU.
+# and GPUs (tests/tools/test_targets.py); JAX itself, and every job the tests start, stays on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent XLA compilation cache for the session, its subprocesses included (they inherit
@@ -83,3 +85,33 @@ def small_folder(cifar_folder, root, per_class=8, classes=("cat", "dog")):
       for name in sorted(os.listdir(src))[:per_class]:
         os.symlink(os.path.join(src, name), d / name)
   return str(root)
+
+
+# What the tests run as a user does, and how they damage a checkpoint (shared by several files).
+def run_cli(workdir, *overrides, folder=None, wait=True, module="mae_jax.main",
+            config="configs/cifar10_vit_t.py:tiny"):
+  args = [sys.executable, "-m", module, f"--config={REPO / config}", f"--workdir={workdir}"]
+  if folder:
+    args += ["--config.dataset.source=folder", f"--config.dataset.folder={folder}",
+             "--config.dataset.num_workers=1"]
+  args += list(overrides)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  if not wait:
+    # A session of its own: signals can go to its whole process group, as a terminal sends them.
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO, start_new_session=True)
+  return subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def _truncate_largest_array_file(step_dir):
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  with open(biggest, "r+b") as f:
+    f.truncate(1000)
+
+
+CHECKPOINT_DAMAGE = {
+    "truncated array file": _truncate_largest_array_file,
+    "deleted array index": lambda step_dir: (step_dir / "state" / "manifest.ocdbt").unlink(),
+    "empty config file": lambda step_dir: (step_dir / "config" / "metadata").write_text(""),
+}

@@ -1,0 +1,315 @@
+"""Orbax checkpoints in `workdir/checkpoints/<step>/`: train state, data iterator state, config.
+
+Saving is asynchronous (training goes on while arrays are written); the data iterator's
+position is saved per process by grain's handler, so a restored run reads exactly the
+batches an uninterrupted run would have read.
+"""
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from mae_jax import config_lib
+from mae_jax.errors import CheckpointMismatchError, CheckpointUnreadableError
+from mae_jax.io import metrics as metrics_lib
+from mae_jax.models import layer_stack
+
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+def failure_reason(e: BaseException, limit: int = 300) -> str:
+  """The root cause of a failed read, in one line (orbax and tensorstore wrap it several times)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_background_failures():
+  """Mutes what a failed orbax read leaves behind besides its own exception: its other
+  concurrent reads fail in tensorstore's threads and in coroutines nobody awaits any more, and
+  print thousands of lines ('Event loop is closed', 'Task exception was never retrieved') that
+  say nothing the reported reason does not. The exception of the read itself is unaffected."""
+  hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+  asyncio_logger = logging.getLogger("asyncio")
+  level = asyncio_logger.level
+  sys.excepthook = lambda *a: None
+  sys.unraisablehook = threading.excepthook = lambda *a: None
+  asyncio_logger.setLevel(logging.CRITICAL + 1)
+  try:
+    yield
+  finally:
+    # Also after a read that succeeds: stragglers of an earlier failed read are collected here.
+    time.sleep(0.2)  # let the remaining reads of a failed restore settle
+    gc.collect()     # and their orphaned tasks be collected, here rather than later
+    sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
+    asyncio_logger.setLevel(level)
+
+
+def _steps(workdir: str) -> list[int]:
+  """The checkpoint steps in `workdir`, newest first."""
+  root = checkpoint_dir(workdir)
+  if not os.path.isdir(root):
+    return []
+  return sorted((int(s) for s in os.listdir(root) if s.isdigit()), reverse=True)
+
+
+def _newest_readable(workdir: str, steps, read) -> tuple[int, Any, list[int]]:
+  """(step, read(step), the newer steps that failed) for the first of `steps` (newest first)
+  that `read` reads; each failure is logged with its reason. Raises CheckpointUnreadableError
+  listing every step when none reads."""
+  failures = []
+  for step in steps:
+    try:
+      with _quiet_background_failures():
+        return step, read(step), [s for s, _ in failures]
+    except Exception as e:  # orbax, tensorstore, json and OS errors alike
+      failures.append((step, failure_reason(e)))
+      metrics_lib.log(f"checkpoint {checkpoint_dir(workdir)}/{step} is unreadable ({failures[-1][1]}); "
+                      "trying the one before it")
+  listed = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+  raise CheckpointUnreadableError(
+      f"no checkpoint in {checkpoint_dir(workdir)} can be read ({listed}). Replace the folder with "
+      "a readable copy, or move it away to start over")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def is_workdir(path: str) -> bool:
+  """Whether `path` is a folder with mae_jax checkpoints (rather than, e.g., a Hugging Face model)."""
+  return os.path.isdir(checkpoint_dir(path))
+
+
+def saved_tree_paths(root: str, step: int) -> Optional[list]:
+  """The tree paths of the state saved at `step` under `root` (a workdir's checkpoints/), as
+  the metadata orbax writes beside it names them ("('params', 'encoder', ...)"); None when it
+  cannot be read (a restore then says what is wrong)."""
+  try:
+    with open(os.path.join(root, str(step), "state", "_METADATA")) as f:
+      return list(json.load(f)["tree_metadata"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+class Checkpointer:
+  """Saves every `every_steps` steps and on demand; keeps the last `keep`, and with
+  `keep_period` > 0 also every checkpoint of a step divisible by it (saved whether or not
+  `every_steps` falls there): the checkpoints a study evaluates along pretraining."""
+
+  def __init__(self, workdir: str, every_steps: int, keep: int, keep_period: int = 0):
+    self.every_steps, self.keep_period = every_steps, keep_period
+    self.workdir, self.root = os.path.abspath(workdir), checkpoint_dir(workdir)
+    policies = [preservation_policy.LatestN(keep)]
+    if keep_period > 0:
+      policies.append(preservation_policy.EveryNSteps(keep_period))
+    self.manager = ocp.CheckpointManager(
+        self.root,
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=True, create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
+    )
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether `save` would write `step`."""
+    kept = self.keep_period > 0 and step % self.keep_period == 0
+    return (force or kept or step % self.every_steps == 0) and self.manager.latest_step() != step
+
+  def save(self, step: int, state: Any, data_iter: Any, config_dict: dict, force: bool = False) -> bool:
+    """Starts an async save when `step` is due (or `force`); returns whether it saved."""
+    if not self.due(step, force):
+      return False
+    return self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                data=grain.checkpoint.CheckpointSave(data_iter),
+                                config=ocp.args.JsonSave(config_dict)),
+        force=True)
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
+    """Restores the train state (into `abstract_state`'s shardings) and the iterator in place;
+    reads the config too, so that a step any of whose parts is damaged fails as a whole.
+
+    A state saved with the other layer layout (scanned vs unrolled blocks) is read in its own
+    layout and converted (`layer_stack.stack_layers` / `unstack_layers`)."""
+    want_scanned = layer_stack.is_scanned(abstract_state.params)
+    saved_scanned = self._params_scanned(step, default=want_scanned)
+    convert = saved_scanned != want_scanned
+    target = abstract_state
+    if convert:
+      to_saved, to_wanted = ((layer_stack.stack_layers, layer_stack.unstack_layers) if saved_scanned
+                             else (layer_stack.unstack_layers, layer_stack.stack_layers))
+      replicated = NamedSharding(jax.tree.leaves(abstract_state)[0].sharding.mesh, P())
+      target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                            to_saved(abstract_state))
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                      data=grain.checkpoint.CheckpointRestore(data_iter),
+                                      config=ocp.args.JsonRestore()))
+    state = restored["state"]
+    if convert:
+      state = jax.device_put(to_wanted(state), jax.tree.map(lambda a: a.sharding, abstract_state))
+      metrics_lib.log(f"checkpoint {step}: converted its {'scanned' if saved_scanned else 'unrolled'} "
+                      f"layers to the config's {'scanned' if want_scanned else 'unrolled'} layout")
+    return state
+
+  def _params_scanned(self, step: int, default: bool) -> bool:
+    """Whether the parameters saved at `step` hold scanned (stacked) layers, from the tree
+    metadata orbax writes beside them (`default` when it cannot be read: the restore then reports
+    what is wrong)."""
+    paths = saved_tree_paths(self.root, step)
+    if paths is None:
+      return default
+    return any(p.startswith("('params',") and "'blocks'" in p for p in paths)
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Optional[int], Any]:
+    """(step, state) of the newest checkpoint that restores (the iterator set in place), or
+    (None, None) when there is none.
+
+    An unreadable checkpoint (a truncated or missing file) is reported with its reason and the
+    next older one tried. Once one restores, the unreadable newer ones are moved to
+    `workdir/checkpoints_unreadable/` (kept for inspection, out of the way of new saves). When
+    none restores, CheckpointUnreadableError lists each, and nothing is moved.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      return None, None
+    step, state, unreadable = _newest_readable(
+        self.workdir, steps, lambda s: self.restore(s, abstract_state, data_iter))
+    if unreadable:
+      self._move_aside(unreadable)
+      metrics_lib.log(f"restored step {step}; the unreadable newer checkpoints are in "
+                      f"{os.path.join(self.workdir, UNREADABLE_DIR)}")
+    return step, state
+
+  def _move_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      aside = os.path.join(self.workdir, UNREADABLE_DIR)
+      os.makedirs(aside, exist_ok=True)
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        os.replace(os.path.join(self.root, str(step)), os.path.join(aside, f"{step}-{stamp}"))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mae_jax: unreadable checkpoints moved aside")
+    self.manager.reload()
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def _read_config(workdir: str, step: int) -> dict:
+  with open(os.path.join(checkpoint_dir(workdir), str(step), "config", "metadata")) as f:
+    return config_lib.upgrade(json.load(f))
+
+
+def saved_config(workdir: str) -> Optional[dict]:
+  """The config stored with the newest checkpoint in `workdir` whose config reads (upgraded to
+  today's fields, `config_lib.upgrade`), or None."""
+  for step in _steps(workdir):
+    try:
+      return _read_config(workdir, step)
+    except (OSError, ValueError):
+      continue  # reported by the restore that falls back past this step
+  return None
+
+
+def restore_params(workdir: str, step: Optional[int] = None) -> tuple[dict, dict, int]:
+  """(parameters as numpy, saved config, step) of the newest readable checkpoint in `workdir`,
+  or of checkpoint `step` when given, read without knowing the rest of the train state (the
+  optimizer of another job, say). An unreadable newest checkpoint is reported and the one before
+  it used; the folder is left as it is. Scanned layers come back unrolled."""
+  steps = _steps(workdir)
+  if not steps:
+    raise CheckpointMismatchError(
+        f"no checkpoint found in {checkpoint_dir(workdir)}; pass the workdir of a pretraining run "
+        "as --pretrained")
+  if step is not None:
+    if step not in steps:
+      raise CheckpointMismatchError(
+          f"{checkpoint_dir(workdir)} has no checkpoint of step {step}; it keeps steps "
+          f"{', '.join(map(str, sorted(steps)))} (pretrain with --config.keep_checkpoint_every_epochs=N "
+          "to keep more)")
+    steps = [step]
+
+  def read(step):
+    saved = _read_config(workdir, step)
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(os.path.join(checkpoint_dir(workdir), str(step), "state"))
+    # Scanned pretraining layers come back unrolled: the layout every consumer builds.
+    return layer_stack.unstack_layers(jax.tree.map(np.asarray, state["params"])), saved
+
+  step, (params, saved), _ = _newest_readable(workdir, steps, read)
+  return params, saved, step
+
+
+def check_model(saved: Optional[dict], config, flag: str, path: str) -> None:
+  """Raises CheckpointMismatchError if the `saved` config (of the folder or file `path` that
+  option `flag` gave) describes a different model than `config`, naming the fields."""
+  if saved is None:
+    return
+  want = config_lib.model_signature(config)
+  have = {k: saved["model"][k] for k in want}
+  diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+  if diff:
+    lines = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+    advice = ("Use a new --workdir, or the config that wrote this checkpoint." if flag == "--workdir" else
+              f"Pass the config (and overrides) that run was trained with, or another {flag}.")
+    raise CheckpointMismatchError(f"{flag}={path} holds a checkpoint of a different model ({lines}). {advice}")
+
+
+def check_compatible(workdir: str, config) -> None:
+  """Raises CheckpointMismatchError if `workdir` (a job's --workdir) holds a checkpoint of a
+  different model, or weights written by mae_jax.convert (a start, not a run to resume)."""
+  if os.path.isfile(workdir):
+    return  # not a checkpoint: the workdir check says what is wrong with it
+  saved = saved_config(workdir)
+  if saved is not None and "converted_from" in saved:
+    raise CheckpointMismatchError(
+        f"{workdir} holds weights converted by mae_jax.convert, not a training run to resume; start "
+        f"from them with --pretrained={workdir} and a new --workdir")
+  check_model(saved, config, "--workdir", workdir)
+
+
+def write_workdir(params: dict, config: dict, workdir: str) -> None:
+  """A workdir holding `params` as the step-0 checkpoint, as `restore_params` reads it."""
+  if os.path.exists(checkpoint_dir(workdir)):
+    raise CheckpointMismatchError(f"{workdir} holds checkpoints already; give a new folder")
+  step = os.path.join(checkpoint_dir(workdir), "0")
+  os.makedirs(os.path.join(step, "config"), exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(step, "state"), {"params": params, "step": np.int32(0)})
+  with open(os.path.join(step, "config", "metadata"), "w") as f:
+    json.dump(config, f)
+
+
+def has_batch_stats(workdir: str, step: int) -> bool:
+  """Whether the checkpoint holds BatchNorm statistics: a linear probe's."""
+  paths = saved_tree_paths(checkpoint_dir(workdir), step) or []
+  return any("'batch_stats'" in p for p in paths)

@@ -1,0 +1,270 @@
+"""MAE pretraining: the train state, the pure train step, and the job that `main` runs."""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mae_jax import errors
+from mae_jax.data import device_resample, pipeline, sources
+from mae_jax.evaluators import figures
+from mae_jax.io import checkpointing, weights
+from mae_jax.io import metrics as metrics_lib
+from mae_jax.io import workdir as workdir_lib
+from mae_jax.models import masking
+from mae_jax.models.layer_stack import stack_layers, unstack_layers
+from mae_jax.models.layers import describe
+from mae_jax.models.mae import MAE, mae_from_config
+from mae_jax.runtime.parallel import Mesh
+from mae_jax.train import optim
+from mae_jax.train.loop import (
+  Hook,
+  Task,
+  TrainState,
+  accumulate,
+  accumulate_per_device,
+  fit,
+  skip_if_nonfinite,
+  steps_per_epoch,
+)
+
+
+def init_params(model: MAE, key) -> dict:
+  """Fresh parameters of `model` (traced with a one-image batch of zeros)."""
+  h, w = model.image_size
+  return model.init(key, jnp.zeros((1, h, w, model.channels)), jnp.zeros((1, model.num_patches)))["params"]
+
+
+def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int,
+                       params=None) -> TrainState:
+  """Pure: initial parameters (or the given ones: --pretrained), optimizer state and the base
+  PRNG key."""
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  if params is None:
+    params = init_params(model, init_key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=train_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What a pretraining update needs besides the state and the batch; built once from the
+  config (`from_config`), static under jit."""
+  model: MAE
+  tx: optax.GradientTransformation
+  mean: tuple = (0.5, 0.5, 0.5)       # the dataset's normalisation
+  std: tuple = (0.5, 0.5, 0.5)
+  mask_sampling: str = "random"      # 'random' and 'grid' drawn here; 'block' comes with the batch
+  micro_batches: int = 1             # K: the batch arrives as K micro-batches, accumulated here
+  interpolation: str = "bicubic"     # of crops the step resamples (dataset.resize_on='device')
+  mesh: Optional[Mesh] = None
+  fsdp: bool = False
+  per_device_accumulation: bool = False  # see from_config
+
+  @classmethod
+  def from_config(cls, config, model: MAE, tx, mesh: Optional[Mesh]) -> "StepSpec":
+    k, fsdp = config.grad_accum_steps, bool(config.sharding.fsdp)
+    # With a replicated state each device accumulates its own rows of the micro-batches and the
+    # gradients are all-reduced once per update, which needs a loss that is a mean of per-row
+    # terms. The uniformity loss compares a micro-batch's rows with each other across devices,
+    # so with it on (and under FSDP, whose state is split anyway) the micro-batches are
+    # accumulated whole, as the global batch: the same update, more collectives.
+    per_device = k > 1 and mesh is not None and not fsdp and config.model.uniformity_weight == 0
+    return cls(model, tx, tuple(config.dataset.mean), tuple(config.dataset.std),
+               config.model.mask_sampling, k, config.dataset.interpolation, mesh, fsdp, per_device)
+
+
+def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, variant=None):
+  """One optimizer update: fresh masking noise (or the batch's block masks), loss, gradients,
+  AdamW. `variant`, when given, is this step's (curriculum) mask ratio.
+
+  With `spec.micro_batches` K > 1 the batch arrives as K micro-batches (leaves (K, m, ...))
+  whose gradients are averaged inside this one step (`trainer.accumulate`). The masking noise of
+  micro-batch k is drawn from fold_in(rng, K * step + k), the key a run without accumulation
+  would use for it. Crops sent on canvases (dataset.resize_on='device') are resampled first
+  (`device_resample.train_images`)."""
+  model, k = spec.model, spec.micro_batches
+  if variant is not None:
+    model = model.clone(mask_ratio=variant)
+  if "mask_noise" in batch:  # block masks, drawn by the data pipeline
+    noise = batch["mask_noise"]
+  else:
+    m = batch["image"].shape[-4]
+    key = lambda i: jax.random.fold_in(state.rng, k * state.step + i)  # micro-batch i's key
+    if spec.mask_sampling == "grid":
+      draw = lambda i: masking.grid_noise(key(i), m, model.grid)
+    else:
+      draw = lambda i: masking.random_noise(key(i), m, model.num_patches)
+    noise = jax.vmap(draw)(jnp.arange(k)) if k > 1 else draw(0)
+
+  def grads_of(params, _, micro, carry):
+    images = pipeline.normalize(device_resample.train_images(micro, spec.interpolation), spec.mean, spec.std)
+
+    def loss_fn(params):
+      (loss, _, _), sown = model.apply({"params": params}, images, micro["noise"], mutable=["losses"])
+      return loss, {name: v[0] for name, v in sown["losses"].items()}
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics = {"loss": loss}
+    if len(parts) > 1:  # extra loss terms: log each
+      metrics.update({f"loss_{name}": v for name, v in parts.items()})
+    return (metrics, grads), carry
+
+  micro = {**{f: batch[f] for f in ("image", device_resample.CROP_FIELD) if f in batch}, "noise": noise}
+  if spec.per_device_accumulation:
+    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, k, spec.mesh)
+  else:
+    shardings = spec.mesh.state_shardings(state.params, spec.fsdp) if spec.mesh is not None else None
+    (metrics, grads), _ = accumulate(grads_of, state.params, micro, k, grad_shardings=shardings)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  grad_norm = optax.tree.norm(grads)
+  new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], grad_norm)
+  metrics = {**metrics, "grad_norm": grad_norm, "nonfinite": nonfinite}
+  if variant is not None:
+    metrics["mask_ratio"] = jnp.float32(variant)
+  return new_state, metrics
+
+
+def build(config, mesh: Mesh):
+  """Everything pretraining needs from a config: model, sources, schedule, optimizer, step counts."""
+  pretrain_split, eval_split = sources.resolved_splits(config.dataset)
+  train_source = sources.make_source(config.dataset, pretrain_split)
+  updates_per_epoch = steps_per_epoch(len(train_source), config.batch_size)
+  total_updates = config.num_epochs * updates_per_epoch
+  schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size),
+                                 config.optimizer.min_lr, config.warmup_epochs * updates_per_epoch,
+                                 total_updates)
+  total_steps = min(total_updates, config.max_steps) if config.max_steps > 0 else total_updates
+  model = mae_from_config(config.model, config.dataset.image_size)
+  return dict(model=model, tx=optim.make_optimizer(config.optimizer, schedule), schedule=schedule,
+              train_source=train_source, eval_split=eval_split,
+              updates_per_epoch=updates_per_epoch, total_steps=total_steps)
+
+
+def step_function(config, model: MAE, tx, mesh: Mesh):
+  """`pretrain_step` bound to the config's `StepSpec` (not jitted)."""
+  return functools.partial(pretrain_step, spec=StepSpec.from_config(config, model, tx, mesh))
+
+
+def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
+  """The pretraining step as `fit` compiles it, for use outside the trainer (benchmarks, tests):
+  (jitted step, init function, abstract state, state shardings), the state replicated or split
+  as `config.sharding.fsdp` says; the step takes the batch as `mesh.put_batch` lays it out."""
+  model = mae_from_config(config.model, config.dataset.image_size)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  init = functools.partial(create_train_state, model, tx, config.seed)
+  abstract, shardings = mesh.abstract_state(init, fsdp=config.sharding.fsdp)
+  step = mesh.jit_train_step(step_function(config, model, tx, mesh), shardings, config.grad_accum_steps)
+  return step, init, abstract, shardings
+
+
+def summary(job_dir: str) -> dict:
+  """The last logged training loss, and its terms: `final_mse` is the reconstruction term alone,
+  comparable across runs whose total loss adds the Laplacian or uniformity terms."""
+  with open(os.path.join(job_dir, "metrics.jsonl")) as f:
+    last = [r for r in map(json.loads, f) if "loss" in r][-1]
+  out = {"final_loss": last["loss"], "final_mse": last.get("loss_mse", last["loss"])}
+  out.update({f"final_{k}": v for k, v in last.items() if k.startswith("loss_") and k != "loss_mse"})
+  return {**out, "steps": last["step"]}
+
+
+def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Hook:
+  """Every `figure_every_steps`: the same validation images under the same masks, as a PNG."""
+  n = min(config.num_figure_images, len(eval_source))
+  indices = np.linspace(0, len(eval_source) - 1, n).round().astype(int)
+  images = pipeline.load_images(eval_source, indices, config.dataset.image_size, config.dataset.interpolation)
+  noise = masking.fixed_noise(config.model.mask_sampling, config.seed + 1, n, model.grid, model.mask_ratio)
+  images, noise = mesh.replicate(images), mesh.replicate(noise)
+  panels = jax.jit(functools.partial(figures.reconstruction_panels, model,
+                                     mean=tuple(config.dataset.mean), std=tuple(config.dataset.std)),
+                   out_shardings=mesh.replicated)
+
+  def save(step, state):
+    cols = jax.device_get(panels(state.params, images, noise))
+    if jax.process_index() == 0:
+      path = os.path.join(workdir, "figures", f"reconstruction_{step:08d}.png")
+      figures.save_grid(path, cols, figures.PANEL_TITLES)
+
+  return Hook(config.figure_every_steps, save)
+
+
+def knn_hook(config, mesh: Mesh) -> Hook:
+  """Every `evaluate.knn_every_steps`: kNN top-1 of the current encoder's frozen features."""
+  from mae_jax.evaluators import evaluate  # evaluation code is only needed when asked for
+  memory, queries = sources.labelled_sources(config.dataset)
+  return Hook(config.evaluate.knn_every_steps, lambda step, state: {
+      "knn_top1": evaluate.knn_eval(config, mesh, unstack_layers(state.params["encoder"]), memory,
+                                    queries)})
+
+
+def starting_params(config, model: MAE, pretrained: str, step: Optional[int] = None) -> dict:
+  """The weights of `pretrained` (a workdir, its newest checkpoint or `step`, or a converted
+  checkpoint with the decoder) in the model's layer layout, checked against its shapes."""
+  params, step = weights.load_mae_params(pretrained, config, "pretraining", step)
+  params = {k: params[k] for k in ("encoder", "decoder")}
+  if model.scan_layers:
+    params = stack_layers(params)
+  want = jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0))
+  if jax.tree.map(np.shape, params) != jax.tree.map(lambda a: a.shape, want):
+    raise errors.CheckpointMismatchError(
+        f"the weights in {pretrained} do not fit this config's model (its mask-token ablation or "
+        "image size?); pretrain from them with the config they were made with")
+  metrics_lib.log(f"starting from the weights of {pretrained} (step {step})")
+  return params
+
+
+@workdir_lib.holding_workdir
+def run(config, workdir: str, pretrained: Optional[str] = None,
+        pretrained_step: Optional[int] = None) -> TrainState:
+  """Pretrains (or resumes) the MAE described by `config` in `workdir`; a new run starts from
+  the weights of `pretrained` when given (its optimizer state and step start afresh)."""
+  mesh = Mesh()
+  b = build(config, mesh)
+  model, tx = b["model"], b["tx"]
+  resuming = checkpointing.saved_config(workdir) is not None
+  init_args = ((starting_params(config, model, pretrained, pretrained_step),)
+               if pretrained and not resuming else ())
+  if pretrained and resuming:
+    metrics_lib.log(f"--pretrained={pretrained} not used: {workdir} has a run to resume")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2)
+  eval_source = sources.make_source(config.dataset, b["eval_split"])
+  hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
+  if config.evaluate.knn_every_steps > 0:
+    hooks.append(knn_hook(config, mesh))
+  sampling = config.model.mask_sampling
+  augment = [pipeline.train_augment(config.dataset)]
+  if sampling == "block":
+    augment.append(pipeline.BlockMaskNoise(model.grid, model.mask_ratio))
+  m = config.model
+  step_variant = None
+  if m.curriculum_start_ratio >= 0:  # curriculum masking, in compiled buckets
+    step_variant = lambda step: masking.curriculum_ratio(
+        step, b["updates_per_epoch"], m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
+        m.curriculum_shape, m.curriculum_bucket)
+  task = Task(
+      summary=describe(model),
+      step_variant=step_variant,
+      init_state=functools.partial(create_train_state, model, tx, config.seed),
+      init_args=init_args,
+      train_step=step_function(config, model, tx, mesh),
+      batch_fields=("image", "mask_noise") if sampling == "block" else ("image",),
+      hooks=hooks,
+  )
+  state = fit(config, workdir, task, b["train_source"], mesh=mesh, total_steps=b["total_steps"],
+              batch_size=config.batch_size, micro_batches=config.grad_accum_steps,
+              lr_fn=b["schedule"], augment=augment,
+              keep_every=config.keep_checkpoint_every_epochs * b["updates_per_epoch"])
+  metrics_lib.log(f"done: {b['total_steps']} steps; checkpoints in {workdir}/checkpoints, "
+                  f"figures in {workdir}/figures")
+  return state
