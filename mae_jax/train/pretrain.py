@@ -17,7 +17,7 @@ from mae_jax.evaluators import figures
 from mae_jax.io import checkpointing, weights
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.io import workdir as workdir_lib
-from mae_jax.models import masking
+from mae_jax.models import extra_losses, masking
 from mae_jax.models.layer_stack import stack_layers, unstack_layers
 from mae_jax.models.layers import describe
 from mae_jax.models.mae import MAE, mae_from_config
@@ -72,10 +72,11 @@ class StepSpec:
     k, fsdp = config.grad_accum_steps, bool(config.sharding.fsdp)
     # With a replicated state each device accumulates its own rows of the micro-batches and the
     # gradients are all-reduced once per update, which needs a loss that is a mean of per-row
-    # terms. The uniformity loss compares a micro-batch's rows with each other across devices,
-    # so with it on (and under FSDP, whose state is split anyway) the micro-batches are
-    # accumulated whole, as the global batch: the same update, more collectives.
-    per_device = k > 1 and mesh is not None and not fsdp and config.model.uniformity_weight == 0
+    # terms. An extra loss that couples the rows (models/extra_losses.py), and FSDP, whose state
+    # is split anyway, accumulate the micro-batches whole, as the global batch: the same update,
+    # more collectives.
+    per_device = (k > 1 and mesh is not None and not fsdp
+                  and not extra_losses.couple_rows(model.extra_losses))
     return cls(model, tx, tuple(config.dataset.mean), tuple(config.dataset.std),
                config.model.mask_sampling, k, config.dataset.interpolation, mesh, fsdp, per_device)
 
