@@ -23,15 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mae_jax.models import extra_losses, masking
+from mae_jax.models.attention_backends import attention_from_config
 from mae_jax.models.layer_stack import block_stack
-from mae_jax.models.layers import (
-  LN_EPS,
-  attention_from_config,
-  conv_default_bias,
-  dense,
-  layer_norm,
-  normal_02,
-)
+from mae_jax.models.layers import LN_EPS, conv_default_bias, dense, layer_norm, normal_02
 
 
 # ----------------------------------------------------------------------------

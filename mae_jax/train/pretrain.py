@@ -18,8 +18,8 @@ from mae_jax.io import checkpointing, weights
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.io import workdir as workdir_lib
 from mae_jax.models import extra_losses, masking
+from mae_jax.models.attention_backends import describe
 from mae_jax.models.layer_stack import stack_layers, unstack_layers
-from mae_jax.models.layers import describe
 from mae_jax.models.mae import MAE, mae_from_config
 from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim

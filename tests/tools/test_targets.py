@@ -14,7 +14,7 @@ import pytest
 from mae_jax import errors
 from mae_jax.tools import compile as compile_lib
 from mae_jax import config_lib
-from mae_jax.models import layers
+from mae_jax.models import attention_backends
 from mae_jax.tools import targets
 from conftest import REPO
 
@@ -37,7 +37,7 @@ def _tiny(**model):
 
 
 def _hlo(config, target, job="pretrain") -> str:
-  with layers.building_for(target.devices[0]):
+  with attention_backends.building_for(target.devices[0]):
     step, abstract, batch = compile_lib.step_program(config, job, target.devices)
     return step.lower(abstract, batch).compile().as_text()
 
@@ -80,7 +80,7 @@ def test_gpu_paths_compile_with_cudnn_attention():
   # even lengths, which JAX's cuDNN attention trains on.
   even = _tiny(dtype="bfloat16", mask_ratio=0.72)
   even.dataset.image_size = 28
-  assert layers.sequence_lengths(even.model, 28) == (14, 50)
+  assert attention_backends.sequence_lengths(even.model, 28) == (14, 50)
   r = compile_lib.fit(even, "pretrain", h100, search=False)
   assert r["fits"] and 0 < r["peak_bytes_per_device"] < h100.memory_bytes
   even.dataset.resize_on = "device"
