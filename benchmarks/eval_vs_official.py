@@ -357,7 +357,7 @@ def run_parity(job: str, folder: str, r: dict, steps: int, steps_per_epoch: int,
   peak = optim.peak_lr(r["base_lr"], r["batch"])
   schedule = optim.warmup_cosine(peak, r["min_lr"], r["warmup_epochs"] * steps_per_epoch,
                                  r["epochs"] * steps_per_epoch)
-  tx = classify.make_optimizer(config[job], schedule, params, r["enc_depth"], job == "probe")
+  tx = optim.classification_optimizer(config[job], schedule, params, r["enc_depth"], job == "probe")
   state = classify.create_train_state(tx, seed, variables)
   step = jax.jit(classify.step_function(config, job, model, tx, r["num_classes"]))
 

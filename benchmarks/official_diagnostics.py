@@ -217,7 +217,7 @@ def run_parity(folder: str, r: dict, steps: int, steps_per_epoch: int = 0, threa
   lr = r["base_lr"] * r["batch"] / 256
   model = mae_from_config(config.model, r["image_size"])
   schedule = optim.warmup_cosine(lr, 0.0, int(r["warmup_epochs"] * per_epoch), r["epochs"] * per_epoch)
-  tx = optim.make_optimizer(config.optimizer, schedule)
+  tx = optim.pretraining_optimizer(config.optimizer, schedule)
   state = pretrain.create_train_state(model, tx, 0, params=params)
   spec = pretrain.StepSpec(model, tx, tvo.IMAGENET_MEAN, tvo.IMAGENET_STD)
   step = jax.jit(functools.partial(pretrain.pretrain_step, spec=spec))

@@ -42,7 +42,7 @@ def mae_jax_step(config, images):
   from mae_jax.models.mae import mae_from_config
   model = mae_from_config(config.model, config.dataset.image_size)
   schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size), 0.0, 0, 10**6)
-  tx = optim.make_optimizer(config.optimizer, schedule)
+  tx = optim.pretraining_optimizer(config.optimizer, schedule)
   state = jax.jit(functools.partial(pretrain.create_train_state, model, tx, config.seed))()
   spec = pretrain.StepSpec(model, tx, tuple(config.dataset.mean), tuple(config.dataset.std))
   step = jax.jit(functools.partial(pretrain.pretrain_step, spec=spec), donate_argnums=(0,))

@@ -24,6 +24,7 @@ from mae_jax.errors import NonFiniteError, StopRequested
 from mae_jax.io import checkpointing
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.runtime.parallel import Mesh
+from mae_jax.train import optim
 
 
 @flax.struct.dataclass
@@ -184,6 +185,31 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     raise errors.DataError(f"the dataset has {num_examples} examples, fewer than one global batch "
                          f"({global_batch}); lower batch_size")
   return num_examples // global_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """A job's schedule in steps, as pretraining and classification both make it."""
+  updates_per_epoch: int
+  total_updates: int     # num_epochs of updates: the lr schedule's length
+  total_steps: int       # what this run takes: total_updates, or config.max_steps when smaller
+  schedule: Callable     # lr per update: linear warmup, then half-cycle cosine to min_lr
+
+  def epochs(self, n: float) -> int:
+    """`n` epochs in updates."""
+    return int(n * self.updates_per_epoch)
+
+
+def plan(num_examples: int, *, batch_size: int, num_epochs: int, warmup_epochs: float, base_lr: float,
+         min_lr: float, max_steps: int) -> StepPlan:
+  """The step plan of a job (pretraining, a probe, fine-tuning): epochs of `num_examples` in
+  global batches, the lr `base_lr * batch_size / 256` warmed up and decayed over all of them;
+  `max_steps` > 0 cuts the run short, the schedule unchanged."""
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  total = num_epochs * per_epoch
+  schedule = optim.warmup_cosine(optim.peak_lr(base_lr, batch_size), min_lr, warmup_epochs * per_epoch,
+                                 total)
+  return StepPlan(per_epoch, total, min(total, max_steps) if max_steps > 0 else total, schedule)
 
 
 def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_steps: int,

@@ -4,7 +4,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +25,14 @@ from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim
 from mae_jax.train.loop import (
   Hook,
+  StepPlan,
   Task,
   TrainState,
   accumulate,
   accumulate_per_device,
   fit,
+  plan,
   skip_if_nonfinite,
-  steps_per_epoch,
 )
 
 
@@ -134,20 +135,26 @@ def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, variant=None):
   return new_state, metrics
 
 
-def build(config, mesh: Mesh):
-  """Everything pretraining needs from a config: model, sources, schedule, optimizer, step counts."""
+@dataclasses.dataclass(frozen=True)
+class Pretraining:
+  """What pretraining builds from a config before its loop runs."""
+  model: MAE
+  tx: optax.GradientTransformation
+  plan: StepPlan
+  train_source: Any
+  eval_split: str
+
+
+def build(config) -> Pretraining:
+  """Everything pretraining needs from a config: model, optimizer, step plan, sources."""
   pretrain_split, eval_split = sources.resolved_splits(config.dataset)
   train_source = sources.make_source(config.dataset, pretrain_split)
-  updates_per_epoch = steps_per_epoch(len(train_source), config.batch_size)
-  total_updates = config.num_epochs * updates_per_epoch
-  schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size),
-                                 config.optimizer.min_lr, config.warmup_epochs * updates_per_epoch,
-                                 total_updates)
-  total_steps = min(total_updates, config.max_steps) if config.max_steps > 0 else total_updates
-  model = mae_from_config(config.model, config.dataset.image_size)
-  return dict(model=model, tx=optim.make_optimizer(config.optimizer, schedule), schedule=schedule,
-              train_source=train_source, eval_split=eval_split,
-              updates_per_epoch=updates_per_epoch, total_steps=total_steps)
+  steps = plan(len(train_source), batch_size=config.batch_size, num_epochs=config.num_epochs,
+               warmup_epochs=config.warmup_epochs, base_lr=config.optimizer.base_lr,
+               min_lr=config.optimizer.min_lr, max_steps=config.max_steps)
+  return Pretraining(model=mae_from_config(config.model, config.dataset.image_size),
+                     tx=optim.pretraining_optimizer(config.optimizer, steps.schedule), plan=steps,
+                     train_source=train_source, eval_split=eval_split)
 
 
 def step_function(config, model: MAE, tx, mesh: Mesh):
@@ -160,7 +167,7 @@ def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
   (jitted step, init function, abstract state, state shardings), the state replicated or split
   as `config.sharding.fsdp` says; the step takes the batch as `mesh.put_batch` lays it out."""
   model = mae_from_config(config.model, config.dataset.image_size)
-  tx = optim.make_optimizer(config.optimizer, schedule)
+  tx = optim.pretraining_optimizer(config.optimizer, schedule)
   init = functools.partial(create_train_state, model, tx, config.seed)
   abstract, shardings = mesh.abstract_state(init, fsdp=config.sharding.fsdp)
   step = mesh.jit_train_step(step_function(config, model, tx, mesh), shardings, config.grad_accum_steps)
@@ -228,8 +235,8 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
   """Pretrains (or resumes) the MAE described by `config` in `workdir`; a new run starts from
   the weights of `pretrained` when given (its optimizer state and step start afresh)."""
   mesh = Mesh()
-  b = build(config, mesh)
-  model, tx = b["model"], b["tx"]
+  job = build(config)
+  model, tx = job.model, job.tx
   resuming = checkpointing.saved_config(workdir) is not None
   init_args = ((starting_params(config, model, pretrained, pretrained_step),)
                if pretrained and not resuming else ())
@@ -239,7 +246,7 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2)
-  eval_source = sources.make_source(config.dataset, b["eval_split"])
+  eval_source = sources.make_source(config.dataset, job.eval_split)
   hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
   if config.evaluate.knn_every_steps > 0:
     hooks.append(knn_hook(config, mesh))
@@ -251,7 +258,7 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
   step_variant = None
   if m.curriculum_start_ratio >= 0:  # curriculum masking, in compiled buckets
     step_variant = lambda step: masking.curriculum_ratio(
-        step, b["updates_per_epoch"], m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
+        step, job.plan.updates_per_epoch, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
         m.curriculum_shape, m.curriculum_bucket)
   task = Task(
       summary=describe(model),
@@ -262,10 +269,10 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
       batch_fields=("image", "mask_noise") if sampling == "block" else ("image",),
       hooks=hooks,
   )
-  state = fit(config, workdir, task, b["train_source"], mesh=mesh, total_steps=b["total_steps"],
+  state = fit(config, workdir, task, job.train_source, mesh=mesh, total_steps=job.plan.total_steps,
               batch_size=config.batch_size, micro_batches=config.grad_accum_steps,
-              lr_fn=b["schedule"], augment=augment,
-              keep_every=config.keep_checkpoint_every_epochs * b["updates_per_epoch"])
-  metrics_lib.log(f"done: {b['total_steps']} steps; checkpoints in {workdir}/checkpoints, "
+              lr_fn=job.plan.schedule, augment=augment,
+              keep_every=config.keep_checkpoint_every_epochs * job.plan.updates_per_epoch)
+  metrics_lib.log(f"done: {job.plan.total_steps} steps; checkpoints in {workdir}/checkpoints, "
                   f"figures in {workdir}/figures")
   return state
