@@ -1,5 +1,6 @@
 """Stage-by-stage checks of mae_jax's pretraining against the official loop
-(`python benchmarks/train_vs_official.py --diagnose=init|augment|parity ...`).
+(`python -m benchmarks.official_diagnostics --diagnose=init|augment|parity|swap --folder=...`,
+with the comparison's flags of benchmarks/train_vs_official.py).
 
 Each function measures one stage on both sides and prints a table:
   init     the loss on one batch from each side's own initialisation, over many seeds, and every
@@ -19,14 +20,14 @@ import sys
 
 import numpy as np
 
-import train_vs_official as tvo
+from benchmarks import train_vs_official as tvo
 
 
 def _torch_batches(folder: str, r: dict, n: int, seed: int):
   """`n` train batches of the official pipeline (NCHW float tensors, normalised), and the size of
   the train split."""
   import torch
-  import official_mae
+  from benchmarks import official_mae
   torch.manual_seed(seed)
   dataset = official_mae.ImageFolder(os.path.join(folder, "train"), tvo.official_transform(r))
   loader = torch.utils.data.DataLoader(
@@ -121,7 +122,7 @@ def _mae_jax_crops(config, n: int):
 def augment(args, r: dict) -> None:
   """Crop area / aspect distributions and batch pixel statistics, both pipelines."""
   import torch
-  import torch_cpu
+  from benchmarks import torch_cpu
   from mae_jax.data import pipeline
   from mae_jax.data import sources
   transforms = torch_cpu.tolerant_import("torchvision.transforms")
@@ -200,7 +201,7 @@ def run_parity(folder: str, r: dict, steps: int, steps_per_epoch: int = 0, threa
   losses, {tensor: largest |difference| / largest |value|} of the final weights)."""
   import jax
   import torch
-  import official_mae
+  from benchmarks import official_mae
   from mae_jax.io import convert
   from mae_jax.train import optim
   from mae_jax.train import pretrain
@@ -317,5 +318,10 @@ def swap(args, r: dict) -> None:
     print(f"| {seed} | {loop} | {init} | " + " | ".join(f"{x:.4f}" for x in v) + " |")
 
 
+def main(argv=None):
+  args = tvo.arguments(diagnose=True).parse_args(argv)
+  return globals()[args.diagnose](args, tvo.recipe_from_args(args))
+
+
 if __name__ == "__main__":
-  sys.exit("run it as: python benchmarks/train_vs_official.py --diagnose=init|augment|parity ...")
+  main()

@@ -1,7 +1,5 @@
 """Sources, decoding, augmentation and the grain loader: determinism and exact resume."""
 
-import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -60,8 +58,7 @@ def test_random_resized_crop_box_in_bounds_and_seeded():
 
 
 def _torchvision_transforms():
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-  import torch_cpu
+  from benchmarks import torch_cpu
   return torch_cpu.tolerant_import("torchvision.transforms")
 
 

@@ -9,7 +9,7 @@ from mae_jax.train import classify
 from mae_jax.evaluators import evaluate
 from mae_jax.train import pretrain
 from mae_jax.io import weights
-from conftest import REPO, small_folder, tiny_config
+from conftest import small_folder, tiny_config
 from conftest import run_cli as _cli
 
 # The learning check: the tiny preset pretrained for 2,000 steps (about 2 minutes on two CPU
@@ -100,14 +100,12 @@ def test_probe_finetune_evaluate_from_the_cli(cifar_folder, pretrained, tmp_path
 def _exports_load_in_timm(tmp_path):
   """The fine-tuned classifier goes out to timm whole (its logits are ours); the linear probe's
   encoder only (its head needs BatchNorm statistics timm has no place for)."""
-  import sys
   import numpy as np
   import ml_collections
   from mae_jax.io import checkpointing
   from mae_jax.models import classifier
   from mae_jax import convert as convert_cmd
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  import torch_cpu
+  from benchmarks import torch_cpu
   timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
   import torch
   from safetensors.torch import load_file
