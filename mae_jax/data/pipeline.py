@@ -115,9 +115,11 @@ def train_augment(dataset_cfg, section=None, randaug: bool = False) -> TrainAugm
   s = dataset_cfg if section is None else section
   ops, magnitude, magnitude_std = ((section.randaug_num_ops, section.randaug_magnitude,
                                     section.randaug_magnitude_std) if randaug else (0, 9.0, 0.5))
-  return TrainAugment(dataset_cfg.image_size, s.random_resized_crop, tuple(s.crop_scale), s.hflip,
-                      dataset_cfg.interpolation, ops, magnitude, magnitude_std,
-                      device_resample.enabled(dataset_cfg, s.random_resized_crop, ops), s.crop_mode)
+  return TrainAugment(size=dataset_cfg.image_size, random_resized_crop=s.random_resized_crop,
+                      crop_scale=tuple(s.crop_scale), hflip=s.hflip, interpolation=dataset_cfg.interpolation,
+                      randaug_num_ops=ops, randaug_magnitude=magnitude, randaug_magnitude_std=magnitude_std,
+                      resize_on_device=device_resample.enabled(dataset_cfg, s.random_resized_crop, ops),
+                      crop_mode=s.crop_mode)
 
 
 @dataclasses.dataclass

@@ -265,7 +265,7 @@ def candidates(config, job: str, devices: int) -> list:
   return out
 
 
-def fit(config, job: str, target, search: bool = True) -> dict:
+def fit_verdict(config, job: str, target, search: bool = True) -> dict:
   """Compiles `job`'s step as configured; with `search`, also finds the largest micro-batch per
   device that fits: larger ones while the configured one fits, smaller ones until one does."""
   batch, k = batch_shape(config, job)
@@ -341,7 +341,7 @@ def report(config, target, jobs=("pretrain",), search: bool = True, output: str 
         f"{c['dtype']}, attention {attention} | fsdp {c['fsdp']}, scan_layers {c['scan_layers']}, "
         f"remat {c['remat']} | host {r['host_cpu']}")
   for job in jobs:
-    j = fit(config, job, target, search)
+    j = fit_verdict(config, job, target, search)
     j["flops_per_image"] = flops_per_image(config, job=job)
     if target.peak_flops:
       j["estimated_step_s"] = (j["flops_per_image"] * j["batch_size"]

@@ -51,9 +51,9 @@ class Task:
   batch_fields: Sequence[str]          # loader fields sent to the devices
   hooks: Sequence[Hook] = ()
   init_args: tuple = ()                # arguments of init_state (e.g. pretrained weights)
-  # step -> a hashable passed to train_step as `variant=` (static: one compilation per value),
-  # e.g. the bucketed mask ratio of curriculum masking. None: train_step takes no variant.
-  step_variant: Optional[Callable[[int], Any]] = None
+  # step -> static keyword arguments of train_step at that step (one compilation per distinct
+  # set), e.g. {'mask_ratio': the bucketed ratio of curriculum masking}. None: no such arguments.
+  step_settings: Optional[Callable[[int], dict]] = None
   summary: str = ""                    # appended to the first log line (e.g. the attention used)
 
 
@@ -213,26 +213,25 @@ def plan(num_examples: int, *, batch_size: int, num_epochs: int, warmup_epochs: 
 
 
 def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_steps: int,
-        batch_size: int, micro_batches: int = 1, lr_fn: Optional[Callable[[int], float]] = None,
-        augment=None, log_every: int = 0, checkpoint_every: int = 0, keep_every: int = 0) -> TrainState:
+        batch_size: int, micro_batches: int, lr_fn: Callable[[int], float], augment,
+        log_every: int, checkpoint_every: int, keep_every: int = 0) -> TrainState:
   """Runs (or resumes) `task` to `total_steps` optimizer updates of `batch_size` global examples,
   each handed to the step as `micro_batches` micro-batches (`Mesh.put_batch`).
 
-  `augment` is the train transform (default: the pretraining one of `config.dataset`); the
-  intervals default to the config's top-level `log_every_steps` and `checkpoint_every_steps`;
-  with `keep_every` > 0 the checkpoints of every multiple of that step are saved and kept.
+  `augment` is the train transform, one or a list; a metrics row every `log_every` steps, a
+  checkpoint every `checkpoint_every`; with `keep_every` > 0 the checkpoints of every multiple of
+  that step are saved and kept. `config` gives the rest: the seed, the data set, the sharding,
+  how many checkpoints to keep.
   """
-  log_every = log_every or config.log_every_steps
-  augment = augment or pipeline.train_augment(config.dataset)
   loader = pipeline.make_loader(config, train_source, train=True,
                             global_batch_size=batch_size // micro_batches, seed=config.seed,
                             augment=augment)
   augments = augment if isinstance(augment, (list, tuple)) else [augment]
-  on_device = any(getattr(a, "resize_on_device", False) for a in augments)
+  on_device = any(a.resize_on_device for a in augments if isinstance(a, pipeline.TrainAugment))
   fields = (*task.batch_fields, device_resample.CROP_FIELD)  # crops: dataset.resize_on='device'
   data_iter = DeviceFeed(iter(loader), lambda local: mesh.put_batch(
       {k: local[k] for k in fields if k in local}, micro_batches), depth=2, group=micro_batches)
-  ckpt = checkpointing.Checkpointer(workdir, checkpoint_every or config.checkpoint_every_steps,
+  ckpt = checkpointing.Checkpointer(workdir, checkpoint_every,
                                     config.keep_checkpoints, keep_every)
   config_dict = config.to_dict()
 
@@ -252,14 +251,15 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                   + f" | steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else "")
                   + (" | train crops resampled on the device" if on_device else ""))
 
-  compiled = {}  # variant -> jitted train step
+  compiled = {}  # the step's static settings -> jitted train step
 
   def train_step(state, batch, step):
-    variant = task.step_variant(step) if task.step_variant else None
-    if variant not in compiled:
-      fn = functools.partial(task.train_step, variant=variant) if task.step_variant else task.train_step
-      compiled[variant] = mesh.jit_train_step(fn, state_sharding, micro_batches)
-    return compiled[variant](state, batch)
+    settings = task.step_settings(step) if task.step_settings else {}
+    key = tuple(sorted(settings.items()))
+    if key not in compiled:
+      fn = functools.partial(task.train_step, **settings)
+      compiled[key] = mesh.jit_train_step(fn, state_sharding, micro_batches)
+    return compiled[key](state, batch)
 
   writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s <= start, purge_step=start + 1)
   progress = metrics_lib.Progress(total_steps, start)

@@ -82,9 +82,9 @@ class StepSpec:
                config.model.mask_sampling, k, config.dataset.interpolation, mesh, fsdp, per_device)
 
 
-def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, variant=None):
+def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, mask_ratio: Optional[float] = None):
   """One optimizer update: fresh masking noise (or the batch's block masks), loss, gradients,
-  AdamW. `variant`, when given, is this step's (curriculum) mask ratio.
+  AdamW. `mask_ratio`, when given, is this step's (curriculum masking) ratio in place of the model's.
 
   With `spec.micro_batches` K > 1 the batch arrives as K micro-batches (leaves (K, m, ...))
   whose gradients are averaged inside this one step (`trainer.accumulate`). The masking noise of
@@ -92,8 +92,8 @@ def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, variant=None):
   would use for it. Crops sent on canvases (dataset.resize_on='device') are resampled first
   (`device_resample.train_images`)."""
   model, k = spec.model, spec.micro_batches
-  if variant is not None:
-    model = model.clone(mask_ratio=variant)
+  if mask_ratio is not None:
+    model = model.clone(mask_ratio=mask_ratio)
   if "mask_noise" in batch:  # block masks, drawn by the data pipeline
     noise = batch["mask_noise"]
   else:
@@ -130,8 +130,8 @@ def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, variant=None):
   grad_norm = optax.tree.norm(grads)
   new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], grad_norm)
   metrics = {**metrics, "grad_norm": grad_norm, "nonfinite": nonfinite}
-  if variant is not None:
-    metrics["mask_ratio"] = jnp.float32(variant)
+  if mask_ratio is not None:
+    metrics["mask_ratio"] = jnp.float32(mask_ratio)
   return new_state, metrics
 
 
@@ -255,14 +255,14 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
   if sampling == "block":
     augment.append(pipeline.BlockMaskNoise(model.grid, model.mask_ratio))
   m = config.model
-  step_variant = None
+  step_settings = None
   if m.curriculum_start_ratio >= 0:  # curriculum masking, in compiled buckets
-    step_variant = lambda step: masking.curriculum_ratio(
+    step_settings = lambda step: {"mask_ratio": masking.curriculum_ratio(
         step, job.plan.updates_per_epoch, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
-        m.curriculum_shape, m.curriculum_bucket)
+        m.curriculum_shape, m.curriculum_bucket)}
   task = Task(
       summary=describe(model),
-      step_variant=step_variant,
+      step_settings=step_settings,
       init_state=functools.partial(create_train_state, model, tx, config.seed),
       init_args=init_args,
       train_step=step_function(config, model, tx, mesh),
@@ -271,7 +271,8 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
   )
   state = fit(config, workdir, task, job.train_source, mesh=mesh, total_steps=job.plan.total_steps,
               batch_size=config.batch_size, micro_batches=config.grad_accum_steps,
-              lr_fn=job.plan.schedule, augment=augment,
+              lr_fn=job.plan.schedule, augment=augment, log_every=config.log_every_steps,
+              checkpoint_every=config.checkpoint_every_steps,
               keep_every=config.keep_checkpoint_every_epochs * job.plan.updates_per_epoch)
   metrics_lib.log(f"done: {job.plan.total_steps} steps; checkpoints in {workdir}/checkpoints, "
                   f"figures in {workdir}/figures")
