@@ -68,7 +68,7 @@ def mae_jax_feed(folder: str, workers: int, batch: int, prepared: str = "", resi
                         crop_scale=(0.2, 1.0), hflip=True, interpolation="bicubic",
                         num_workers=workers, resize_on=resize_on)
   source = sources.make_source(config.dataset, "train")
-  return iter(pipeline.make_loader(config, source, train=True, global_batch_size=batch, seed=0))
+  return iter(pipeline.make_loader(config.dataset, source, train=True, global_batch_size=batch, seed=0))
 
 
 def torchvision_feed(folder: str, workers: int, batch: int):

@@ -137,7 +137,7 @@ def augment(args, r: dict) -> None:
   batches = max(1, args.steps // 10)
   tv = np.concatenate([b.numpy().transpose(0, 2, 3, 1) for b in _torch_batches(folder, r, batches, 0)[0]])
   source = sources.make_source(config.dataset, sources.resolved_splits(config.dataset)[0])
-  loader = iter(pipeline.make_loader(config, source, train=True, global_batch_size=r["batch"], seed=0))
+  loader = iter(pipeline.make_loader(config.dataset, source, train=True, global_batch_size=r["batch"], seed=0))
   mean, std = np.array(tvo.IMAGENET_MEAN), np.array(tvo.IMAGENET_STD)
   mj = np.concatenate([(next(loader)["image"] / 255.0 - mean) / std for _ in range(batches)])
 

@@ -115,7 +115,7 @@ def extract_features(config, mesh: Mesh, encoder, encoder_params, source, global
   fn = jax.jit(feats, out_shardings=mesh.replicated)  # replicated: every process gets all rows
   size = config_lib.eval_batch_size(config)
   out_f, out_y = [], []
-  for local in pipeline.eval_batches(config, source, size, ("image", "label")):
+  for local in pipeline.eval_batches(config.dataset, source, size, ("image", "label")):
     batch = mesh.put_batch(local)
     f, y, valid = jax.device_get(fn(encoder_params, batch))
     out_f.append(f[valid > 0])
@@ -178,7 +178,7 @@ def run(config, workdir: str, pretrained: str, pretrained_step: Optional[int] = 
   batch_size = config_lib.eval_batch_size(config)
   noise_for = lambda i: masking.fixed_noise(sampling, config.seed + 2 + i, batch_size, model.grid, mask_ratio)
   totals = None
-  for i, local in enumerate(pipeline.eval_batches(config, test_source, batch_size, ("image",))):
+  for i, local in enumerate(pipeline.eval_batches(config.dataset, test_source, batch_size, ("image",))):
     batch = mesh.put_batch(local)
     sums = sums_fn(params, batch["image"], mesh.replicate(noise_for(i)), batch["valid"])
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

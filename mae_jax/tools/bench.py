@@ -94,7 +94,7 @@ def bench_pipeline(config, batches: int) -> dict:
   split, _ = sources.resolved_splits(config.dataset)
   source = sources.make_source(config.dataset, split)
   micro = config.batch_size // config.grad_accum_steps
-  it = iter(pipeline.make_loader(config, source, train=True, global_batch_size=micro, seed=config.seed))
+  it = iter(pipeline.make_loader(config.dataset, source, train=True, global_batch_size=micro, seed=config.seed))
   next(it)  # start-up (worker processes) excluded
   t = time.perf_counter()
   for _ in range(batches):

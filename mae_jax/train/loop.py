@@ -223,7 +223,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
   that step are saved and kept. `config` gives the rest: the seed, the data set, the sharding,
   how many checkpoints to keep.
   """
-  loader = pipeline.make_loader(config, train_source, train=True,
+  loader = pipeline.make_loader(config.dataset, train_source, train=True,
                             global_batch_size=batch_size // micro_batches, seed=config.seed,
                             augment=augment)
   augments = augment if isinstance(augment, (list, tuple)) else [augment]
@@ -349,7 +349,7 @@ def evaluate(config, mesh: Mesh, eval_step: Callable, state, source, global_batc
   `eval_step` must weigh by. Sums stay on device until the end.
   """
   totals = None
-  for local in pipeline.eval_batches(config, source, global_batch, fields):
+  for local in pipeline.eval_batches(config.dataset, source, global_batch, fields):
     batch = mesh.put_batch(local)
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

@@ -82,7 +82,7 @@ def test_checkpoint_restores_bit_identically(cifar_folder, tmp_path):
   abstract, _ = mesh.abstract_state(init, fsdp=False)
   ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 3)
   from mae_jax.data import pipeline
-  it = iter(pipeline.make_loader(c, job.train_source, train=True, global_batch_size=64, seed=0))
+  it = iter(pipeline.make_loader(c.dataset, job.train_source, train=True, global_batch_size=64, seed=0))
   restored = ckpt.restore(3, abstract, it)
   ckpt.close()
   assert int(restored.step) == 3
