@@ -30,7 +30,7 @@ from mae_jax.runtime.parallel import Mesh
 def run(config, workdir: str, pretrained: str, pretrained_step: Optional[int] = None) -> dict:
   e = config.evaluate
   mesh = Mesh()
-  mask_ratio = e.mask_ratio if e.mask_ratio >= 0 else config.model.mask_ratio
+  mask_ratio = config.model.mask_ratio if e.mask_ratio is None else e.mask_ratio
   # Evaluation runs unrolled (restore_params gives that layout, whichever pretraining used).
   model = mae_from_config(config.model, config.dataset.image_size, scan_layers=False).clone(
       mask_ratio=mask_ratio)

@@ -169,14 +169,14 @@ def layer_decay_scales(params, depth: int, decay: float):
   return jax.tree_util.tree_map_with_path(lambda p, _: decay ** (depth + 1 - layer_id(p, depth)), params)
 
 
-def trainable_labels(params, depth: int, trainable_blocks: int, probe: bool = False):
+def trainable_labels(params, depth: int, trainable_blocks: Optional[int], probe: bool = False):
   """'train' or 'freeze' per parameter. A probe trains its head only. Fine-tuning trains all, or
-  with trainable_blocks = k >= 0 only the last k blocks and what follows them (final norm, fc_norm,
+  with trainable_blocks = k only the last k blocks and what follows them (final norm, fc_norm,
   head): the paper's partial fine-tuning."""
   def label(path, _):
     if probe:
       return "train" if _names(path)[0] == "head" else "freeze"
-    if trainable_blocks < 0:
+    if trainable_blocks is None:
       return "train"
     return "train" if layer_id(path, depth) > depth - trainable_blocks else "freeze"
   return jax.tree_util.tree_map_with_path(label, params)

@@ -88,7 +88,7 @@ def classification_optimizer(section, schedule, params, depth: int, probe: bool)
                        optax.sgd(schedule, momentum=section.momentum))
   else:
     raise errors.ConfigError(f"optimizer={kind!r} must be 'lars', 'adamw' or 'sgd'")
-  labels = classifier.trainable_labels(params, depth, -1 if probe else section.trainable_blocks, probe)
+  labels = classifier.trainable_labels(params, depth, None if probe else section.trainable_blocks, probe)
   tx = optax.multi_transform({"train": base, "freeze": optax.set_to_zero()}, labels)
   decay = 1.0 if probe else section.layer_decay
   if decay < 1.0:

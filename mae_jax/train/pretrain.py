@@ -256,7 +256,7 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
     augment.append(pipeline.BlockMaskNoise(model.grid, model.mask_ratio))
   m = config.model
   step_settings = None
-  if m.curriculum_start_ratio >= 0:  # curriculum masking, in compiled buckets
+  if m.curriculum_start_ratio is not None:  # curriculum masking, in compiled buckets
     step_settings = lambda step: {"mask_ratio": masking.curriculum_ratio(
         step, job.plan.updates_per_epoch, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
         m.curriculum_shape, m.curriculum_bucket)}
