@@ -1,6 +1,7 @@
 """Config validation: every numeric field against its range, and the fields' combinations,
 before any work. Raises ConfigError saying what is wrong and how to fix it."""
 
+import math
 import os
 
 import jax
@@ -77,7 +78,7 @@ def validate(config, jobs=("pretrain",)) -> None:
     need(d.image_size % m.patch_size == 0,
          f"dataset.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
          "pick sizes where image_size % patch_size == 0")
-    num_patches = (d.image_size // m.patch_size) ** 2
+    num_patches = math.prod(masking.patch_grid(d.image_size, m.patch_size))
     need(masking.num_kept(num_patches, m.mask_ratio) >= 1,
          f"model.mask_ratio={m.mask_ratio} keeps no patch of {num_patches}; lower it")
   for part in ("encoder", "decoder"):
@@ -91,7 +92,7 @@ def validate(config, jobs=("pretrain",)) -> None:
   need(m.mask_sampling in masking.STRATEGIES,
        f"model.mask_sampling={m.mask_sampling!r} must be one of {', '.join(masking.STRATEGIES)}")
   if m.mask_sampling == "grid" and sizes:
-    grid_side = d.image_size // m.patch_size
+    grid_side = masking.patch_grid(d.image_size, m.patch_size)[0]
     need(m.mask_ratio == 0.75 and grid_side % 2 == 0,
          f"grid masking keeps 1 patch in every 2x2: it needs mask_ratio=0.75 (got {m.mask_ratio}) and an "
          f"even patch grid (got {grid_side})")

@@ -6,6 +6,7 @@ a model is built for when it is not present (`building_for`, used by mae_jax.com
 import contextlib
 import contextvars
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,7 @@ def sequence_lengths(model_cfg, image_size: int, decoder: bool = True) -> tuple:
   """The tokens every attention of a model sees: with the decoder (the MAE), the class token and
   the kept patches in the encoder, the class token and every patch in the decoder; without it
   (an encoder or classifier on whole images), the class token and every patch."""
-  patches = (image_size // model_cfg.patch_size) ** 2
+  patches = math.prod(masking.patch_grid(image_size, model_cfg.patch_size))
   if not decoder:
     return (1 + patches,)
   return (1 + masking.num_kept(patches, model_cfg.mask_ratio), 1 + patches)

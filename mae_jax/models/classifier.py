@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from mae_jax.errors import CheckpointMismatchError
+from mae_jax.models import masking
 from mae_jax.models.layers import LN_EPS, layer_norm
 from mae_jax.models.mae import Encoder, compute_settings, sincos_2d
 
@@ -68,7 +69,7 @@ class Classifier(nn.Module):
 
   @property
   def grid(self):
-    return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+    return masking.patch_grid(self.image_size, self.patch_size)
 
   def setup(self):
     self.encoder = Encoder(self.patch_size, self.grid, self.width, self.depth, self.num_heads,

@@ -239,7 +239,7 @@ class MAE(nn.Module):
 
   @property
   def grid(self) -> tuple[int, int]:
-    return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+    return masking.patch_grid(self.image_size, self.patch_size)
 
   @property
   def num_patches(self) -> int:
@@ -287,7 +287,7 @@ def compute_settings(model_cfg, image_size: int, decoder: bool = True) -> dict:
 
 def encoder_from_config(model_cfg, image_size: int, **changes) -> Encoder:
   """The MAE's encoder alone (kNN features, the classifier's backbone), with `changes`."""
-  m, grid = model_cfg, (image_size // model_cfg.patch_size,) * 2
+  m, grid = model_cfg, masking.patch_grid(image_size, model_cfg.patch_size)
   return Encoder(m.patch_size, grid, m.encoder_width, m.encoder_depth, m.encoder_heads,
                  m.mlp_ratio, **{**compute_settings(m, image_size, decoder=False), **changes})
 

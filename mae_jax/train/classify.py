@@ -28,10 +28,11 @@ from mae_jax.train.loop import (
   Task,
   TrainState,
   accumulate,
+  apply_update,
   evaluate,
   fit,
+  new_train_state,
   plan,
-  skip_if_nonfinite,
 )
 
 MODES = ("probe", "finetune")
@@ -41,8 +42,7 @@ def create_train_state(tx, seed: int, variables: dict) -> TrainState:
   """Pure: the optimizer state for `variables` (params + e.g. batch_stats) and the base key."""
   params = variables["params"]
   model_state = {k: v for k, v in variables.items() if k != "params"} or None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1), model_state=model_state)
+  return new_train_state(params, tx, jax.random.fold_in(jax.random.PRNGKey(seed), 1), model_state)
 
 
 def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_classes: int,
@@ -74,11 +74,7 @@ def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_c
 
   (metrics, grads), new_model_state = accumulate(grads_of, state.params, batch, micro_batches,
                                                  state.model_state)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, model_state=new_model_state)
-  new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], optax.tree.norm(grads))
-  return new_state, {**metrics, "nonfinite": nonfinite}
+  return apply_update(state, grads, metrics, tx, model_state=new_model_state)
 
 
 def eval_step(state: TrainState, batch: dict, *, model, mean, std) -> dict:

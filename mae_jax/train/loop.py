@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
@@ -55,6 +56,24 @@ class Task:
   # set), e.g. {'mask_ratio': the bucketed ratio of curriculum masking}. None: no such arguments.
   step_settings: Optional[Callable[[int], dict]] = None
   summary: str = ""                    # appended to the first log line (e.g. the attention used)
+
+
+def new_train_state(params, tx, rng: jax.Array, model_state=None) -> TrainState:
+  """Step 0 of a job: its parameters, their optimizer state, the base key."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+                    model_state=model_state)
+
+
+def apply_update(state: TrainState, grads, metrics: dict, tx, model_state=None):
+  """How every job's step ends: the optimizer update, the gradients' global norm, and the
+  non-finite guard (`skip_if_nonfinite`). `model_state`: the step's new mutable collections
+  (BatchNorm statistics), if the model has any. Returns (state, metrics + grad_norm, nonfinite)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, model_state=model_state)
+  grad_norm = optax.tree.norm(grads)
+  new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], grad_norm)
+  return new_state, {**metrics, "grad_norm": grad_norm, "nonfinite": nonfinite}
 
 
 def skip_if_nonfinite(state: TrainState, new_state: TrainState, loss, grad_norm):

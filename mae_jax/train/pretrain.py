@@ -30,9 +30,10 @@ from mae_jax.train.loop import (
   TrainState,
   accumulate,
   accumulate_per_device,
+  apply_update,
   fit,
+  new_train_state,
   plan,
-  skip_if_nonfinite,
 )
 
 
@@ -49,8 +50,7 @@ def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int,
   init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
   if params is None:
     params = init_params(model, init_key)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=train_key)
+  return new_train_state(params, tx, train_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,12 +124,7 @@ def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, mask_ratio: Op
   else:
     shardings = spec.mesh.state_shardings(state.params, spec.fsdp) if spec.mesh is not None else None
     (metrics, grads), _ = accumulate(grads_of, state.params, micro, k, grad_shardings=shardings)
-  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
-  grad_norm = optax.tree.norm(grads)
-  new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], grad_norm)
-  metrics = {**metrics, "grad_norm": grad_norm, "nonfinite": nonfinite}
+  new_state, metrics = apply_update(state, grads, metrics, spec.tx)
   if mask_ratio is not None:
     metrics["mask_ratio"] = jnp.float32(mask_ratio)
   return new_state, metrics
