@@ -296,9 +296,12 @@ UNSET_WAS_NEGATIVE = (("model", "curriculum_start_ratio"), ("finetune", "trainab
                       ("evaluate", "mask_ratio"))
 
 
-def model_signature(config) -> dict:
-  """What must match for a checkpoint to be restored into this config's model."""
-  m = config.model
-  keys = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "decoder_width",
-          "decoder_depth", "decoder_heads", "mlp_ratio")
-  return {k: m[k] for k in keys}
+ENCODER_FIELDS = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "mlp_ratio")
+DECODER_FIELDS = ("decoder_width", "decoder_depth", "decoder_heads")
+
+
+def model_signature(config, encoder_only: bool = False) -> dict:
+  """What must match for a checkpoint to be restored into this config's model (its encoder
+  alone with `encoder_only`: probing, fine-tuning)."""
+  keys = ENCODER_FIELDS + (() if encoder_only else DECODER_FIELDS)
+  return {k: config.model[k] for k in keys}
