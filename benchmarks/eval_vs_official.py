@@ -1,7 +1,7 @@
 """mae_jax's linear probe and fine-tuning against the official main_linprobe.py / main_finetune.py,
 end to end, over seeds, from one pretrained encoder.
 
-  python benchmarks/eval_vs_official.py --folder=data/cifar10-jpeg --out=runs/eval_vs_official \
+  python -m benchmarks.eval_vs_official --folder=data/cifar10-jpeg --out=runs/eval_vs_official \
       [--shape=small|medium] [--jobs=probe,finetune] [--seeds=0,1,2] [--label_fraction=0.1]
 
 1. Pretrains the shape's MAE once with `python -m mae_jax.main` (the pretraining comparison's
@@ -35,10 +35,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, REPO)
 
-import train_vs_official as tvo  # noqa: E402
+from benchmarks import train_vs_official as tvo
 
 CONFIG = "configs/cifar10_vit_t.py:tiny,official_eval"
 
@@ -70,8 +68,8 @@ def official_run(folder: str, out: str, r: dict, seed: int, init_pth: str, threa
   """The official probe or fine-tuning loop on folder/train, evaluated on folder/test; writes
   out/metrics.jsonl (step, loss, lr per iteration) and out/results.json (top-1, seconds)."""
   import torch
-  import official_eval as oe
-  import official_mae
+  from benchmarks import official_eval as oe
+  from benchmarks import official_mae
   torch.set_num_threads(threads)
   oe.seed_everything(seed)
   job, size = r["job"], r["image_size"]
@@ -326,8 +324,8 @@ def run_parity(job: str, folder: str, r: dict, steps: int, steps_per_epoch: int,
   largest change of the official model's logits there over the run)."""
   import jax
   import torch
-  import official_eval as oe
-  import official_mae
+  from benchmarks import official_eval as oe
+  from benchmarks import official_mae
   from mae_jax.models import classifier
   from mae_jax.train import classify
   from mae_jax.io import convert
@@ -357,7 +355,7 @@ def run_parity(job: str, folder: str, r: dict, steps: int, steps_per_epoch: int,
   peak = optim.peak_lr(r["base_lr"], r["batch"])
   schedule = optim.warmup_cosine(peak, r["min_lr"], r["warmup_epochs"] * steps_per_epoch,
                                  r["epochs"] * steps_per_epoch)
-  tx = classify.make_optimizer(config[job], schedule, params, r["enc_depth"], job == "probe")
+  tx = optim.classification_optimizer(config[job], schedule, params, r["enc_depth"], job == "probe")
   state = classify.create_train_state(tx, seed, variables)
   step = jax.jit(classify.step_function(config, job, model, tx, r["num_classes"]))
 

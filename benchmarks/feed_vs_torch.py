@@ -1,6 +1,6 @@
 """mae_jax's training input feed against torchvision's, side by side on this machine.
 
-  python benchmarks/feed_vs_torch.py [--folder=DIR] [--workers=2] [--batch=64] [--reps=5]
+  python -m benchmarks.feed_vs_torch [--folder=DIR] [--workers=2] [--batch=64] [--reps=5]
                                     [--resize_on=host|device]
 
 Both sides read the same image folder (DIR/train/<class>/*.jpg) and do the MAE pretraining
@@ -25,13 +25,10 @@ import argparse
 import gc
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SIZE = 224
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
@@ -71,12 +68,12 @@ def mae_jax_feed(folder: str, workers: int, batch: int, prepared: str = "", resi
                         crop_scale=(0.2, 1.0), hflip=True, interpolation="bicubic",
                         num_workers=workers, resize_on=resize_on)
   source = sources.make_source(config.dataset, "train")
-  return iter(pipeline.make_loader(config, source, train=True, global_batch_size=batch, seed=0))
+  return iter(pipeline.make_loader(config.dataset, source, train=True, global_batch_size=batch, seed=0))
 
 
 def torchvision_feed(folder: str, workers: int, batch: int):
   """An endless iterator of torchvision's batches, as the official MAE's main_pretrain.py."""
-  import torch_cpu
+  from benchmarks import torch_cpu
   datasets = torch_cpu.tolerant_import("torchvision.datasets")
   transforms = torch_cpu.tolerant_import("torchvision.transforms")
   import torch

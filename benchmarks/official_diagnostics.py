@@ -1,5 +1,6 @@
 """Stage-by-stage checks of mae_jax's pretraining against the official loop
-(`python benchmarks/train_vs_official.py --diagnose=init|augment|parity ...`).
+(`python -m benchmarks.official_diagnostics --diagnose=init|augment|parity|swap --folder=...`,
+with the comparison's flags of benchmarks/train_vs_official.py).
 
 Each function measures one stage on both sides and prints a table:
   init     the loss on one batch from each side's own initialisation, over many seeds, and every
@@ -19,14 +20,14 @@ import sys
 
 import numpy as np
 
-import train_vs_official as tvo
+from benchmarks import train_vs_official as tvo
 
 
 def _torch_batches(folder: str, r: dict, n: int, seed: int):
   """`n` train batches of the official pipeline (NCHW float tensors, normalised), and the size of
   the train split."""
   import torch
-  import official_mae
+  from benchmarks import official_mae
   torch.manual_seed(seed)
   dataset = official_mae.ImageFolder(os.path.join(folder, "train"), tvo.official_transform(r))
   loader = torch.utils.data.DataLoader(
@@ -121,7 +122,7 @@ def _mae_jax_crops(config, n: int):
 def augment(args, r: dict) -> None:
   """Crop area / aspect distributions and batch pixel statistics, both pipelines."""
   import torch
-  import torch_cpu
+  from benchmarks import torch_cpu
   from mae_jax.data import pipeline
   from mae_jax.data import sources
   transforms = torch_cpu.tolerant_import("torchvision.transforms")
@@ -136,7 +137,7 @@ def augment(args, r: dict) -> None:
   batches = max(1, args.steps // 10)
   tv = np.concatenate([b.numpy().transpose(0, 2, 3, 1) for b in _torch_batches(folder, r, batches, 0)[0]])
   source = sources.make_source(config.dataset, sources.resolved_splits(config.dataset)[0])
-  loader = iter(pipeline.make_loader(config, source, train=True, global_batch_size=r["batch"], seed=0))
+  loader = iter(pipeline.make_loader(config.dataset, source, train=True, global_batch_size=r["batch"], seed=0))
   mean, std = np.array(tvo.IMAGENET_MEAN), np.array(tvo.IMAGENET_STD)
   mj = np.concatenate([(next(loader)["image"] / 255.0 - mean) / std for _ in range(batches)])
 
@@ -200,7 +201,7 @@ def run_parity(folder: str, r: dict, steps: int, steps_per_epoch: int = 0, threa
   losses, {tensor: largest |difference| / largest |value|} of the final weights)."""
   import jax
   import torch
-  import official_mae
+  from benchmarks import official_mae
   from mae_jax.io import convert
   from mae_jax.train import optim
   from mae_jax.train import pretrain
@@ -217,7 +218,7 @@ def run_parity(folder: str, r: dict, steps: int, steps_per_epoch: int = 0, threa
   lr = r["base_lr"] * r["batch"] / 256
   model = mae_from_config(config.model, r["image_size"])
   schedule = optim.warmup_cosine(lr, 0.0, int(r["warmup_epochs"] * per_epoch), r["epochs"] * per_epoch)
-  tx = optim.make_optimizer(config.optimizer, schedule)
+  tx = optim.pretraining_optimizer(config.optimizer, schedule)
   state = pretrain.create_train_state(model, tx, 0, params=params)
   spec = pretrain.StepSpec(model, tx, tvo.IMAGENET_MEAN, tvo.IMAGENET_STD)
   step = jax.jit(functools.partial(pretrain.pretrain_step, spec=spec))
@@ -317,5 +318,10 @@ def swap(args, r: dict) -> None:
     print(f"| {seed} | {loop} | {init} | " + " | ".join(f"{x:.4f}" for x in v) + " |")
 
 
+def main(argv=None):
+  args = tvo.arguments(diagnose=True).parse_args(argv)
+  return globals()[args.diagnose](args, tvo.recipe_from_args(args))
+
+
 if __name__ == "__main__":
-  sys.exit("run it as: python benchmarks/train_vs_official.py --diagnose=init|augment|parity ...")
+  main()

@@ -27,17 +27,13 @@ the dev extra.
 
 import functools
 import math
-import os
 import random
-import sys
 
 import numpy as np
 import torch
 from torch import nn
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import official_mae  # noqa: E402
-import torch_cpu  # noqa: E402
+from benchmarks import official_mae
+from benchmarks import torch_cpu
 
 timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
 timm_data = torch_cpu.tolerant_import("timm.data")

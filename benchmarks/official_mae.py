@@ -12,15 +12,11 @@ and tests/integration/test_official_loop.py. torch and timm come with the dev ex
 """
 
 import functools
-import os
-import sys
 
 import numpy as np
 import torch
 from torch import nn
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch_cpu  # noqa: E402
+from benchmarks import torch_cpu
 
 # timm imports torchvision, whose PyPI wheel needs the tolerant import beside a CPU torch.
 timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")

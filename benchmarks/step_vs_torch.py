@@ -1,6 +1,6 @@
 """The MAE pretraining step of mae_jax against the PyTorch reference, side by side on this machine.
 
-  python benchmarks/step_vs_torch.py --config=configs/cifar10_vit_t.py [--batch=32] [--steps=5] [--reps=5]
+  python -m benchmarks.step_vs_torch --config=configs/cifar10_vit_t.py [--batch=32] [--steps=5] [--reps=5]
 
 Both sides do the same work: one pretraining step (masking at the config's ratio, forward,
 backward, AdamW with b = (0.9, 0.95) and weight decay) on the same images, in float32. The PyTorch
@@ -11,7 +11,7 @@ repetitions alternate (mae_jax, PyTorch, mae_jax, ...) so that both sides see th
 the figures are medians over repetitions. The last line reads
 `step: mae_jax A img/s, PyTorch B img/s, ratio R.RRx`.
 
-  python benchmarks/step_vs_torch.py --config=configs/cifar10_vit_t.py --attention
+  python -m benchmarks.step_vs_torch --config=configs/cifar10_vit_t.py --attention
 
 times one attention instead (softmax(q k^T / sqrt d) v, forward and backward, float32) at the
 shapes of the config's encoder (visible tokens) and decoder (all tokens): mae_jax's
@@ -26,12 +26,9 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def mae_jax_step(config, images):
@@ -42,7 +39,7 @@ def mae_jax_step(config, images):
   from mae_jax.models.mae import mae_from_config
   model = mae_from_config(config.model, config.dataset.image_size)
   schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size), 0.0, 0, 10**6)
-  tx = optim.make_optimizer(config.optimizer, schedule)
+  tx = optim.pretraining_optimizer(config.optimizer, schedule)
   state = jax.jit(functools.partial(pretrain.create_train_state, model, tx, config.seed))()
   spec = pretrain.StepSpec(model, tx, tuple(config.dataset.mean), tuple(config.dataset.std))
   step = jax.jit(functools.partial(pretrain.pretrain_step, spec=spec), donate_argnums=(0,))
@@ -59,8 +56,7 @@ def pytorch_step(config, images, threads: int):
   """A function running one step of transformers' ViTMAEForPreTraining with torch's AdamW."""
   import numpy as np
   import torch
-  import torch_cpu
-  # The modeling module itself: transformers imports it lazily, past the tolerant import.
+  from benchmarks import torch_cpu
   vit_mae = torch_cpu.tolerant_import("transformers.models.vit_mae.modeling_vit_mae")
   torch.set_num_threads(threads)
   torch.manual_seed(config.seed)

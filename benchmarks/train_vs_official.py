@@ -1,6 +1,6 @@
 """mae_jax's pretraining against the official MAE loop, end to end, over seeds.
 
-  python benchmarks/train_vs_official.py --folder=data/cifar10-jpeg --out=runs/vs_official \
+  python -m benchmarks.train_vs_official --folder=data/cifar10-jpeg --out=runs/vs_official \
       [--shape=small|medium] [--epochs=3] [--seeds=0,1,2]
 
 For each seed, one after the other, the reference loop below (`--side=official`) and
@@ -23,7 +23,8 @@ model and initialisation), `torch.optim.AdamW` over the official parameter group
 before every iteration, and the loss of every iteration logged as `loss.item()`. Its weights are
 saved as the official `checkpoint-N.pth`, which mae_jax reads directly.
 
-Diagnostics, each printing a table (docs/numerics.md has what they showed):
+Diagnostics, each printing a table (docs/numerics.md has what they showed), run as
+`python -m benchmarks.official_diagnostics --diagnose=NAME` with the flags above:
   --diagnose=init     the loss on one batch from each side's own initialisation, over seeds, and
                       every parameter tensor's mean and standard deviation on both sides;
   --diagnose=augment  crop area / aspect / pixel statistics of mae_jax's train batches against
@@ -49,8 +50,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, REPO)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -81,7 +80,7 @@ def recipe_from_args(args) -> dict:
 # ----------------------------------------------------------------------------
 def official_transform(r: dict):
   """The official train transform: RandomResizedCrop (bicubic), flip, ToTensor, Normalize."""
-  import torch_cpu
+  from benchmarks import torch_cpu
   transforms = torch_cpu.tolerant_import("torchvision.transforms")
   return transforms.Compose([
       transforms.RandomResizedCrop(r["image_size"], scale=tuple(r["crop_scale"]), interpolation=3),
@@ -91,7 +90,7 @@ def official_transform(r: dict):
 
 
 def official_model(r: dict):
-  import official_mae
+  from benchmarks import official_mae
   return official_mae.OfficialMAE(
       img_size=r["image_size"], patch_size=r["patch"], embed_dim=r["enc_width"],
       depth=r["enc_depth"], num_heads=r["enc_heads"], decoder_embed_dim=r["dec_width"],
@@ -106,7 +105,7 @@ def official_pretrain(folder: str, out: str, r: dict, seed: int, threads: int,
   official state dict (.pth) to start from instead of the seed's initialisation; `max_steps` > 0
   stops after that many iterations (the schedule unchanged)."""
   import torch
-  import official_mae
+  from benchmarks import official_mae
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   np.random.seed(seed)
@@ -298,7 +297,8 @@ def compare(args) -> None:
   print(table)
 
 
-def main(argv=None):
+def arguments(diagnose: bool = False) -> argparse.ArgumentParser:
+  """The comparison's flags (with `diagnose`, also official_diagnostics.py's)."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--folder", required=True, help="image folder with train/<class>/ and test/<class>/")
@@ -315,16 +315,17 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's threads")
   p.add_argument("--eval_images", type=int, default=2000, help="test images evaluated")
   p.add_argument("--knn_memory", type=int, default=10000, help="train images in the kNN memory")
-  p.add_argument("--diagnose", choices=["", "init", "augment", "parity", "swap"], default="")
-  p.add_argument("--steps", type=int, default=100, help="--diagnose=parity and swap: steps; "
-                 "augment: batches / 10 compared")
-  p.add_argument("--weights", default="", help="--diagnose=augment: an official checkpoint whose "
-                 "loss on both pipelines' batches is compared (e.g. a run's checkpoint-2.pth)")
-  args = p.parse_args(argv)
-  if args.diagnose:
-    import official_diagnostics
-    return getattr(official_diagnostics, args.diagnose)(args, recipe_from_args(args))
-  compare(args)
+  if diagnose:
+    p.add_argument("--diagnose", choices=["init", "augment", "parity", "swap"], required=True)
+    p.add_argument("--steps", type=int, default=100, help="--diagnose=parity and swap: steps; "
+                   "augment: batches / 10 compared")
+    p.add_argument("--weights", default="", help="--diagnose=augment: an official checkpoint whose "
+                   "loss on both pipelines' batches is compared (e.g. a run's checkpoint-2.pth)")
+  return p
+
+
+def main(argv=None):
+  compare(arguments().parse_args(argv))
 
 
 if __name__ == "__main__":

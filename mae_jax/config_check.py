@@ -1,6 +1,7 @@
 """Config validation: every numeric field against its range, and the fields' combinations,
 before any work. Raises ConfigError saying what is wrong and how to fix it."""
 
+import math
 import os
 
 import jax
@@ -25,7 +26,7 @@ RANGES = {
     "model.laplacian_weight": ">= 0", "model.uniformity_weight": ">= 0",
     "optimizer.base_lr": "> 0", "optimizer.min_lr": ">= 0", "optimizer.weight_decay": ">= 0",
     "optimizer.b1": "[0, 1)", "optimizer.b2": "[0, 1)",
-    "evaluate.batch_size": ">= 1", "evaluate.num_images": ">= 0", "evaluate.mask_ratio": "[-1, 1)",
+    "evaluate.batch_size": ">= 1", "evaluate.num_images": ">= 0", "evaluate.mask_ratio": "[0, 1)",
     "evaluate.figure_images": ">= 1", "evaluate.knn_k": ">= 1", "evaluate.knn_temperature": "> 0",
     "evaluate.knn_every_steps": ">= 0", "evaluate.knn_train_examples": ">= 0",
     **{f"{job}.{k}": v for job in ("probe", "finetune") for k, v in {
@@ -37,7 +38,7 @@ RANGES = {
     "finetune.mixup": ">= 0", "finetune.cutmix": ">= 0", "finetune.label_smoothing": "[0, 1)",
     "finetune.randaug_num_ops": ">= 0", "finetune.randaug_magnitude": ">= 0",
     "finetune.randaug_magnitude_std": ">= 0", "finetune.random_erasing": "[0, 1]",
-    "finetune.trainable_blocks": ">= -1",
+    "finetune.trainable_blocks": ">= 0",
 }
 
 
@@ -65,8 +66,8 @@ def validate(config, jobs=("pretrain",)) -> None:
   out_of_range = set()
   for name, spec in RANGES.items():
     value = config_lib.field(config, name)
-    if name == "model.curriculum_epochs" and m.curriculum_start_ratio < 0:
-      continue  # curriculum off
+    if value is None or (name == "model.curriculum_epochs" and m.curriculum_start_ratio is None):
+      continue  # unset, or curriculum off
     if not in_range(value, spec):
       out_of_range.add(name)
       need(False, f"{name}={value} must be {'in ' if spec[0] in '[(' else ''}{spec}")
@@ -77,7 +78,7 @@ def validate(config, jobs=("pretrain",)) -> None:
     need(d.image_size % m.patch_size == 0,
          f"dataset.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
          "pick sizes where image_size % patch_size == 0")
-    num_patches = (d.image_size // m.patch_size) ** 2
+    num_patches = math.prod(masking.patch_grid(d.image_size, m.patch_size))
     need(masking.num_kept(num_patches, m.mask_ratio) >= 1,
          f"model.mask_ratio={m.mask_ratio} keeps no patch of {num_patches}; lower it")
   for part in ("encoder", "decoder"):
@@ -91,13 +92,13 @@ def validate(config, jobs=("pretrain",)) -> None:
   need(m.mask_sampling in masking.STRATEGIES,
        f"model.mask_sampling={m.mask_sampling!r} must be one of {', '.join(masking.STRATEGIES)}")
   if m.mask_sampling == "grid" and sizes:
-    grid_side = d.image_size // m.patch_size
+    grid_side = masking.patch_grid(d.image_size, m.patch_size)[0]
     need(m.mask_ratio == 0.75 and grid_side % 2 == 0,
          f"grid masking keeps 1 patch in every 2x2: it needs mask_ratio=0.75 (got {m.mask_ratio}) and an "
          f"even patch grid (got {grid_side})")
-  if m.curriculum_start_ratio >= 0:
-    need(m.curriculum_start_ratio < 1.0 and m.curriculum_shape in ("linear", "cosine"),
-         "curriculum: model.curriculum_start_ratio in [0, 1) (negative: off), model.curriculum_shape "
+  if m.curriculum_start_ratio is not None:
+    need(0.0 <= m.curriculum_start_ratio < 1.0 and m.curriculum_shape in ("linear", "cosine"),
+         "curriculum: model.curriculum_start_ratio in [0, 1) (None: off), model.curriculum_shape "
          "'linear' or 'cosine'")
     need(m.mask_sampling == "random", "curriculum masking works with mask_sampling='random'")
   need(m.dtype != "float16", "model.dtype='float16' would train without loss scaling, which "
@@ -160,7 +161,7 @@ def validate(config, jobs=("pretrain",)) -> None:
          + f") is not divisible by the {n_dev} devices; change {prefix}batch_size so that it is")
     need(micro % n_proc == 0, f"{job}: the {what} {micro} is not divisible by {n_proc} processes")
   ft = config.finetune
-  need(ft.trainable_blocks <= m.encoder_depth,
+  need(ft.trainable_blocks is None or ft.trainable_blocks <= m.encoder_depth,
        f"finetune.trainable_blocks={ft.trainable_blocks} exceeds the encoder's {m.encoder_depth} blocks")
   if problems:
     raise ConfigError("invalid config: " + problems[0] if len(problems) == 1 else

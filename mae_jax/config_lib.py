@@ -61,7 +61,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
       mask_ratio=0.75,
       mask_sampling="random",    # 'random', 'block' (BEiT blockwise) or 'grid' (1 in every 2x2; ratio 0.75)
       mask_token_in_encoder=False,  # ablation: the encoder sees every patch, mask tokens in place
-      curriculum_start_ratio=-1.0,  # >= 0: curriculum masking, the ratio ramps from this to mask_ratio
+      # Curriculum masking: the ratio ramps from this ratio in [0, 1) to mask_ratio; None: off.
+      curriculum_start_ratio=ml_collections.FieldReference(None, field_type=float),
       curriculum_epochs=5.0,
       curriculum_shape="linear",    # 'linear' or 'cosine'
       curriculum_bucket=0.05,       # ratios rounded to this: one compilation per bucket
@@ -117,14 +118,15 @@ def pretrain_config() -> ml_collections.ConfigDict:
       random_erasing=0.25,
       random_resized_crop=True, crop_scale=(0.08, 1.0), hflip=True, crop_mode="retry",
       global_pool=True,          # mean patch token + fc_norm; False: cls token
-      trainable_blocks=-1,       # k >= 0: fine-tune only the last k blocks (partial fine-tuning)
+      # k: fine-tune only the last k blocks (the paper's partial fine-tuning); None: all of them.
+      trainable_blocks=ml_collections.FieldReference(None, field_type=int),
       log_every_steps=50, checkpoint_every_steps=1000, eval_every_epochs=5,
   ))
   # Reconstruction metrics and kNN (mae_jax.evaluate; kNN also during pretraining).
   c.evaluate = ml_collections.ConfigDict(dict(
       batch_size=256,
       num_images=0,              # test images measured; 0: the whole split
-      mask_ratio=-1.0,           # < 0: the model's mask ratio
+      mask_ratio=ml_collections.FieldReference(None, field_type=float),  # None: the model's
       lpips_alex="", lpips_vgg="",  # paths of LPIPS weight files (.npz); '' skips that LPIPS
       figure_images=16,
       knn_k=20, knn_temperature=0.07,
@@ -177,7 +179,7 @@ def official_evaluation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                     drop_path=0.1, mixup=0.8, cutmix=1.0, label_smoothing=0.1, randaug_num_ops=2,
                     randaug_magnitude=9.0, randaug_magnitude_std=0.5, random_erasing=0.25,
                     random_resized_crop=True, crop_scale=(0.08, 1.0), hflip=True, crop_mode="retry",
-                    global_pool=True, trainable_blocks=-1)
+                    global_pool=True, trainable_blocks=None)
   return c
 
 
@@ -281,12 +283,25 @@ def upgrade(saved: dict) -> dict:
     if not (isinstance(default, dict) and isinstance(have, dict)):
       return have
     return {**default, **{k: merge(default[k], v) if k in default else v for k, v in have.items()}}
-  return merge(pretrain_config().to_dict(), saved)
+  merged = merge(pretrain_config().to_dict(), saved)
+  for section, name in UNSET_WAS_NEGATIVE:  # written before None meant unset: -1 did
+    value = merged.get(section, {}).get(name)
+    if isinstance(value, (int, float)) and value < 0:
+      merged[section][name] = None
+  return merged
 
 
-def model_signature(config) -> dict:
-  """What must match for a checkpoint to be restored into this config's model."""
-  m = config.model
-  keys = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "decoder_width",
-          "decoder_depth", "decoder_heads", "mlp_ratio")
-  return {k: m[k] for k in keys}
+# Fields whose 'unset' was a negative number in configs written before it became None.
+UNSET_WAS_NEGATIVE = (("model", "curriculum_start_ratio"), ("finetune", "trainable_blocks"),
+                      ("evaluate", "mask_ratio"))
+
+
+ENCODER_FIELDS = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "mlp_ratio")
+DECODER_FIELDS = ("decoder_width", "decoder_depth", "decoder_heads")
+
+
+def model_signature(config, encoder_only: bool = False) -> dict:
+  """What must match for a checkpoint to be restored into this config's model (its encoder
+  alone with `encoder_only`: probing, fine-tuning)."""
+  keys = ENCODER_FIELDS + (() if encoder_only else DECODER_FIELDS)
+  return {k: config.model[k] for k in keys}

@@ -66,8 +66,6 @@ def cifar_folder(tmp_path_factory) -> str:
 
 def tiny_config(folder: str, **overrides):
   """The CPU-sized CIFAR-10 preset reading the image folder, with overrides (dotted keys)."""
-  import sys
-  sys.path.insert(0, str(REPO))
   from configs import cifar10_vit_t
   from mae_jax import config_lib
   c = cifar10_vit_t.get_config("tiny")

@@ -93,3 +93,32 @@ def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path):
 def test_no_module_over_400_lines():
   long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
   assert not long, f"modules over {MAX_LINES} lines (split them by concern): {long}"
+
+
+BENCHMARKS = PACKAGE.parent / "benchmarks"
+
+
+def benchmark_graph() -> dict:
+  """benchmarks/ module -> the benchmarks/ modules it imports (`from benchmarks import x`)."""
+  g = {}
+  for path in BENCHMARKS.glob("*.py"):
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "benchmarks":
+        deps |= ({a.name for a in node.names} if node.module == "benchmarks" else {node.module.split(".")[1]})
+    g[path.stem] = deps - {"__init__"}
+  return g
+
+
+def test_benchmarks_form_no_cycle_and_leave_the_import_path_alone():
+  """The harnesses run as `python -m benchmarks.<name>` from the repository root and import each
+  other one way only; none edits sys.path."""
+  g = benchmark_graph()
+  assert g["official_diagnostics"] >= {"train_vs_official"}  # the check sees imports
+  closure = {m: set(d) for m, d in g.items()}
+  for _ in g:
+    for m in closure:
+      closure[m] |= set().union(*(closure.get(d, set()) for d in closure[m]))
+  assert not [m for m in closure if m in closure[m]], f"import cycles in benchmarks/: {g}"
+  edits = [p.name for p in BENCHMARKS.glob("*.py") if "sys.path" in p.read_text()]
+  assert not edits, f"benchmarks that edit sys.path: {edits}"

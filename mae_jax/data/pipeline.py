@@ -115,9 +115,11 @@ def train_augment(dataset_cfg, section=None, randaug: bool = False) -> TrainAugm
   s = dataset_cfg if section is None else section
   ops, magnitude, magnitude_std = ((section.randaug_num_ops, section.randaug_magnitude,
                                     section.randaug_magnitude_std) if randaug else (0, 9.0, 0.5))
-  return TrainAugment(dataset_cfg.image_size, s.random_resized_crop, tuple(s.crop_scale), s.hflip,
-                      dataset_cfg.interpolation, ops, magnitude, magnitude_std,
-                      device_resample.enabled(dataset_cfg, s.random_resized_crop, ops), s.crop_mode)
+  return TrainAugment(size=dataset_cfg.image_size, random_resized_crop=s.random_resized_crop,
+                      crop_scale=tuple(s.crop_scale), hflip=s.hflip, interpolation=dataset_cfg.interpolation,
+                      randaug_num_ops=ops, randaug_magnitude=magnitude, randaug_magnitude_std=magnitude_std,
+                      resize_on_device=device_resample.enabled(dataset_cfg, s.random_resized_crop, ops),
+                      crop_mode=s.crop_mode)
 
 
 @dataclasses.dataclass
@@ -168,18 +170,19 @@ def resolve_workers(num_workers: int, cores: Optional[int] = None) -> int:
   return max(1, min((cores or available_cores()) - 1, MAX_AUTO_WORKERS))
 
 
-def make_loader(config, source, *, train: bool, global_batch_size: int, seed: int,
+def make_loader(dataset_cfg, source, *, train: bool, global_batch_size: int, seed: int,
                 augment=None,
                 worker_count: Optional[int] = None) -> grain.DataLoader:
   """A grain DataLoader yielding this process's share of each global batch.
 
   Training loaders shuffle and repeat forever (epochs are counted by the trainer) and apply
-  `augment`, one transform or a list (default: the pretraining transform of `config.dataset`);
+  `augment`, one transform or a list (default: the pretraining transform of `dataset_cfg`,
+  a `config.dataset`);
   evaluation loaders make one
   ordered pass, resize + center crop, and keep the last, smaller batch. Each process reads only
   its shard.
   """
-  d = config.dataset
+  d = dataset_cfg
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a plain script never parses them
     flags.FLAGS.mark_as_parsed()
   num_processes = jax.process_count()
@@ -225,7 +228,7 @@ class ProcessSlice:
     return self.source[self.start + int(i)]
 
 
-def eval_batches(config, source, global_batch_size: int, fields: Sequence[str]) -> Iterator[dict]:
+def eval_batches(dataset_cfg, source, global_batch_size: int, fields: Sequence[str]) -> Iterator[dict]:
   """Every example of `source` once, as this process's share of each global batch, padded to
   one static shape with 'valid' marking the real rows (see `pad_batch`).
 
@@ -240,7 +243,7 @@ def eval_batches(config, source, global_batch_size: int, fields: Sequence[str]) 
   local_size = global_batch_size // num_processes
   largest_shard = -(-len(source) // num_processes)
   num_batches = -(-largest_shard // local_size)
-  batches = iter(make_loader(config, source, train=False, global_batch_size=global_batch_size, seed=0))
+  batches = iter(make_loader(dataset_cfg, source, train=False, global_batch_size=global_batch_size, seed=0))
   last = None
   for _ in range(num_batches):
     local = next(batches, None)

@@ -269,19 +269,21 @@ def restore_params(workdir: str, step: Optional[int] = None) -> tuple[dict, dict
   return params, saved, step
 
 
-def check_model(saved: Optional[dict], config, flag: str, path: str) -> None:
+def check_model(saved: Optional[dict], config, flag: str, path: str, encoder_only: bool = False) -> None:
   """Raises CheckpointMismatchError if the `saved` config (of the folder or file `path` that
-  option `flag` gave) describes a different model than `config`, naming the fields."""
+  option `flag` gave) describes a different model than `config` (a different encoder, with
+  `encoder_only`), naming the fields."""
   if saved is None:
     return
-  want = config_lib.model_signature(config)
+  want = config_lib.model_signature(config, encoder_only)
   have = {k: saved["model"][k] for k in want}
   diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
   if diff:
     lines = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
     advice = ("Use a new --workdir, or the config that wrote this checkpoint." if flag == "--workdir" else
               f"Pass the config (and overrides) that run was trained with, or another {flag}.")
-    raise CheckpointMismatchError(f"{flag}={path} holds a checkpoint of a different model ({lines}). {advice}")
+    part = "encoder" if encoder_only else "model"
+    raise CheckpointMismatchError(f"{flag}={path} holds a checkpoint of a different {part} ({lines}). {advice}")
 
 
 def check_compatible(workdir: str, config) -> None:

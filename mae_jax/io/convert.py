@@ -11,6 +11,7 @@ import re
 import numpy as np
 
 from mae_jax.errors import ConvertError
+from mae_jax.models import masking
 from mae_jax.models.mae import sincos_2d
 
 FORMATS = ("official", "timm", "hf")
@@ -150,7 +151,7 @@ def params_to_official(params: dict, patch_size: int, image_size: int) -> dict:
   `official_to_params`, with the fixed sin-cos position embeddings written out."""
   enc, p = params["encoder"], patch_size
   width = enc["cls_token"].shape[-1]
-  grid = (image_size // p,) * 2
+  grid = masking.patch_grid(image_size, p)
   out = {}
   out["cls_token"] = np.asarray(enc["cls_token"])
   if "pos_embed" in enc:  # learned (fine-tuned)

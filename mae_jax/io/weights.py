@@ -81,18 +81,9 @@ def load_mae_params(pretrained: str, config, purpose: str, step: Optional[int] =
   return params, step
 
 
-ENCODER_KEYS = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "mlp_ratio")
-
-
 def load_encoder(pretrained: str, config, step: Optional[int] = None) -> tuple[dict, dict, int]:
   """The encoder parameters of `pretrained` (its newest checkpoint, or `step`), the config they
   were made with and the step; refused when the encoder is not the config's."""
   params, saved, step = restore(pretrained, config, step)
-  want = {k: config.model[k] for k in ENCODER_KEYS}
-  have = {k: saved["model"][k] for k in ENCODER_KEYS}
-  if want != have:
-    diff = ", ".join(f"{k}: checkpoint {have[k]} vs config {want[k]}" for k in want if have[k] != want[k])
-    raise CheckpointMismatchError(
-        f"the checkpoint in {pretrained!r} holds a different encoder ({diff}); use the config it was "
-        "pretrained with")
+  checkpointing.check_model(saved, config, "--pretrained", pretrained, encoder_only=True)
   return params["encoder"], saved, step

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from mae_jax.errors import CheckpointMismatchError
+from mae_jax.models import masking
 from mae_jax.models.layers import LN_EPS, layer_norm
 from mae_jax.models.mae import Encoder, compute_settings, sincos_2d
 
@@ -68,7 +69,7 @@ class Classifier(nn.Module):
 
   @property
   def grid(self):
-    return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+    return masking.patch_grid(self.image_size, self.patch_size)
 
   def setup(self):
     self.encoder = Encoder(self.patch_size, self.grid, self.width, self.depth, self.num_heads,
@@ -169,14 +170,14 @@ def layer_decay_scales(params, depth: int, decay: float):
   return jax.tree_util.tree_map_with_path(lambda p, _: decay ** (depth + 1 - layer_id(p, depth)), params)
 
 
-def trainable_labels(params, depth: int, trainable_blocks: int, probe: bool = False):
+def trainable_labels(params, depth: int, trainable_blocks: Optional[int], probe: bool = False):
   """'train' or 'freeze' per parameter. A probe trains its head only. Fine-tuning trains all, or
-  with trainable_blocks = k >= 0 only the last k blocks and what follows them (final norm, fc_norm,
+  with trainable_blocks = k only the last k blocks and what follows them (final norm, fc_norm,
   head): the paper's partial fine-tuning."""
   def label(path, _):
     if probe:
       return "train" if _names(path)[0] == "head" else "freeze"
-    if trainable_blocks < 0:
+    if trainable_blocks is None:
       return "train"
     return "train" if layer_id(path, depth) > depth - trainable_blocks else "freeze"
   return jax.tree_util.tree_map_with_path(label, params)

@@ -22,16 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.models import curriculum_losses, masking
+from mae_jax.models import extra_losses, masking
+from mae_jax.models.attention_backends import attention_from_config
 from mae_jax.models.layer_stack import block_stack
-from mae_jax.models.layers import (
-  LN_EPS,
-  attention_from_config,
-  conv_default_bias,
-  dense,
-  layer_norm,
-  normal_02,
-)
+from mae_jax.models.layers import LN_EPS, conv_default_bias, dense, layer_norm, normal_02
 
 
 # ----------------------------------------------------------------------------
@@ -238,15 +232,14 @@ class MAE(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
   mask_token_in_encoder: bool = False  # the paper's and the CIFAR-10 ViT-T/2 study's ablation
-  laplacian_weight: float = 0.0        # lambda_freq of the STL-10 curriculum study (0.05)
-  uniformity_weight: float = 0.0       # lambda_unif of the STL-10 curriculum study (0.01)
+  extra_losses: tuple = ()             # plug-ins added to the MSE (models/extra_losses.py)
   remat: str = "none"                  # rematerialised blocks: 'none', 'block' or 'dots'
   scan_layers: bool = False            # encoder and decoder blocks as one nn.scan each
   ln_eps: float = LN_EPS               # LayerNorm epsilon (weights converted from Hugging Face: 1e-12)
 
   @property
   def grid(self) -> tuple[int, int]:
-    return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+    return masking.patch_grid(self.image_size, self.patch_size)
 
   @property
   def num_patches(self) -> int:
@@ -264,28 +257,24 @@ class MAE(nn.Module):
   def __call__(self, imgs, noise):
     """imgs (B, H, W, C) normalised; noise (B, L) uniform. Returns (loss, pred, mask).
 
-    The loss is the masked MSE plus, where weighted, the extra terms of the STL-10 curriculum
-    study (curriculum_losses); each term is also sown into the 'losses' collection for logging.
+    The loss is the masked MSE plus each of `extra_losses` times its weight; every term is also
+    sown into the 'losses' collection for logging.
     """
     latent, mask, ids_restore = self.encoder(imgs, noise, self.mask_ratio)
     pred = self.decoder(latent, ids_restore).astype(jnp.float32)
     target = patchify(imgs, self.patch_size)
     loss = mae_loss(target, pred, mask, self.norm_pix_loss)
     self.sow("losses", "mse", loss)
-    terms = {}
-    if self.laplacian_weight > 0:
-      to_img = lambda x: unpatchify(x, self.patch_size, self.grid, self.channels)
+    if self.extra_losses:
       target = target.astype(jnp.float32)
-      target = normalize_patches(target) if self.norm_pix_loss else target
-      mask_img = to_img(jnp.repeat(mask[:, :, None], target.shape[-1], axis=-1))
-      terms["laplacian"] = (self.laplacian_weight, curriculum_losses.masked_laplacian_loss(
-          to_img(pred), to_img(target), mask_img))
-    if self.uniformity_weight > 0:
-      pooled = curriculum_losses.visible_mean(latent[:, 1:], mask, all_positions=ids_restore is None)
-      terms["uniformity"] = (self.uniformity_weight, curriculum_losses.uniformity_loss(pooled))
-    for name, (weight, value) in terms.items():
-      self.sow("losses", name, value)
-      loss = loss + weight * value
+      inputs = extra_losses.LossInputs(
+          target=normalize_patches(target) if self.norm_pix_loss else target, pred=pred, mask=mask,
+          latent=latent, all_positions=ids_restore is None,
+          to_images=lambda x: unpatchify(x, self.patch_size, self.grid, self.channels))
+      for extra in self.extra_losses:
+        value = extra(inputs)
+        self.sow("losses", extra.name, value)
+        loss = loss + extra.weight * value
     return loss, pred, mask
 
 
@@ -298,7 +287,7 @@ def compute_settings(model_cfg, image_size: int, decoder: bool = True) -> dict:
 
 def encoder_from_config(model_cfg, image_size: int, **changes) -> Encoder:
   """The MAE's encoder alone (kNN features, the classifier's backbone), with `changes`."""
-  m, grid = model_cfg, (image_size // model_cfg.patch_size,) * 2
+  m, grid = model_cfg, masking.patch_grid(image_size, model_cfg.patch_size)
   return Encoder(m.patch_size, grid, m.encoder_width, m.encoder_depth, m.encoder_heads,
                  m.mlp_ratio, **{**compute_settings(m, image_size, decoder=False), **changes})
 
@@ -312,6 +301,5 @@ def mae_from_config(model_cfg, image_size: int, scan_layers: Optional[bool] = No
              encoder_heads=m.encoder_heads, decoder_width=m.decoder_width,
              decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, mlp_ratio=m.mlp_ratio,
              mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
-             mask_token_in_encoder=m.mask_token_in_encoder, laplacian_weight=m.laplacian_weight,
-             uniformity_weight=m.uniformity_weight,
+             mask_token_in_encoder=m.mask_token_in_encoder, extra_losses=extra_losses.from_config(m),
              scan_layers=m.scan_layers if scan_layers is None else scan_layers, **compute_settings(m, image_size))

@@ -17,6 +17,12 @@ import numpy as np
 STRATEGIES = ("random", "block", "grid")
 
 
+def patch_grid(image_size, patch_size: int) -> tuple[int, int]:
+  """(rows, columns) of patches of an image of `image_size` (one side, or (height, width))."""
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  return (h // patch_size, w // patch_size)
+
+
 def num_kept(length: int, mask_ratio: float) -> int:
   """The patches an MAE keeps of `length`, as the official random_masking: int(L * (1 - ratio))."""
   return int(length * (1 - mask_ratio))

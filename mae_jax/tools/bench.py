@@ -73,14 +73,14 @@ def _timed(fn) -> float:
 
 def check(config, r: dict) -> dict:
   """MFU, the attention backend and the bottleneck of a benchmarked config (`r`)."""
-  from mae_jax.models import layers
+  from mae_jax.models import attention_backends
   target = targets.get("present")
   if target.platform == "cpu":
     peak, basis = cpu_matmul_flops(), "this CPU's float32 matmul through XLA, measured"
   else:
     peak = target.peak_flops * target.num_devices if target.peak_flops else None
     basis = f"{target.num_devices} x {target.device_kind}'s published bfloat16 peak"
-  out = {"attention": layers.attention_from_config(config.model, config.dataset.image_size),
+  out = {"attention": attention_backends.attention_from_config(config.model, config.dataset.image_size),
          "peak_flops_per_s": peak, "peak_basis": basis,
          "mfu": r["achieved_flops_per_s"] / peak if peak else None}
   feed = r.get("pipeline_images_per_s")
@@ -94,7 +94,7 @@ def bench_pipeline(config, batches: int) -> dict:
   split, _ = sources.resolved_splits(config.dataset)
   source = sources.make_source(config.dataset, split)
   micro = config.batch_size // config.grad_accum_steps
-  it = iter(pipeline.make_loader(config, source, train=True, global_batch_size=micro, seed=config.seed))
+  it = iter(pipeline.make_loader(config.dataset, source, train=True, global_batch_size=micro, seed=config.seed))
   next(it)  # start-up (worker processes) excluded
   t = time.perf_counter()
   for _ in range(batches):

@@ -220,11 +220,11 @@ def _peak_bytes(mem) -> int:
 def compile_step(config, job: str, target) -> dict:
   """Compiles one job's step for `target`: its memory, collectives and compile time, and whether
   it fits (the compiler refused it, or its peak is over the device's memory)."""
-  from mae_jax.models import layers
+  from mae_jax.models import attention_backends
   batch, k = batch_shape(config, job)
   n = target.num_devices
   out = {"job": job, "batch_size": batch, "grad_accum_steps": k, "micro_batch_per_device": batch // k // n}
-  with layers.building_for(target.devices[0]):
+  with attention_backends.building_for(target.devices[0]):
     step, abstract, batch_spec = step_program(config, job, target.devices)
     t0 = time.perf_counter()
     lowered = step.lower(abstract, batch_spec)  # tracing the Python model into HLO
@@ -265,7 +265,7 @@ def candidates(config, job: str, devices: int) -> list:
   return out
 
 
-def fit(config, job: str, target, search: bool = True) -> dict:
+def fit_verdict(config, job: str, target, search: bool = True) -> dict:
   """Compiles `job`'s step as configured; with `search`, also finds the largest micro-batch per
   device that fits: larger ones while the configured one fits, smaller ones until one does."""
   batch, k = batch_shape(config, job)
@@ -328,10 +328,10 @@ def describe_config(config) -> dict:
 
 
 def report(config, target, jobs=("pretrain",), search: bool = True, output: str = "") -> int:
-  from mae_jax.models import layers
+  from mae_jax.models import attention_backends
   c = describe_config(config)
-  with layers.building_for(target.devices[0]):
-    attention = layers.attention_from_config(config.model, config.dataset.image_size)
+  with attention_backends.building_for(target.devices[0]):
+    attention = attention_backends.attention_from_config(config.model, config.dataset.image_size)
   r = {**machine(target), "devices": target.num_devices, "memory_bytes_per_device": target.memory_bytes,
        "peak_flops_per_device": target.peak_flops, "config": {**c, "attention": attention}, "jobs": {}}
   where = ("compiled without the hardware" if not target.present else "simulated CPU devices"
@@ -341,7 +341,7 @@ def report(config, target, jobs=("pretrain",), search: bool = True, output: str 
         f"{c['dtype']}, attention {attention} | fsdp {c['fsdp']}, scan_layers {c['scan_layers']}, "
         f"remat {c['remat']} | host {r['host_cpu']}")
   for job in jobs:
-    j = fit(config, job, target, search)
+    j = fit_verdict(config, job, target, search)
     j["flops_per_image"] = flops_per_image(config, job=job)
     if target.peak_flops:
       j["estimated_step_s"] = (j["flops_per_image"] * j["batch_size"]

@@ -82,7 +82,7 @@ def knn_job(config, workdir: str, pretrained: Optional[str], step: Optional[int]
   import jax
 
   from mae_jax.data import sources
-  from mae_jax.evaluators import evaluate
+  from mae_jax.evaluators import knn
   from mae_jax.io import weights
   from mae_jax.models.mae import mae_from_config
   from mae_jax.runtime.parallel import Mesh
@@ -94,7 +94,7 @@ def knn_job(config, workdir: str, pretrained: Optional[str], step: Optional[int]
     model = mae_from_config(config.model, config.dataset.image_size, scan_layers=False)
     encoder = pretrain.init_params(model, jax.random.split(jax.random.PRNGKey(config.seed))[0])["encoder"]
   train, test = sources.labelled_sources(config.dataset)
-  top1 = evaluate.knn_eval(config, Mesh(), encoder, train, test)
+  top1 = knn.knn_eval(config, Mesh(), encoder, train, test)
   result = {"metrics": {"top1": top1}, "labels": sources.subset_info(train),
             "pretrained": {"workdir": pretrained, "step": step} if pretrained else None}
   os.makedirs(workdir, exist_ok=True)

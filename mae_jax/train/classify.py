@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax import config_lib, errors
+from mae_jax import config_lib
 from mae_jax.data import augment, device_resample, pipeline, sources
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.io import weights
 from mae_jax.io import workdir as workdir_lib
 from mae_jax.models import classifier
-from mae_jax.models.layers import describe
+from mae_jax.models.attention_backends import describe
 from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim
 from mae_jax.train.loop import (
@@ -28,10 +28,11 @@ from mae_jax.train.loop import (
   Task,
   TrainState,
   accumulate,
+  apply_update,
   evaluate,
   fit,
-  skip_if_nonfinite,
-  steps_per_epoch,
+  new_train_state,
+  plan,
 )
 
 MODES = ("probe", "finetune")
@@ -41,8 +42,7 @@ def create_train_state(tx, seed: int, variables: dict) -> TrainState:
   """Pure: the optimizer state for `variables` (params + e.g. batch_stats) and the base key."""
   params = variables["params"]
   model_state = {k: v for k, v in variables.items() if k != "params"} or None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1), model_state=model_state)
+  return new_train_state(params, tx, jax.random.fold_in(jax.random.PRNGKey(seed), 1), model_state)
 
 
 def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_classes: int,
@@ -74,11 +74,7 @@ def classify_step(state: TrainState, batch: dict, *, model, tx, mean, std, num_c
 
   (metrics, grads), new_model_state = accumulate(grads_of, state.params, batch, micro_batches,
                                                  state.model_state)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, model_state=new_model_state)
-  new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], optax.tree.norm(grads))
-  return new_state, {**metrics, "nonfinite": nonfinite}
+  return apply_update(state, grads, metrics, tx, model_state=new_model_state)
 
 
 def eval_step(state: TrainState, batch: dict, *, model, mean, std) -> dict:
@@ -97,29 +93,6 @@ def accuracy(sums: dict) -> dict:
   n = max(sums["count"], 1.0)
   return {"top1": 100.0 * sums["top1"] / n, "top5": 100.0 * sums["top5"] / n,
           "loss": sums["loss"] / n, "examples": int(sums["count"])}
-
-
-def make_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.GradientTransformation:
-  """The section's optimizer on the trainable parameters (others frozen): the probe's choice of
-  optimizer; for fine-tuning AdamW with layer-wise lr decay and, optionally, only the last blocks."""
-  kind = section.optimizer if probe else "adamw"
-  if kind == "adamw":
-    base = optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay,
-                       mask=optim.finetune_decay_mask)
-  elif kind == "lars":  # as the official util/lars.py: no decay or trust ratio on biases and norms
-    base = optim.lars(schedule, weight_decay=section.weight_decay, momentum=section.momentum,
-                      mask=optim.finetune_decay_mask)
-  elif kind == "sgd":
-    base = optax.chain(optax.add_decayed_weights(section.weight_decay, optim.finetune_decay_mask),
-                       optax.sgd(schedule, momentum=section.momentum))
-  else:
-    raise errors.ConfigError(f"optimizer={kind!r} must be 'lars', 'adamw' or 'sgd'")
-  labels = classifier.trainable_labels(params, depth, -1 if probe else section.trainable_blocks, probe)
-  tx = optax.multi_transform({"train": base, "freeze": optax.set_to_zero()}, labels)
-  decay = 1.0 if probe else section.layer_decay
-  if decay < 1.0:
-    tx = optax.chain(tx, classifier.scale_by_tree(classifier.layer_decay_scales(params, depth, decay)))
-  return tx
 
 
 def micro_batches(config, mode: str) -> int:
@@ -162,7 +135,7 @@ def sharded_step(config, mesh: Mesh, mode: str, num_classes: int, schedule: opta
   (jitted step, abstract state, state shardings), from abstract weights (nothing computed)."""
   model = model_from_config(config, mode, num_classes)
   variables = jax.eval_shape(init_function(config, model))
-  tx = make_optimizer(config[mode], schedule, variables["params"], config.model.encoder_depth,
+  tx = optim.classification_optimizer(config[mode], schedule, variables["params"], config.model.encoder_depth,
                       mode == "probe")
   init = functools.partial(create_train_state, tx, config.seed)
   abstract, shardings = mesh.abstract_state(init, variables, fsdp=config.sharding.fsdp)
@@ -199,12 +172,10 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
                                            else "training from scratch (the baseline)"))
 
   accum = micro_batches(config, mode)
-  updates_per_epoch = steps_per_epoch(len(train_source), section.batch_size)
-  total_updates = section.num_epochs * updates_per_epoch
-  schedule = optim.warmup_cosine(optim.peak_lr(section.base_lr, section.batch_size), section.min_lr,
-                                 section.warmup_epochs * updates_per_epoch, total_updates)
-  tx = make_optimizer(section, schedule, variables["params"], config.model.encoder_depth, probe)
-  total_steps = min(total_updates, config.max_steps) if config.max_steps > 0 else total_updates
+  steps = plan(len(train_source), batch_size=section.batch_size, num_epochs=section.num_epochs,
+               warmup_epochs=section.warmup_epochs, base_lr=section.base_lr, min_lr=section.min_lr,
+               max_steps=config.max_steps)
+  tx = optim.classification_optimizer(section, steps.schedule, variables["params"], config.model.encoder_depth, probe)
 
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
   evaluate_fn = jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std))
@@ -222,10 +193,10 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
       init_args=(variables,),
       train_step=step_function(config, mode, model, tx, n_classes),
       batch_fields=("image", "label"),
-      hooks=[Hook(max(1, section.eval_every_epochs * updates_per_epoch), eval_hook)],
+      hooks=[Hook(max(1, steps.epochs(section.eval_every_epochs)), eval_hook)],
   )
-  state = fit(config, workdir, task, train_source, mesh=mesh, total_steps=total_steps,
-              batch_size=section.batch_size, micro_batches=accum, lr_fn=schedule,
+  state = fit(config, workdir, task, train_source, mesh=mesh, total_steps=steps.total_steps,
+              batch_size=section.batch_size, micro_batches=accum, lr_fn=steps.schedule,
               augment=train_augment(config, mode),
               log_every=section.log_every_steps, checkpoint_every=section.checkpoint_every_steps)
   if last_eval.get("step") != int(state.step):  # e.g. a finished run started again

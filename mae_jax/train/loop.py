@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
@@ -24,6 +25,7 @@ from mae_jax.errors import NonFiniteError, StopRequested
 from mae_jax.io import checkpointing
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.runtime.parallel import Mesh
+from mae_jax.train import optim
 
 
 @flax.struct.dataclass
@@ -50,10 +52,28 @@ class Task:
   batch_fields: Sequence[str]          # loader fields sent to the devices
   hooks: Sequence[Hook] = ()
   init_args: tuple = ()                # arguments of init_state (e.g. pretrained weights)
-  # step -> a hashable passed to train_step as `variant=` (static: one compilation per value),
-  # e.g. the bucketed mask ratio of curriculum masking. None: train_step takes no variant.
-  step_variant: Optional[Callable[[int], Any]] = None
+  # step -> static keyword arguments of train_step at that step (one compilation per distinct
+  # set), e.g. {'mask_ratio': the bucketed ratio of curriculum masking}. None: no such arguments.
+  step_settings: Optional[Callable[[int], dict]] = None
   summary: str = ""                    # appended to the first log line (e.g. the attention used)
+
+
+def new_train_state(params, tx, rng: jax.Array, model_state=None) -> TrainState:
+  """Step 0 of a job: its parameters, their optimizer state, the base key."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+                    model_state=model_state)
+
+
+def apply_update(state: TrainState, grads, metrics: dict, tx, model_state=None):
+  """How every job's step ends: the optimizer update, the gradients' global norm, and the
+  non-finite guard (`skip_if_nonfinite`). `model_state`: the step's new mutable collections
+  (BatchNorm statistics), if the model has any. Returns (state, metrics + grad_norm, nonfinite)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, model_state=model_state)
+  grad_norm = optax.tree.norm(grads)
+  new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], grad_norm)
+  return new_state, {**metrics, "grad_norm": grad_norm, "nonfinite": nonfinite}
 
 
 def skip_if_nonfinite(state: TrainState, new_state: TrainState, loss, grad_norm):
@@ -186,27 +206,51 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
   return num_examples // global_batch
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """A job's schedule in steps, as pretraining and classification both make it."""
+  updates_per_epoch: int
+  total_updates: int     # num_epochs of updates: the lr schedule's length
+  total_steps: int       # what this run takes: total_updates, or config.max_steps when smaller
+  schedule: Callable     # lr per update: linear warmup, then half-cycle cosine to min_lr
+
+  def epochs(self, n: float) -> int:
+    """`n` epochs in updates."""
+    return int(n * self.updates_per_epoch)
+
+
+def plan(num_examples: int, *, batch_size: int, num_epochs: int, warmup_epochs: float, base_lr: float,
+         min_lr: float, max_steps: int) -> StepPlan:
+  """The step plan of a job (pretraining, a probe, fine-tuning): epochs of `num_examples` in
+  global batches, the lr `base_lr * batch_size / 256` warmed up and decayed over all of them;
+  `max_steps` > 0 cuts the run short, the schedule unchanged."""
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  total = num_epochs * per_epoch
+  schedule = optim.warmup_cosine(optim.peak_lr(base_lr, batch_size), min_lr, warmup_epochs * per_epoch,
+                                 total)
+  return StepPlan(per_epoch, total, min(total, max_steps) if max_steps > 0 else total, schedule)
+
+
 def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_steps: int,
-        batch_size: int, micro_batches: int = 1, lr_fn: Optional[Callable[[int], float]] = None,
-        augment=None, log_every: int = 0, checkpoint_every: int = 0, keep_every: int = 0) -> TrainState:
+        batch_size: int, micro_batches: int, lr_fn: Callable[[int], float], augment,
+        log_every: int, checkpoint_every: int, keep_every: int = 0) -> TrainState:
   """Runs (or resumes) `task` to `total_steps` optimizer updates of `batch_size` global examples,
   each handed to the step as `micro_batches` micro-batches (`Mesh.put_batch`).
 
-  `augment` is the train transform (default: the pretraining one of `config.dataset`); the
-  intervals default to the config's top-level `log_every_steps` and `checkpoint_every_steps`;
-  with `keep_every` > 0 the checkpoints of every multiple of that step are saved and kept.
+  `augment` is the train transform, one or a list; a metrics row every `log_every` steps, a
+  checkpoint every `checkpoint_every`; with `keep_every` > 0 the checkpoints of every multiple of
+  that step are saved and kept. `config` gives the rest: the seed, the data set, the sharding,
+  how many checkpoints to keep.
   """
-  log_every = log_every or config.log_every_steps
-  augment = augment or pipeline.train_augment(config.dataset)
-  loader = pipeline.make_loader(config, train_source, train=True,
+  loader = pipeline.make_loader(config.dataset, train_source, train=True,
                             global_batch_size=batch_size // micro_batches, seed=config.seed,
                             augment=augment)
   augments = augment if isinstance(augment, (list, tuple)) else [augment]
-  on_device = any(getattr(a, "resize_on_device", False) for a in augments)
+  on_device = any(a.resize_on_device for a in augments if isinstance(a, pipeline.TrainAugment))
   fields = (*task.batch_fields, device_resample.CROP_FIELD)  # crops: dataset.resize_on='device'
   data_iter = DeviceFeed(iter(loader), lambda local: mesh.put_batch(
       {k: local[k] for k in fields if k in local}, micro_batches), depth=2, group=micro_batches)
-  ckpt = checkpointing.Checkpointer(workdir, checkpoint_every or config.checkpoint_every_steps,
+  ckpt = checkpointing.Checkpointer(workdir, checkpoint_every,
                                     config.keep_checkpoints, keep_every)
   config_dict = config.to_dict()
 
@@ -226,14 +270,15 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                   + f" | steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else "")
                   + (" | train crops resampled on the device" if on_device else ""))
 
-  compiled = {}  # variant -> jitted train step
+  compiled = {}  # the step's static settings -> jitted train step
 
   def train_step(state, batch, step):
-    variant = task.step_variant(step) if task.step_variant else None
-    if variant not in compiled:
-      fn = functools.partial(task.train_step, variant=variant) if task.step_variant else task.train_step
-      compiled[variant] = mesh.jit_train_step(fn, state_sharding, micro_batches)
-    return compiled[variant](state, batch)
+    settings = task.step_settings(step) if task.step_settings else {}
+    key = tuple(sorted(settings.items()))
+    if key not in compiled:
+      fn = functools.partial(task.train_step, **settings)
+      compiled[key] = mesh.jit_train_step(fn, state_sharding, micro_batches)
+    return compiled[key](state, batch)
 
   writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s <= start, purge_step=start + 1)
   progress = metrics_lib.Progress(total_steps, start)
@@ -323,7 +368,7 @@ def evaluate(config, mesh: Mesh, eval_step: Callable, state, source, global_batc
   `eval_step` must weigh by. Sums stay on device until the end.
   """
   totals = None
-  for local in pipeline.eval_batches(config, source, global_batch, fields):
+  for local in pipeline.eval_batches(config.dataset, source, global_batch, fields):
     batch = mesh.put_batch(local)
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

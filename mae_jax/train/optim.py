@@ -1,8 +1,13 @@
-"""Optimizer: AdamW (b2 0.95) with linear warmup + half-cycle cosine per step, as the official recipe."""
+"""Optimizers: the lr schedule (linear warmup + half-cycle cosine per step), AdamW for pretraining
+as the official recipe, the official LARS, and the probe's and fine-tuning's optimizers on their
+trainable parameters."""
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from mae_jax import errors
+from mae_jax.models import classifier
 
 
 def peak_lr(base_lr: float, batch_size: int) -> float:
@@ -47,7 +52,7 @@ def finetune_decay_mask(params):
       lambda path, p: p.ndim > 1 and _leaf_name(path) not in FINETUNE_NO_DECAY, params)
 
 
-def make_optimizer(opt_cfg, schedule: optax.Schedule):
+def pretraining_optimizer(opt_cfg, schedule: optax.Schedule):
   """AdamW with the pretraining decay mask. (Gradient accumulation happens inside the step.)"""
   return optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay,
                      mask=pretrain_decay_mask)
@@ -66,3 +71,26 @@ def lars(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0, momen
       optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), mask),
       optax.trace(decay=momentum),
       optax.scale_by_learning_rate(learning_rate))
+
+
+def classification_optimizer(section, schedule, params, depth: int, probe: bool) -> optax.GradientTransformation:
+  """The section's optimizer on the trainable parameters (others frozen): the probe's choice of
+  optimizer; for fine-tuning AdamW with layer-wise lr decay and, optionally, only the last blocks."""
+  kind = section.optimizer if probe else "adamw"
+  if kind == "adamw":
+    base = optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay,
+                       mask=finetune_decay_mask)
+  elif kind == "lars":  # as the official util/lars.py: no decay or trust ratio on biases and norms
+    base = lars(schedule, weight_decay=section.weight_decay, momentum=section.momentum,
+                      mask=finetune_decay_mask)
+  elif kind == "sgd":
+    base = optax.chain(optax.add_decayed_weights(section.weight_decay, finetune_decay_mask),
+                       optax.sgd(schedule, momentum=section.momentum))
+  else:
+    raise errors.ConfigError(f"optimizer={kind!r} must be 'lars', 'adamw' or 'sgd'")
+  labels = classifier.trainable_labels(params, depth, None if probe else section.trainable_blocks, probe)
+  tx = optax.multi_transform({"train": base, "freeze": optax.set_to_zero()}, labels)
+  decay = 1.0 if probe else section.layer_decay
+  if decay < 1.0:
+    tx = optax.chain(tx, classifier.scale_by_tree(classifier.layer_decay_scales(params, depth, decay)))
+  return tx

@@ -4,7 +4,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,21 +17,23 @@ from mae_jax.evaluators import figures
 from mae_jax.io import checkpointing, weights
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.io import workdir as workdir_lib
-from mae_jax.models import masking
+from mae_jax.models import extra_losses, masking
+from mae_jax.models.attention_backends import describe
 from mae_jax.models.layer_stack import stack_layers, unstack_layers
-from mae_jax.models.layers import describe
 from mae_jax.models.mae import MAE, mae_from_config
 from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim
 from mae_jax.train.loop import (
   Hook,
+  StepPlan,
   Task,
   TrainState,
   accumulate,
   accumulate_per_device,
+  apply_update,
   fit,
-  skip_if_nonfinite,
-  steps_per_epoch,
+  new_train_state,
+  plan,
 )
 
 
@@ -48,8 +50,7 @@ def create_train_state(model: MAE, tx: optax.GradientTransformation, seed: int,
   init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
   if params is None:
     params = init_params(model, init_key)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=train_key)
+  return new_train_state(params, tx, train_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +73,18 @@ class StepSpec:
     k, fsdp = config.grad_accum_steps, bool(config.sharding.fsdp)
     # With a replicated state each device accumulates its own rows of the micro-batches and the
     # gradients are all-reduced once per update, which needs a loss that is a mean of per-row
-    # terms. The uniformity loss compares a micro-batch's rows with each other across devices,
-    # so with it on (and under FSDP, whose state is split anyway) the micro-batches are
-    # accumulated whole, as the global batch: the same update, more collectives.
-    per_device = k > 1 and mesh is not None and not fsdp and config.model.uniformity_weight == 0
+    # terms. An extra loss that couples the rows (models/extra_losses.py), and FSDP, whose state
+    # is split anyway, accumulate the micro-batches whole, as the global batch: the same update,
+    # more collectives.
+    per_device = (k > 1 and mesh is not None and not fsdp
+                  and not extra_losses.couple_rows(model.extra_losses))
     return cls(model, tx, tuple(config.dataset.mean), tuple(config.dataset.std),
                config.model.mask_sampling, k, config.dataset.interpolation, mesh, fsdp, per_device)
 
 
-def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, variant=None):
+def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, mask_ratio: Optional[float] = None):
   """One optimizer update: fresh masking noise (or the batch's block masks), loss, gradients,
-  AdamW. `variant`, when given, is this step's (curriculum) mask ratio.
+  AdamW. `mask_ratio`, when given, is this step's (curriculum masking) ratio in place of the model's.
 
   With `spec.micro_batches` K > 1 the batch arrives as K micro-batches (leaves (K, m, ...))
   whose gradients are averaged inside this one step (`trainer.accumulate`). The masking noise of
@@ -90,8 +92,8 @@ def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, variant=None):
   would use for it. Crops sent on canvases (dataset.resize_on='device') are resampled first
   (`device_resample.train_images`)."""
   model, k = spec.model, spec.micro_batches
-  if variant is not None:
-    model = model.clone(mask_ratio=variant)
+  if mask_ratio is not None:
+    model = model.clone(mask_ratio=mask_ratio)
   if "mask_noise" in batch:  # block masks, drawn by the data pipeline
     noise = batch["mask_noise"]
   else:
@@ -122,31 +124,32 @@ def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, variant=None):
   else:
     shardings = spec.mesh.state_shardings(state.params, spec.fsdp) if spec.mesh is not None else None
     (metrics, grads), _ = accumulate(grads_of, state.params, micro, k, grad_shardings=shardings)
-  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
-  grad_norm = optax.tree.norm(grads)
-  new_state, nonfinite = skip_if_nonfinite(state, new_state, metrics["loss"], grad_norm)
-  metrics = {**metrics, "grad_norm": grad_norm, "nonfinite": nonfinite}
-  if variant is not None:
-    metrics["mask_ratio"] = jnp.float32(variant)
+  new_state, metrics = apply_update(state, grads, metrics, spec.tx)
+  if mask_ratio is not None:
+    metrics["mask_ratio"] = jnp.float32(mask_ratio)
   return new_state, metrics
 
 
-def build(config, mesh: Mesh):
-  """Everything pretraining needs from a config: model, sources, schedule, optimizer, step counts."""
+@dataclasses.dataclass(frozen=True)
+class Pretraining:
+  """What pretraining builds from a config before its loop runs."""
+  model: MAE
+  tx: optax.GradientTransformation
+  plan: StepPlan
+  train_source: Any
+  eval_split: str
+
+
+def build(config) -> Pretraining:
+  """Everything pretraining needs from a config: model, optimizer, step plan, sources."""
   pretrain_split, eval_split = sources.resolved_splits(config.dataset)
   train_source = sources.make_source(config.dataset, pretrain_split)
-  updates_per_epoch = steps_per_epoch(len(train_source), config.batch_size)
-  total_updates = config.num_epochs * updates_per_epoch
-  schedule = optim.warmup_cosine(optim.peak_lr(config.optimizer.base_lr, config.batch_size),
-                                 config.optimizer.min_lr, config.warmup_epochs * updates_per_epoch,
-                                 total_updates)
-  total_steps = min(total_updates, config.max_steps) if config.max_steps > 0 else total_updates
-  model = mae_from_config(config.model, config.dataset.image_size)
-  return dict(model=model, tx=optim.make_optimizer(config.optimizer, schedule), schedule=schedule,
-              train_source=train_source, eval_split=eval_split,
-              updates_per_epoch=updates_per_epoch, total_steps=total_steps)
+  steps = plan(len(train_source), batch_size=config.batch_size, num_epochs=config.num_epochs,
+               warmup_epochs=config.warmup_epochs, base_lr=config.optimizer.base_lr,
+               min_lr=config.optimizer.min_lr, max_steps=config.max_steps)
+  return Pretraining(model=mae_from_config(config.model, config.dataset.image_size),
+                     tx=optim.pretraining_optimizer(config.optimizer, steps.schedule), plan=steps,
+                     train_source=train_source, eval_split=eval_split)
 
 
 def step_function(config, model: MAE, tx, mesh: Mesh):
@@ -159,7 +162,7 @@ def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
   (jitted step, init function, abstract state, state shardings), the state replicated or split
   as `config.sharding.fsdp` says; the step takes the batch as `mesh.put_batch` lays it out."""
   model = mae_from_config(config.model, config.dataset.image_size)
-  tx = optim.make_optimizer(config.optimizer, schedule)
+  tx = optim.pretraining_optimizer(config.optimizer, schedule)
   init = functools.partial(create_train_state, model, tx, config.seed)
   abstract, shardings = mesh.abstract_state(init, fsdp=config.sharding.fsdp)
   step = mesh.jit_train_step(step_function(config, model, tx, mesh), shardings, config.grad_accum_steps)
@@ -227,8 +230,8 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
   """Pretrains (or resumes) the MAE described by `config` in `workdir`; a new run starts from
   the weights of `pretrained` when given (its optimizer state and step start afresh)."""
   mesh = Mesh()
-  b = build(config, mesh)
-  model, tx = b["model"], b["tx"]
+  job = build(config)
+  model, tx = job.model, job.tx
   resuming = checkpointing.saved_config(workdir) is not None
   init_args = ((starting_params(config, model, pretrained, pretrained_step),)
                if pretrained and not resuming else ())
@@ -238,7 +241,7 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2)
-  eval_source = sources.make_source(config.dataset, b["eval_split"])
+  eval_source = sources.make_source(config.dataset, job.eval_split)
   hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
   if config.evaluate.knn_every_steps > 0:
     hooks.append(knn_hook(config, mesh))
@@ -247,24 +250,25 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
   if sampling == "block":
     augment.append(pipeline.BlockMaskNoise(model.grid, model.mask_ratio))
   m = config.model
-  step_variant = None
-  if m.curriculum_start_ratio >= 0:  # curriculum masking, in compiled buckets
-    step_variant = lambda step: masking.curriculum_ratio(
-        step, b["updates_per_epoch"], m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
-        m.curriculum_shape, m.curriculum_bucket)
+  step_settings = None
+  if m.curriculum_start_ratio is not None:  # curriculum masking, in compiled buckets
+    step_settings = lambda step: {"mask_ratio": masking.curriculum_ratio(
+        step, job.plan.updates_per_epoch, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
+        m.curriculum_shape, m.curriculum_bucket)}
   task = Task(
       summary=describe(model),
-      step_variant=step_variant,
+      step_settings=step_settings,
       init_state=functools.partial(create_train_state, model, tx, config.seed),
       init_args=init_args,
       train_step=step_function(config, model, tx, mesh),
       batch_fields=("image", "mask_noise") if sampling == "block" else ("image",),
       hooks=hooks,
   )
-  state = fit(config, workdir, task, b["train_source"], mesh=mesh, total_steps=b["total_steps"],
+  state = fit(config, workdir, task, job.train_source, mesh=mesh, total_steps=job.plan.total_steps,
               batch_size=config.batch_size, micro_batches=config.grad_accum_steps,
-              lr_fn=b["schedule"], augment=augment,
-              keep_every=config.keep_checkpoint_every_epochs * b["updates_per_epoch"])
-  metrics_lib.log(f"done: {b['total_steps']} steps; checkpoints in {workdir}/checkpoints, "
+              lr_fn=job.plan.schedule, augment=augment, log_every=config.log_every_steps,
+              checkpoint_every=config.checkpoint_every_steps,
+              keep_every=config.keep_checkpoint_every_epochs * job.plan.updates_per_epoch)
+  metrics_lib.log(f"done: {job.plan.total_steps} steps; checkpoints in {workdir}/checkpoints, "
                   f"figures in {workdir}/figures")
   return state

@@ -1,7 +1,5 @@
 """Sources, decoding, augmentation and the grain loader: determinism and exact resume."""
 
-import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -60,8 +58,7 @@ def test_random_resized_crop_box_in_bounds_and_seeded():
 
 
 def _torchvision_transforms():
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-  import torch_cpu
+  from benchmarks import torch_cpu
   return torch_cpu.tolerant_import("torchvision.transforms")
 
 
@@ -219,9 +216,9 @@ def test_loader_sends_canvases_when_the_device_resamples(cifar_folder):
   c = tiny_config(cifar_folder)
   c.dataset.random_resized_crop, c.dataset.hflip = True, True
   src = sources.ImageFolderSource(cifar_folder, "test")
-  host = next(iter(pipeline.make_loader(c, src, train=True, global_batch_size=8, seed=5)))
+  host = next(iter(pipeline.make_loader(c.dataset, src, train=True, global_batch_size=8, seed=5)))
   c.dataset.resize_on = "device"
-  dev = next(iter(pipeline.make_loader(c, src, train=True, global_batch_size=8, seed=5)))
+  dev = next(iter(pipeline.make_loader(c.dataset, src, train=True, global_batch_size=8, seed=5)))
   assert dev["image"].shape == (8, 64, 64, 3) and dev[device_resample.CROP_FIELD].shape == (8, 6)
   got = np.asarray(device_resample.train_images(dev))
   assert np.abs(got.astype(int) - host["image"].astype(int)).max() <= 4
@@ -249,7 +246,7 @@ def test_loader_is_deterministic_and_resumes_exactly(cifar_folder):
   c = tiny_config(cifar_folder)
   c.dataset.random_resized_crop, c.dataset.hflip = True, True
   src = sources.ImageFolderSource(cifar_folder, "test")
-  make = lambda: iter(pipeline.make_loader(c, src, train=True, global_batch_size=8, seed=3))
+  make = lambda: iter(pipeline.make_loader(c.dataset, src, train=True, global_batch_size=8, seed=3))
   run_a = _first_batches(make(), 5)
   run_b = _first_batches(make(), 5)
   for a, b in zip(run_a, run_b):
@@ -263,7 +260,7 @@ def test_loader_is_deterministic_and_resumes_exactly(cifar_folder):
   resumed.set_state(state)
   for a, b in zip(run_a[2:], _first_batches(resumed, 3)):
     np.testing.assert_array_equal(a, b)
-  other_seed = next(iter(pipeline.make_loader(c, src, train=True, global_batch_size=8, seed=4)))["image"]
+  other_seed = next(iter(pipeline.make_loader(c.dataset, src, train=True, global_batch_size=8, seed=4)))["image"]
   assert not np.array_equal(other_seed, run_a[0])
 
 
@@ -273,7 +270,7 @@ def test_the_stream_does_not_depend_on_the_read_threads(cifar_folder):
   streams = []
   for threads in (0, 1, 3):
     c.dataset.read_threads = threads
-    streams.append(_first_batches(iter(pipeline.make_loader(c, src, train=True, global_batch_size=8,
+    streams.append(_first_batches(iter(pipeline.make_loader(c.dataset, src, train=True, global_batch_size=8,
                                                         seed=3)), 3))
   for other in streams[1:]:
     for a, b in zip(streams[0], other):
@@ -286,7 +283,7 @@ def test_eval_batches_cover_every_example_once_in_order(cifar_folder):
   c.dataset.num_workers = 0
   src = sources.ImageFolderSource(cifar_folder, "test")
   subset = [src[i] for i in range(13)]
-  batches = list(pipeline.eval_batches(c, subset, 4, ("image", "label")))
+  batches = list(pipeline.eval_batches(c.dataset, subset, 4, ("image", "label")))
   assert len(batches) == 4 and all(b["image"].shape == (4, 32, 32, 3) for b in batches)
   np.testing.assert_array_equal(np.concatenate([b["valid"] for b in batches]), [1] * 13 + [0] * 3)
   labels = np.concatenate([b["label"] for b in batches])[:13]
@@ -310,7 +307,7 @@ def test_tfds_source_with_mock_data():
   with tfds.testing.mock_data(num_examples=16):
     src = sources.make_source(c.dataset, "train")
     assert len(src) == 16
-    batch = next(iter(pipeline.make_loader(c, src, train=True, global_batch_size=4, seed=0)))
+    batch = next(iter(pipeline.make_loader(c.dataset, src, train=True, global_batch_size=4, seed=0)))
   assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert batch["label"].shape == (4,)
 

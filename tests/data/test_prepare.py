@@ -56,7 +56,7 @@ def test_prepared_folder_feeds_the_same_batches_as_the_image_folder(tmp_path):
   config_check.validate(p, ("pretrain",))
   batches = []
   for cfg in (c, p):
-    loader = pipeline.make_loader(cfg, sources.make_source(cfg.dataset, "train"), train=True, global_batch_size=4, seed=1)
+    loader = pipeline.make_loader(cfg.dataset, sources.make_source(cfg.dataset, "train"), train=True, global_batch_size=4, seed=1)
     it = iter(loader)
     batches.append([next(it) for _ in range(4)])
   for a, b in zip(*batches):

@@ -1,17 +1,13 @@
 """The JAX LPIPS equals the lpips package (torch) with the same weights."""
 
 import importlib.util
-import sys
 
 import numpy as np
 import pytest
 
 from mae_jax import errors
 from mae_jax.evaluators import lpips
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import torch_cpu  # noqa: E402
+from benchmarks import torch_cpu
 
 torch = pytest.importorskip("torch", reason="torch is a test-only reference (pip install -e '.[dev]')")
 

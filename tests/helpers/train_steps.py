@@ -60,11 +60,11 @@ def main():
   # An evaluation pass over 9 images in global batches of 4 (8 with 8 devices): with 2 processes
   # the shards are 5 and 4 images in local batches of 2, so the second process runs out a batch
   # early and pads a whole batch; every image must still count once.
-  from mae_jax.evaluators import evaluate
+  from mae_jax.evaluators import knn
   from mae_jax.models import mae
   c.evaluate.batch_size = max(4, jax.device_count())
   encoder = mae.encoder_from_config(c.model, c.dataset.image_size)
-  feats, labels = evaluate.extract_features(c, mesh, encoder,
+  feats, labels = knn.extract_features(c, mesh, encoder,
                                             state.params["encoder"], sources.evenly_spaced(src, 9), True)
   if jax.process_index() == 0:
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),

@@ -4,7 +4,6 @@ and batches, the optimizers and parameter groups, and the augmentations as timm 
 
 import pathlib
 import random
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +12,15 @@ import optax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
 torch = pytest.importorskip("torch")
-import eval_vs_official  # noqa: E402
-import official_eval  # noqa: E402
+from benchmarks import eval_vs_official
+from benchmarks import official_eval
 
 from mae_jax.data import augment
 from mae_jax.models import classifier
 from mae_jax.io import convert
 from mae_jax.data import transforms
-from mae_jax.train import optim  # noqa: E402
+from mae_jax.train import optim
 
 SHAPE = "small"
 

@@ -3,21 +3,19 @@ steps: the training step, AdamW, its decay groups and the per-iteration lr sched
 the initialisation as a whole, each side's own."""
 
 import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
 torch = pytest.importorskip("torch")
-import official_diagnostics  # noqa: E402
-import train_vs_official  # noqa: E402
+from benchmarks import official_diagnostics
+from benchmarks import train_vs_official
 
 from mae_jax.io import convert
-from mae_jax.train import pretrain  # noqa: E402
-from mae_jax.models.mae import mae_from_config  # noqa: E402
+from mae_jax.train import pretrain
+from mae_jax.models.mae import mae_from_config
 
 
 def test_thirty_steps_match_the_official_loop_from_the_same_weights_and_batches(cifar_folder):

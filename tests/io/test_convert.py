@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 
 import jax
 import ml_collections
@@ -13,23 +12,22 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import torch_cpu  # noqa: E402
+from benchmarks import torch_cpu
 
 torch = pytest.importorskip("torch")
 # timm and transformers import torchvision, whose PyPI wheel needs the tolerant import on CPU torch.
 timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
-from official_mae import OfficialMAE  # noqa: E402  (the official model; default shape = the constants below)
-from torch import nn  # noqa: E402
+from benchmarks.official_mae import OfficialMAE  # the official model; default shape = the constants below
+from torch import nn
 
 from mae_jax import errors
 from mae_jax.io import checkpointing
 from mae_jax import convert as convert_cmd
 from mae_jax.io import foreign
 from mae_jax.train import pretrain
-from mae_jax.io import weights  # noqa: E402
-from mae_jax.models.classifier import Classifier  # noqa: E402
-from mae_jax.models.mae import mae_from_config, sincos_2d  # noqa: E402
+from mae_jax.io import weights
+from mae_jax.models.classifier import Classifier
+from mae_jax.models.mae import mae_from_config, sincos_2d
 
 IMG, P, D, DEPTH, HEADS, DD, DDEPTH, DHEADS = 32, 4, 64, 2, 2, 32, 1, 2
 L = (IMG // P) ** 2

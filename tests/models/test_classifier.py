@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mae_jax.train import optim
 from mae_jax.data import augment
 from mae_jax.models import classifier
 from mae_jax.train import classify
@@ -80,7 +81,7 @@ def test_frozen_parameters_do_not_move_and_decay_scales_updates():
   c.finetune.update(trainable_blocks=1, layer_decay=0.5, weight_decay=0.0)
   m = _classifier(depth=2)
   params = _init(m)["params"]
-  tx = classify.make_optimizer(c.finetune, 1e-2, params, depth=2, probe=False)
+  tx = optim.classification_optimizer(c.finetune, 1e-2, params, depth=2, probe=False)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(jnp.abs(updates["encoder"]["block0"]["fc1"]["kernel"]).max()) == 0.0

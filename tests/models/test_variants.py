@@ -1,4 +1,4 @@
-"""Seed variants: mask tokens in the encoder, Laplacian and uniformity losses, curriculum masking."""
+"""The studies' variants: mask tokens in the encoder, Laplacian and uniformity losses, curriculum masking."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax.models import curriculum_losses
+from mae_jax.models import curriculum_losses, extra_losses
 from mae_jax.models import masking
 from mae_jax.train import pretrain
 from mae_jax.models import mae
@@ -64,7 +64,7 @@ def test_uniformity_loss_by_hand():
 def test_extra_losses_add_to_the_mse():
   m = mae.MAE(image_size=(16, 16), patch_size=4, encoder_width=32, encoder_depth=1, encoder_heads=2,
               decoder_width=16, decoder_depth=1, decoder_heads=2)
-  weighted = m.clone(laplacian_weight=0.05, uniformity_weight=0.01)
+  weighted = m.clone(extra_losses=(extra_losses.LaplacianLoss(0.05), extra_losses.UniformityLoss(0.01)))
   imgs = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
   noise = jax.random.uniform(jax.random.PRNGKey(1), (4, 16))
   p = m.init(jax.random.PRNGKey(2), imgs, noise)
@@ -93,3 +93,19 @@ def test_curriculum_run_ramps_the_ratio(cifar_folder, tmp_path):
   assert ratios[0] == 0.5 and ratios[-1] == 0.75
   assert all(a <= b for a, b in zip(ratios, ratios[1:]))
   assert set(np.round(ratios, 6)) == {0.5, 0.625, 0.75}
+
+
+def test_a_loss_coupling_the_rows_turns_off_per_device_accumulation():
+  """Micro-batches are accumulated per device (one all-reduce per update) unless an extra loss
+  compares a batch's rows with each other: the uniformity loss does, the Laplacian loss does not."""
+  from mae_jax.runtime.parallel import Mesh
+  assert not extra_losses.LaplacianLoss(0.05).couples_rows and extra_losses.UniformityLoss(0.01).couples_rows
+  chosen = {}
+  for name, weights in {"mse": {}, "laplacian": {"model.laplacian_weight": 0.05},
+                        "uniformity": {"model.uniformity_weight": 0.01}}.items():
+    c = tiny_config("unused", grad_accum_steps=2, **weights)
+    model = mae.mae_from_config(c.model, c.dataset.image_size)
+    assert [type(x).__name__ for x in model.extra_losses] == (
+        [] if not weights else [{"laplacian": "LaplacianLoss", "uniformity": "UniformityLoss"}[name]])
+    chosen[name] = pretrain.StepSpec.from_config(c, model, None, Mesh()).per_device_accumulation
+  assert chosen == {"mse": True, "laplacian": True, "uniformity": False}

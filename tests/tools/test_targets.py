@@ -14,7 +14,7 @@ import pytest
 from mae_jax import errors
 from mae_jax.tools import compile as compile_lib
 from mae_jax import config_lib
-from mae_jax.models import layers
+from mae_jax.models import attention_backends
 from mae_jax.tools import targets
 from conftest import REPO
 
@@ -37,7 +37,7 @@ def _tiny(**model):
 
 
 def _hlo(config, target, job="pretrain") -> str:
-  with layers.building_for(target.devices[0]):
+  with attention_backends.building_for(target.devices[0]):
     step, abstract, batch = compile_lib.step_program(config, job, target.devices)
     return step.lower(abstract, batch).compile().as_text()
 
@@ -57,12 +57,12 @@ def test_tpu_paths_compile_and_fit():
   fsdp = _tiny(dtype="bfloat16")
   fsdp.sharding.fsdp = True
   for config in (bf16_device_crops, fsdp):
-    r = compile_lib.fit(config, "pretrain", tpu, search=False)
+    r = compile_lib.fit_verdict(config, "pretrain", tpu, search=False)
     assert r["fits"] and 0 < r["peak_bytes_per_device"] < tpu.memory_bytes
     assert r["micro_batch_per_device"] == config.batch_size // 4
   assert r["collective_bytes_per_device"] > 0
   for job in ("probe", "finetune"):
-    assert compile_lib.fit(bf16_device_crops, job, tpu, search=False)["fits"]
+    assert compile_lib.fit_verdict(bf16_device_crops, job, tpu, search=False)["fits"]
   # Scanned, rematerialised FSDP layers: XLA:TPU writes its loop without a trip count; the
   # counts take the bound from the loop's condition (2 layers), so the gathers inside count twice.
   scanned = _tiny(dtype="bfloat16", scan_layers=True, remat="block")
@@ -80,8 +80,8 @@ def test_gpu_paths_compile_with_cudnn_attention():
   # even lengths, which JAX's cuDNN attention trains on.
   even = _tiny(dtype="bfloat16", mask_ratio=0.72)
   even.dataset.image_size = 28
-  assert layers.sequence_lengths(even.model, 28) == (14, 50)
-  r = compile_lib.fit(even, "pretrain", h100, search=False)
+  assert attention_backends.sequence_lengths(even.model, 28) == (14, 50)
+  r = compile_lib.fit_verdict(even, "pretrain", h100, search=False)
   assert r["fits"] and 0 < r["peak_bytes_per_device"] < h100.memory_bytes
   even.dataset.resize_on = "device"
   even.sharding.fsdp = True
@@ -104,7 +104,7 @@ def test_a_program_over_the_memory_is_a_verdict_and_the_search_finds_what_fits(m
   # 2^18 images a device: XLA:TPU refuses the program (over a v5e's 15.75 GiB): a verdict.
   big = _tiny()
   big.batch_size = 4 * 2**18
-  r = compile_lib.fit(big, "pretrain", tpu, search=False)
+  r = compile_lib.fit_verdict(big, "pretrain", tpu, search=False)
   assert not r["fits"] and "Ran out of memory" in r["reason"]
   # XLA:GPU compiles what does not fit; the verdict compares the peak with the memory JAX takes
   # (here made 8 MiB). The search goes to more micro-batches until one fits.
@@ -114,7 +114,7 @@ def test_a_program_over_the_memory_is_a_verdict_and_the_search_finds_what_fits(m
   assert small_gpu.memory_bytes == pytest.approx(8 * 2**20)
   config = _tiny()
   config.batch_size = 8 * 256
-  r = compile_lib.fit(config, "pretrain", small_gpu)
+  r = compile_lib.fit_verdict(config, "pretrain", small_gpu)
   assert not r["fits"] and "over the device's" in r["reason"]
   best = r["largest_fitting"]
   assert best is not None and best["grad_accum_steps"] > 1 and best["peak_bytes_per_device"] <= 8 * 2**20

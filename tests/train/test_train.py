@@ -77,12 +77,12 @@ def test_checkpoint_restores_bit_identically(cifar_folder, tmp_path):
   c = tiny_config(cifar_folder, max_steps=3, log_every_steps=1, figure_every_steps=1000)
   state = pretrain.run(c, str(tmp_path))
   mesh = pretrain.Mesh()
-  b = pretrain.build(c, mesh)
-  init = lambda: pretrain.create_train_state(b["model"], b["tx"], c.seed)
+  job = pretrain.build(c)
+  init = lambda: pretrain.create_train_state(job.model, job.tx, c.seed)
   abstract, _ = mesh.abstract_state(init, fsdp=False)
   ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 3)
   from mae_jax.data import pipeline
-  it = iter(pipeline.make_loader(c, b["train_source"], train=True, global_batch_size=64, seed=0))
+  it = iter(pipeline.make_loader(c.dataset, job.train_source, train=True, global_batch_size=64, seed=0))
   restored = ckpt.restore(3, abstract, it)
   ckpt.close()
   assert int(restored.step) == 3
