@@ -125,12 +125,12 @@ def augment(args, r: dict) -> None:
   from benchmarks import torch_cpu
   from mae_jax.data import pipeline
   from mae_jax.data import sources
-  transforms = torch_cpu.tolerant_import("torchvision.transforms")
+  tv_transforms = torch_cpu.tolerant_import("torchvision.transforms")
   folder = os.path.abspath(args.folder)
   config = _mae_jax_config(folder, r)
   s, n = r["image_size"], 20000
   torch.manual_seed(0)
-  crop = transforms.RandomResizedCrop(s, scale=tuple(r["crop_scale"]))
+  crop = tv_transforms.RandomResizedCrop(s, scale=tuple(r["crop_scale"]))
   img = torch.zeros(3, s, s)
   tv_boxes = np.array([crop.get_params(img, crop.scale, crop.ratio)[2:] for _ in range(n)], np.float64)
   mj_boxes = _mae_jax_crops(config, n)

@@ -13,7 +13,7 @@ import optax
 
 from mae_jax import errors
 from mae_jax.data import device_resample, pipeline, sources
-from mae_jax.evaluators import figures
+from mae_jax.evaluators import figures, knn
 from mae_jax.io import checkpointing, weights
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.io import workdir as workdir_lib
@@ -201,11 +201,9 @@ def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Ho
 
 def knn_hook(config, mesh: Mesh) -> Hook:
   """Every `evaluate.knn_every_steps`: kNN top-1 of the current encoder's frozen features."""
-  from mae_jax.evaluators import evaluate  # evaluation code is only needed when asked for
   memory, queries = sources.labelled_sources(config.dataset)
   return Hook(config.evaluate.knn_every_steps, lambda step, state: {
-      "knn_top1": evaluate.knn_eval(config, mesh, unstack_layers(state.params["encoder"]), memory,
-                                    queries)})
+      "knn_top1": knn.knn_eval(config, mesh, unstack_layers(state.params["encoder"]), memory, queries)})
 
 
 def starting_params(config, model: MAE, pretrained: str, step: Optional[int] = None) -> dict:
