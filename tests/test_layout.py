@@ -122,3 +122,39 @@ def test_benchmarks_form_no_cycle_and_leave_the_import_path_alone():
   assert not [m for m in closure if m in closure[m]], f"import cycles in benchmarks/: {g}"
   edits = [p.name for p in BENCHMARKS.glob("*.py") if "sys.path" in p.read_text()]
   assert not edits, f"benchmarks that edit sys.path: {edits}"
+
+
+def _top_level_names(path: pathlib.Path) -> set:
+  """What `module.name` can reach in a module: its top-level definitions, assignments and imports
+  (those inside top-level if/try blocks included)."""
+  tree, found = ast.parse(path.read_text()), set()
+  for node in tree.body:
+    for sub in ([node] if not isinstance(node, (ast.If, ast.Try)) else list(ast.walk(node))):
+      if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        found.add(sub.name)
+      elif isinstance(sub, (ast.Assign, ast.AnnAssign)):
+        for target in (sub.targets if isinstance(sub, ast.Assign) else [sub.target]):
+          found |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+      elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+        found |= {(a.asname or a.name).split(".")[0] for a in sub.names}
+  return found
+
+
+def test_every_module_attribute_used_exists():
+  """`module.name` for a module of the package or of benchmarks/ names something the module
+  defines: what a move between modules can leave behind and only a run would find."""
+  root, missing = PACKAGE.parent, []
+  files = [*PACKAGE.rglob("*.py"), *BENCHMARKS.glob("*.py"), *(root / "tests").rglob("*.py")]
+  for path in files:
+    tree, aliases = ast.parse(path.read_text()), {}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("mae_jax", "benchmarks"):
+        for a in node.names:
+          target = root / (node.module.replace(".", "/") + f"/{a.name}.py")
+          if target.exists():
+            aliases[a.asname or a.name] = target
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+          and node.attr not in _top_level_names(aliases[node.value.id])):
+        missing.append(f"{path.relative_to(root)}:{node.lineno} {node.value.id}.{node.attr}")
+  assert not missing, "attributes their modules do not define:\n" + "\n".join(missing)
