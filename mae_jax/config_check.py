@@ -106,7 +106,8 @@ def validate(config, jobs=("pretrain",)) -> None:
        "speed on GPUs since Ampere and on TPUs, float32's range) or 'float32'")
   need(m.dtype in ("float32", "bfloat16", "float16"),
        f"model.dtype={m.dtype!r} must be 'float32' or 'bfloat16'")
-  need(m.attention_impl in ("", "xla", "cudnn"), f"model.attention_impl={m.attention_impl!r} must be '', 'xla' or 'cudnn'")
+  need(m.attention_impl in (None, "xla", "cudnn"),
+       f"model.attention_impl={m.attention_impl!r} must be 'xla', 'cudnn' or None (cuDNN where it can train)")
   need(m.remat in ("none", "block", "dots"), f"model.remat={m.remat!r} must be 'none', 'block' or 'dots'")
 
   need(d.name in sources.DATASETS,
@@ -122,6 +123,9 @@ def validate(config, jobs=("pretrain",)) -> None:
             "(a folder written by python -m mae_jax.prepare)"))
     if d.folder:
       need(os.path.isdir(d.folder), f"dataset.folder={d.folder!r} does not exist")
+  for split in ("pretrain_split", "train_split", "eval_split"):
+    need(d[split] != "", f"dataset.{split}='' names no split: give a split name or leave it "
+         "unset (None: the dataset's default)")
   need(len(d.mean) == 3 and len(d.std) == 3 and min(d.std) > 0,
        f"dataset.mean={tuple(d.mean)} and dataset.std={tuple(d.std)} need 3 values each, std > 0")
   for section in (d, config.probe, config.finetune):

@@ -27,9 +27,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
       tfds_data_dir=ml_collections.FieldReference(None, field_type=str),
       download=True,             # let tfds download and prepare on first use
       folder=ml_collections.FieldReference(None, field_type=str),
-      pretrain_split="",         # '' = the dataset's default (DATASETS)
-      train_split="",            # labelled split for probing and fine-tuning
-      eval_split="",
+      # Split names; None: the dataset's default (sources.DATASETS).
+      pretrain_split=ml_collections.FieldReference(None, field_type=str),
+      train_split=ml_collections.FieldReference(None, field_type=str),  # labelled: probe, fine-tune
+      eval_split=ml_collections.FieldReference(None, field_type=str),
       image_size=224,
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
@@ -70,7 +71,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
       uniformity_weight=0.0,     # uniformity of pooled encoder features (the STL-10 study: 0.01)
       norm_pix_loss=True,
       dtype="float32",           # compute dtype; 'bfloat16' on GPU/TPU. Params stay float32.
-      attention_impl="",         # '' lets JAX choose; 'cudnn' forces fused attention on GPU
+      # None: cuDNN's fused attention where it can train, else XLA's; 'xla' or 'cudnn' to choose.
+      attention_impl=ml_collections.FieldReference(None, field_type=str),
       remat="none",              # 'block': recompute each block's activations in the backward
                                  # pass (memory for about 1/3 more compute); 'dots': keep matmuls
       scan_layers=False,         # pretraining: the encoder and decoder blocks as one nn.scan each
@@ -127,7 +129,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
       batch_size=256,
       num_images=0,              # test images measured; 0: the whole split
       mask_ratio=ml_collections.FieldReference(None, field_type=float),  # None: the model's
-      lpips_alex="", lpips_vgg="",  # paths of LPIPS weight files (.npz); '' skips that LPIPS
+      # Paths of LPIPS weight files (.npz, python -m mae_jax.lpips); None skips that LPIPS.
+      lpips_alex=ml_collections.FieldReference(None, field_type=str),
+      lpips_vgg=ml_collections.FieldReference(None, field_type=str),
       figure_images=16,
       knn_k=20, knn_temperature=0.07,
       knn_every_steps=0,         # > 0: kNN accuracy during pretraining, written to metrics.jsonl
@@ -288,12 +292,18 @@ def upgrade(saved: dict) -> dict:
     value = merged.get(section, {}).get(name)
     if isinstance(value, (int, float)) and value < 0:
       merged[section][name] = None
+  for section, name in UNSET_WAS_EMPTY:  # and '' did for these
+    if merged.get(section, {}).get(name) == "":
+      merged[section][name] = None
   return merged
 
 
-# Fields whose 'unset' was a negative number in configs written before it became None.
+# Fields whose 'unset' was a negative number, or '', in configs written before it became None.
 UNSET_WAS_NEGATIVE = (("model", "curriculum_start_ratio"), ("finetune", "trainable_blocks"),
                       ("evaluate", "mask_ratio"))
+UNSET_WAS_EMPTY = (("dataset", "pretrain_split"), ("dataset", "train_split"),
+                   ("dataset", "eval_split"), ("model", "attention_impl"),
+                   ("evaluate", "lpips_alex"), ("evaluate", "lpips_vgg"))
 
 
 ENCODER_FIELDS = ("patch_size", "encoder_width", "encoder_depth", "encoder_heads", "mlp_ratio")

@@ -66,8 +66,9 @@ def cifar_folder(tmp_path_factory) -> str:
 
 def tiny_config(folder: str, **overrides):
   """The CPU-sized CIFAR-10 preset reading the image folder, with overrides (dotted keys)."""
-  from configs import cifar10_vit_t
   from mae_jax import config_lib
+
+  from configs import cifar10_vit_t
   c = cifar10_vit_t.get_config("tiny")
   c.dataset.source, c.dataset.folder, c.dataset.num_workers = "folder", folder, 0
   return config_lib.set_fields(c, overrides)

@@ -195,9 +195,9 @@ def resolved_splits(dataset_cfg, labelled: bool = False) -> tuple[str, str]:
   """(training split, evaluation split): the pretraining split, or with `labelled` the labelled
   training split of probing and fine-tuning."""
   info = DATASETS[dataset_cfg.name]
-  train = (dataset_cfg.train_split or info.train_split) if labelled else (
-      dataset_cfg.pretrain_split or info.pretrain_split)
-  return train, dataset_cfg.eval_split or info.eval_split
+  def chosen(name):  # the config's split, else the dataset's default
+    return getattr(info, name) if dataset_cfg[name] is None else dataset_cfg[name]
+  return chosen("train_split" if labelled else "pretrain_split"), chosen("eval_split")
 
 
 def labelled_sources(dataset_cfg):

@@ -35,7 +35,7 @@ def run(config, workdir: str, pretrained: str, pretrained_step: Optional[int] = 
   model = mae_from_config(config.model, config.dataset.image_size, scan_layers=False).clone(
       mask_ratio=mask_ratio)
   lpips_weights = {net: lpips.load_weights(path, net)
-                   for net, path in (("alex", e.lpips_alex), ("vgg", e.lpips_vgg)) if path}
+                   for net, path in (("alex", e.lpips_alex), ("vgg", e.lpips_vgg)) if path is not None}
   params, step = weights.load_mae_params(pretrained, config, "reconstruction", pretrained_step)
   params = mesh.replicate(params)
   train_source, test_source = sources.labelled_sources(config.dataset)

@@ -115,7 +115,6 @@ class Encoder(nn.Module):
   attention_impl: Optional[str] = None
   learned_pos_embed: bool = False  # fine-tuning learns it (from the sin-cos values), as timm's ViT
   final_norm: bool = True          # off when a classifier pools patch tokens into its own fc_norm
-  mask_token: bool = False         # ablation: keep all patches, removed ones replaced by a mask token
   remat: str = "none"              # 'none', 'block' or 'dots' (see REMAT_POLICIES)
   scan: bool = False               # the blocks as one nn.scan (see block_stack)
   ln_eps: float = LN_EPS
@@ -132,15 +131,7 @@ class Encoder(nn.Module):
     pos = sincos_2d(self.width, self.grid, cls_token=True)[None]
     if self.learned_pos_embed:
       pos = self.param("pos_embed", lambda *_: jnp.asarray(pos), pos.shape)
-    mask = ids_restore = None
-    if noise is not None and self.mask_token:
-      # SimMIM-like ablation: the encoder sees every position, removed patches as a learned token.
-      _, mask, _ = random_masking(x, noise, mask_ratio)
-      token = self.param("mask_token", normal_02, (1, 1, self.width), jnp.float32).astype(self.dtype)
-      x = jnp.where(mask[:, :, None] > 0, token, x)
-    x = x + pos[:, 1:].astype(self.dtype)
-    if noise is not None and not self.mask_token:
-      x, mask, ids_restore = random_masking(x, noise, mask_ratio)
+    x, mask, ids_restore = self.position_and_mask(x, pos[:, 1:].astype(self.dtype), noise, mask_ratio)
     cls = self.param("cls_token", normal_02, (1, 1, self.width), jnp.float32)
     if self.learned_pos_embed:  # the fixed cls row is zeros: the token goes in as it is
       cls = cls + pos[:, :1]
@@ -152,6 +143,27 @@ class Encoder(nn.Module):
     if self.final_norm:
       x = layer_norm(self.dtype, "norm", self.ln_eps)(x)
     return x, mask, ids_restore
+
+  def position_and_mask(self, x, pos, noise, mask_ratio: float):
+    """Patch tokens (B, L, D) + their position embedding, then (with `noise`) the visible ones
+    kept: (tokens, mask, ids_restore), mask and ids_restore None without noise."""
+    x = x + pos
+    if noise is None:
+      return x, None, None
+    return random_masking(x, noise, mask_ratio)
+
+
+class MaskTokenEncoder(Encoder):
+  """The mask-token ablation (the paper's, and the CIFAR-10 ViT-T/2 study's; SimMIM-like): the
+  encoder sees every position, removed patches replaced by a learned mask token. Its tokens are
+  in patch order, so ids_restore is None and the decoder inserts nothing."""
+
+  def position_and_mask(self, x, pos, noise, mask_ratio: float):
+    if noise is None:
+      return x + pos, None, None
+    _, mask, _ = random_masking(x, noise, mask_ratio)
+    token = self.param("mask_token", normal_02, (1, 1, self.width), jnp.float32).astype(self.dtype)
+    return jnp.where(mask[:, :, None] > 0, token, x) + pos, mask, None
 
 
 class Decoder(nn.Module):
@@ -231,7 +243,7 @@ class MAE(nn.Module):
   channels: int = 3
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
-  mask_token_in_encoder: bool = False  # the paper's and the CIFAR-10 ViT-T/2 study's ablation
+  encoder_type: type = Encoder         # MaskTokenEncoder: the mask-token ablation
   extra_losses: tuple = ()             # plug-ins added to the MSE (models/extra_losses.py)
   remat: str = "none"                  # rematerialised blocks: 'none', 'block' or 'dots'
   scan_layers: bool = False            # encoder and decoder blocks as one nn.scan each
@@ -246,10 +258,10 @@ class MAE(nn.Module):
     return self.grid[0] * self.grid[1]
 
   def setup(self):
-    self.encoder = Encoder(self.patch_size, self.grid, self.encoder_width, self.encoder_depth,
-                           self.encoder_heads, self.mlp_ratio, 0.0, self.dtype, self.attention_impl,
-                           mask_token=self.mask_token_in_encoder, remat=self.remat,
-                           scan=self.scan_layers, ln_eps=self.ln_eps)
+    self.encoder = self.encoder_type(
+        self.patch_size, self.grid, self.encoder_width, self.encoder_depth, self.encoder_heads,
+        self.mlp_ratio, 0.0, self.dtype, self.attention_impl, remat=self.remat,
+        scan=self.scan_layers, ln_eps=self.ln_eps)
     self.decoder = Decoder(self.patch_size, self.grid, self.decoder_width, self.decoder_depth,
                            self.decoder_heads, self.channels, self.mlp_ratio, self.dtype,
                            self.attention_impl, self.remat, self.scan_layers, self.ln_eps)
@@ -301,5 +313,6 @@ def mae_from_config(model_cfg, image_size: int, scan_layers: Optional[bool] = No
              encoder_heads=m.encoder_heads, decoder_width=m.decoder_width,
              decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, mlp_ratio=m.mlp_ratio,
              mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
-             mask_token_in_encoder=m.mask_token_in_encoder, extra_losses=extra_losses.from_config(m),
+             encoder_type=MaskTokenEncoder if m.mask_token_in_encoder else Encoder,
+             extra_losses=extra_losses.from_config(m),
              scan_layers=m.scan_layers if scan_layers is None else scan_layers, **compute_settings(m, image_size))

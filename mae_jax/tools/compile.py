@@ -156,13 +156,13 @@ def abstract_batch(config, mesh, job: str = "pretrain"):
 
   from mae_jax.data import device_resample, pipeline
   from mae_jax.train import classify
-  batch, k = batch_shape(config, job)
+  batch, micro_batches = batch_shape(config, job)
   size = config.dataset.image_size
   # the train transform as the job's loader has it
   augment = pipeline.train_augment(config.dataset) if job == "pretrain" else classify.train_augment(config, job)
   on_device = augment.resize_on_device
-  lead = (batch,) if k == 1 else (k, batch // k)
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(lead + shape, dtype, sharding=mesh.batch_sharding(k))
+  lead = (batch,) if micro_batches == 1 else (micro_batches, batch // micro_batches)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(lead + shape, dtype, sharding=mesh.batch_sharding(micro_batches))
   out = {} if job == "pretrain" else {"label": spec((), jax.numpy.int32)}
   if not on_device:
     return {**out, "image": spec((size, size, 3), jax.numpy.uint8)}
@@ -178,9 +178,9 @@ def flops_per_image(config, lowered=None, job: str = "pretrain") -> float:
   once, and does not see into a cuDNN kernel; an accelerator target's lowering has no analysis.
   `lowered`, the config's own lowered pretraining step, is that program already when the config
   neither scans nor accumulates nor asks for cuDNN."""
-  batch, k = batch_shape(config, job)
-  micro = batch // k
-  if (lowered is None or job != "pretrain" or config.model.scan_layers or k > 1
+  batch, micro_batches = batch_shape(config, job)
+  micro = batch // micro_batches
+  if (lowered is None or job != "pretrain" or config.model.scan_layers or micro_batches > 1
       or config.model.attention_impl == "cudnn"):
     plain = with_batch(config, job, micro, 1)
     plain.model.scan_layers, plain.model.attention_impl = False, "xla"
@@ -221,9 +221,9 @@ def compile_step(config, job: str, target) -> dict:
   """Compiles one job's step for `target`: its memory, collectives and compile time, and whether
   it fits (the compiler refused it, or its peak is over the device's memory)."""
   from mae_jax.models import attention_backends
-  batch, k = batch_shape(config, job)
+  batch, micro_batches = batch_shape(config, job)
   n = target.num_devices
-  out = {"job": job, "batch_size": batch, "grad_accum_steps": k, "micro_batch_per_device": batch // k // n}
+  out = {"job": job, "batch_size": batch, "grad_accum_steps": micro_batches, "micro_batch_per_device": batch // micro_batches // n}
   with attention_backends.building_for(target.devices[0]):
     step, abstract, batch_spec = step_program(config, job, target.devices)
     t0 = time.perf_counter()
@@ -258,21 +258,21 @@ def candidates(config, job: str, devices: int) -> list:
   job's batch in 1, 2, 4, ... micro-batches, while each device keeps a whole one (a probe does
   not accumulate: its batch halves instead)."""
   batch, _ = batch_shape(config, job)
-  out, k = [], 1
-  while batch % (k * devices) == 0:
-    out.append(with_batch(config, job, batch // k, 1) if job == "probe" else with_batch(config, job, batch, k))
-    k *= 2
+  out, micro_batches = [], 1
+  while batch % (micro_batches * devices) == 0:
+    out.append(with_batch(config, job, batch // micro_batches, 1) if job == "probe" else with_batch(config, job, batch, micro_batches))
+    micro_batches *= 2
   return out
 
 
 def fit_verdict(config, job: str, target, search: bool = True) -> dict:
   """Compiles `job`'s step as configured; with `search`, also finds the largest micro-batch per
   device that fits: larger ones while the configured one fits, smaller ones until one does."""
-  batch, k = batch_shape(config, job)
+  batch, micro_batches = batch_shape(config, job)
   n = target.num_devices
-  if batch % (k * n):
+  if batch % (micro_batches * n):
     raise errors.TargetError(
-        f"{job}: batch {batch} in {k} micro-batches does not divide over {n} devices; choose a "
+        f"{job}: batch {batch} in {micro_batches} micro-batches does not divide over {n} devices; choose a "
         "batch size (and grad_accum_steps) with a whole micro-batch per device")
   result = compile_step(config, job, target)
   result["tried"] = [_attempt(result)]
@@ -281,8 +281,8 @@ def fit_verdict(config, job: str, target, search: bool = True) -> dict:
   micro = result["micro_batch_per_device"]
 
   def per_device(c) -> int:
-    b, k = batch_shape(c, job)
-    return b // k // n
+    b, micro_batches = batch_shape(c, job)
+    return b // micro_batches // n
 
   options = candidates(config, job, n)  # the largest micro-batch first
   best = result if result["fits"] else None

@@ -70,16 +70,16 @@ class StepSpec:
 
   @classmethod
   def from_config(cls, config, model: MAE, tx, mesh: Optional[Mesh]) -> "StepSpec":
-    k, fsdp = config.grad_accum_steps, bool(config.sharding.fsdp)
+    micro_batches, fsdp = config.grad_accum_steps, bool(config.sharding.fsdp)
     # With a replicated state each device accumulates its own rows of the micro-batches and the
     # gradients are all-reduced once per update, which needs a loss that is a mean of per-row
     # terms. An extra loss that couples the rows (models/extra_losses.py), and FSDP, whose state
     # is split anyway, accumulate the micro-batches whole, as the global batch: the same update,
     # more collectives.
-    per_device = (k > 1 and mesh is not None and not fsdp
+    per_device = (micro_batches > 1 and mesh is not None and not fsdp
                   and not extra_losses.couple_rows(model.extra_losses))
     return cls(model, tx, tuple(config.dataset.mean), tuple(config.dataset.std),
-               config.model.mask_sampling, k, config.dataset.interpolation, mesh, fsdp, per_device)
+               config.model.mask_sampling, micro_batches, config.dataset.interpolation, mesh, fsdp, per_device)
 
 
 def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, mask_ratio: Optional[float] = None):
@@ -88,22 +88,22 @@ def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, mask_ratio: Op
 
   With `spec.micro_batches` K > 1 the batch arrives as K micro-batches (leaves (K, m, ...))
   whose gradients are averaged inside this one step (`trainer.accumulate`). The masking noise of
-  micro-batch k is drawn from fold_in(rng, K * step + k), the key a run without accumulation
+  micro-batch i is drawn from fold_in(rng, K * step + i), the key a run without accumulation
   would use for it. Crops sent on canvases (dataset.resize_on='device') are resampled first
   (`device_resample.train_images`)."""
-  model, k = spec.model, spec.micro_batches
+  model, micro_batches = spec.model, spec.micro_batches
   if mask_ratio is not None:
     model = model.clone(mask_ratio=mask_ratio)
   if "mask_noise" in batch:  # block masks, drawn by the data pipeline
     noise = batch["mask_noise"]
   else:
     m = batch["image"].shape[-4]
-    key = lambda i: jax.random.fold_in(state.rng, k * state.step + i)  # micro-batch i's key
+    key = lambda i: jax.random.fold_in(state.rng, micro_batches * state.step + i)  # micro-batch i's key
     if spec.mask_sampling == "grid":
       draw = lambda i: masking.grid_noise(key(i), m, model.grid)
     else:
       draw = lambda i: masking.random_noise(key(i), m, model.num_patches)
-    noise = jax.vmap(draw)(jnp.arange(k)) if k > 1 else draw(0)
+    noise = jax.vmap(draw)(jnp.arange(micro_batches)) if micro_batches > 1 else draw(0)
 
   def grads_of(params, _, micro, carry):
     images = pipeline.normalize(device_resample.train_images(micro, spec.interpolation), spec.mean, spec.std)
@@ -120,10 +120,10 @@ def pretrain_step(state: TrainState, batch: dict, spec: StepSpec, mask_ratio: Op
 
   micro = {**{f: batch[f] for f in ("image", device_resample.CROP_FIELD) if f in batch}, "noise": noise}
   if spec.per_device_accumulation:
-    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, k, spec.mesh)
+    (metrics, grads), _ = accumulate_per_device(grads_of, state.params, micro, micro_batches, spec.mesh)
   else:
     shardings = spec.mesh.state_shardings(state.params, spec.fsdp) if spec.mesh is not None else None
-    (metrics, grads), _ = accumulate(grads_of, state.params, micro, k, grad_shardings=shardings)
+    (metrics, grads), _ = accumulate(grads_of, state.params, micro, micro_batches, grad_shardings=shardings)
   new_state, metrics = apply_update(state, grads, metrics, spec.tx)
   if mask_ratio is not None:
     metrics["mask_ratio"] = jnp.float32(mask_ratio)

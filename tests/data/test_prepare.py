@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import errors
-from mae_jax import config_check
-from mae_jax.data import pipeline
-from mae_jax.data import transforms
-from mae_jax.data import prepare
-from mae_jax.data import sources
+from mae_jax import config_check, errors
+from mae_jax.data import pipeline, prepare, sources, transforms
+
 from conftest import REPO, tiny_config
 
 

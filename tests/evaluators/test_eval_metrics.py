@@ -4,9 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax.evaluators import reconstruction
-from mae_jax.evaluators import knn
 from mae_jax.data import sources
+from mae_jax.evaluators import knn, reconstruction
 from mae_jax.models.curriculum_losses import laplacian
 
 skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is a test-only reference")

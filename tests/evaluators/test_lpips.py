@@ -7,6 +7,7 @@ import pytest
 
 from mae_jax import errors
 from mae_jax.evaluators import lpips
+
 from benchmarks import torch_cpu
 
 torch = pytest.importorskip("torch", reason="torch is a test-only reference (pip install -e '.[dev]')")

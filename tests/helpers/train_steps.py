@@ -32,10 +32,10 @@ def main():
   if a.num_processes > 1:
     parallel.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
   import jax
-  from mae_jax.data import pipeline
-  from mae_jax.train import optim
-  from mae_jax.train import pretrain
-  from mae_jax.data import sources
+
+  from mae_jax.data import pipeline, sources
+  from mae_jax.train import optim, pretrain
+
   from conftest import tiny_config
 
   c = tiny_config(a.folder)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from mae_jax import errors
-from mae_jax import config_check
+from mae_jax import config_check, errors
 from mae_jax.runtime import host
+
 from conftest import REPO, tiny_config
 from conftest import run_cli as _cli
 

@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from mae_jax.train import classify
 from mae_jax.evaluators import knn
-from mae_jax.train import pretrain
 from mae_jax.io import weights
-from conftest import small_folder, tiny_config
+from mae_jax.train import classify, pretrain
+
 from conftest import run_cli as _cli
+from conftest import small_folder, tiny_config
 
 # The learning check: the tiny preset pretrained for 2,000 steps (about 2 minutes on two CPU
 # cores). Measured on this recipe: probe 34.1% vs 28.5% for a random encoder, kNN 32.0% vs 27.1%,
@@ -47,6 +47,7 @@ def test_probe_and_knn_learn_from_pretraining(cifar_folder, pretrained, tmp_path
   params, _ = weights.load_mae_params(pretrained, c, "reconstruction")
   import jax
   import jax.numpy as jnp
+
   from mae_jax.models.mae import mae_from_config
   random_params = mae_from_config(c.model, 32).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 64)))["params"]
@@ -100,11 +101,13 @@ def test_probe_finetune_evaluate_from_the_cli(cifar_folder, pretrained, tmp_path
 def _exports_load_in_timm(tmp_path):
   """The fine-tuned classifier goes out to timm whole (its logits are ours); the linear probe's
   encoder only (its head needs BatchNorm statistics timm has no place for)."""
-  import numpy as np
   import ml_collections
+  import numpy as np
+
+  from mae_jax import convert as convert_cmd
   from mae_jax.io import checkpointing
   from mae_jax.models import classifier
-  from mae_jax import convert as convert_cmd
+
   from benchmarks import torch_cpu
   timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
   import torch
@@ -147,6 +150,7 @@ def test_job_errors(cifar_folder, pretrained, tmp_path):
 
 def test_probe_finetune_and_evaluate_read_a_scanned_pretraining_checkpoint(cifar_folder, tmp_path):
   import numpy as np
+
   from mae_jax.io import checkpointing
   c = tiny_config(cifar_folder, max_steps=2, log_every_steps=1, figure_every_steps=1000,
                   **{"model.scan_layers": True})

@@ -13,14 +13,12 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 torch = pytest.importorskip("torch")
-from benchmarks import eval_vs_official
-from benchmarks import official_eval
-
-from mae_jax.data import augment
-from mae_jax.models import classifier
+from mae_jax.data import augment, transforms
 from mae_jax.io import convert
-from mae_jax.data import transforms
+from mae_jax.models import classifier
 from mae_jax.train import optim
+
+from benchmarks import eval_vs_official, official_eval
 
 SHAPE = "small"
 

@@ -10,12 +10,11 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 torch = pytest.importorskip("torch")
-from benchmarks import official_diagnostics
-from benchmarks import train_vs_official
-
 from mae_jax.io import convert
-from mae_jax.train import pretrain
 from mae_jax.models.mae import mae_from_config
+from mae_jax.train import pretrain
+
+from benchmarks import official_diagnostics, train_vs_official
 
 
 def test_thirty_steps_match_the_official_loop_from_the_same_weights_and_batches(cifar_folder):

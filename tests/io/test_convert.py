@@ -17,17 +17,18 @@ from benchmarks import torch_cpu
 torch = pytest.importorskip("torch")
 # timm and transformers import torchvision, whose PyPI wheel needs the tolerant import on CPU torch.
 timm_vit = torch_cpu.tolerant_import("timm.models.vision_transformer")
-from benchmarks.official_mae import OfficialMAE  # the official model; default shape = the constants below
 from torch import nn
 
-from mae_jax import errors
-from mae_jax.io import checkpointing
 from mae_jax import convert as convert_cmd
-from mae_jax.io import foreign
-from mae_jax.train import pretrain
-from mae_jax.io import weights
+from mae_jax import errors
+from mae_jax.io import checkpointing, foreign, weights
 from mae_jax.models.classifier import Classifier
 from mae_jax.models.mae import mae_from_config, sincos_2d
+from mae_jax.train import pretrain
+
+from benchmarks.official_mae import (
+  OfficialMAE,  # the official model; default shape = the constants below
+)
 
 IMG, P, D, DEPTH, HEADS, DD, DDEPTH, DHEADS = 32, 4, 64, 2, 2, 32, 1, 2
 L = (IMG // P) ** 2
@@ -297,8 +298,8 @@ def test_jobs_take_a_pytorch_checkpoint_as_pretrained_directly(cifar_folder, tmp
 
 
 def test_pretraining_continues_from_converted_weights_with_their_decoder(cifar_folder, tmp_path):
-  from conftest import tiny_config
   from conftest import run_cli as _cli
+  from conftest import tiny_config
   src = str(tmp_path / "full.pth")
   torch.save({"model": randomize(OfficialMAE(), 7).state_dict()}, src)
   params, _ = foreign.load_foreign(src, fallback_heads=(HEADS, DHEADS))

@@ -5,12 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax.train import optim
 from mae_jax.data import augment
-from mae_jax.models import classifier
-from mae_jax.train import classify
-from mae_jax.models import layers
-from mae_jax.models import mae
+from mae_jax.models import classifier, layers, mae
+from mae_jax.train import classify, optim
+
 from conftest import tiny_config
 
 
@@ -178,6 +176,7 @@ def test_probe_step_accumulates_micro_batches_and_passes_batchnorm_statistics_on
   """Two micro-batches in one probe step: the mean of their gradients in one update, and the
   BatchNorm running statistics updated by the first micro-batch, then the second."""
   import functools
+
   import optax
   m = _classifier(probe=True, global_pool=False, learned_pos_embed=False)
   v = _init(m)

@@ -8,6 +8,7 @@ import pytest
 
 from mae_jax import config_lib
 from mae_jax.tools import study
+
 from conftest import REPO, small_folder
 
 

@@ -6,11 +6,10 @@ import os
 
 import pytest
 
-from mae_jax import errors
-from mae_jax import config_lib
-from mae_jax import config_check
-from mae_jax.train import pretrain
+from mae_jax import config_check, config_lib, errors
 from mae_jax.tools import sweep
+from mae_jax.train import pretrain
+
 from conftest import REPO
 
 STUDIES = sorted(glob.glob(str(REPO / "configs" / "ablations" / "*.py")))

@@ -1,0 +1,128 @@
+"""io/checkpointing.py: checkpoints restore bit-identically, across device counts and layer
+layouts; an unreadable newest one falls back to the one before."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mae_jax import errors
+from mae_jax.io import checkpointing
+from mae_jax.train import pretrain
+
+from conftest import CHECKPOINT_DAMAGE as DAMAGE
+from conftest import tiny_config
+
+TESTS = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in rows}
+
+
+def test_checkpoint_restores_bit_identically(cifar_folder, tmp_path):
+  c = tiny_config(cifar_folder, max_steps=3, log_every_steps=1, figure_every_steps=1000)
+  state = pretrain.run(c, str(tmp_path))
+  mesh = pretrain.Mesh()
+  job = pretrain.build(c)
+  init = lambda: pretrain.create_train_state(job.model, job.tx, c.seed)
+  abstract, _ = mesh.abstract_state(init, fsdp=False)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 3)
+  from mae_jax.data import pipeline
+  it = iter(pipeline.make_loader(c.dataset, job.train_source, train=True, global_batch_size=64, seed=0))
+  restored = ckpt.restore(3, abstract, it)
+  ckpt.close()
+  assert int(restored.step) == 3
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _pretrain_on(devices: int, folder: str, *runs):
+  """In one fresh interpreter with `devices` CPU devices, for each (workdir, steps, fsdp[,
+  copy_from]) of `runs` in order: pretrain.run of the tiny preset to `steps` in `workdir`, which
+  starts as a copy of `copy_from` where that is given."""
+  code = ("import sys, json, shutil; sys.path.insert(0, sys.argv[1])\n"
+          "from conftest import tiny_config\nfrom mae_jax.train import pretrain\n"
+          "for workdir, steps, fsdp, *copy_from in json.loads(sys.argv[3]):\n"
+          "  if copy_from:\n    shutil.copytree(copy_from[0], workdir)\n"
+          "  c = tiny_config(sys.argv[2], max_steps=steps, log_every_steps=1,\n"
+          "                  checkpoint_every_steps=4, figure_every_steps=1000)\n"
+          "  c.sharding.fsdp = fsdp\n  pretrain.run(c, workdir)\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  runs = json.dumps([[str(r[0]), *r[1:3], *map(str, r[3:])] for r in runs])
+  out = subprocess.run([sys.executable, "-c", code, str(TESTS), folder, runs],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_an_fsdp_checkpoint_restores_on_other_device_counts(cifar_folder, tmp_path):
+  """Saved sharded over 8 devices, resumed on 1 (and saved on 1, resumed sharded over 4): the
+  later losses are the uninterrupted 8-device run's; resumed on 8 they are bit-identical."""
+  full, eight, again, one = (tmp_path / name for name in ("full", "eight", "eight_then_eight", "one"))
+  _pretrain_on(8, cifar_folder, (full, 8, True), (eight, 4, True), (again, 8, True, eight))
+  _pretrain_on(1, cifar_folder, (eight, 8, False), (one, 4, False))
+  _pretrain_on(4, cifar_folder, (one, 8, True))
+  full_losses = _losses(full)
+  assert sorted(full_losses) == list(range(1, 9))
+  for resumed in (eight, one):
+    losses = _losses(resumed)
+    assert sorted(losses) == list(range(1, 9))
+    np.testing.assert_allclose([losses[s] for s in range(5, 9)], [full_losses[s] for s in range(5, 9)],
+                               rtol=2e-5)
+  assert _losses(again) == full_losses
+
+
+def _four_step_checkpoints(cifar_folder, steps):
+  return tiny_config(cifar_folder, max_steps=steps, log_every_steps=1, checkpoint_every_steps=4,
+                     figure_every_steps=1000)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(cifar_folder, tmp_path, capsys, damage):
+  pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))  # checkpoints 4 and 8
+  losses = _losses(tmp_path)
+  DAMAGE[damage](tmp_path / "checkpoints" / "8")
+  capsys.readouterr()
+  pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))
+  out = capsys.readouterr().out
+  assert f"checkpoint {tmp_path}/checkpoints/8 is unreadable (" in out
+  assert "restored step 4" in out and f"resumed from {tmp_path}/checkpoints/4" in out
+  # Steps 5..8 ran again from step 4's state and data position: the same losses, each step once.
+  assert _losses(tmp_path) == losses
+  assert len(open(tmp_path / "metrics.jsonl").readlines()) == 8
+  # The damaged checkpoint is kept aside, out of the way of the new step 8.
+  assert [d.split("-")[0] for d in os.listdir(tmp_path / "checkpoints_unreadable")] == ["8"]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+
+
+def test_no_readable_checkpoint_is_an_error_naming_each(cifar_folder, tmp_path):
+  pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))
+  for step in ("4", "8"):
+    DAMAGE["truncated array file"](tmp_path / "checkpoints" / step)
+  with pytest.raises(errors.CheckpointUnreadableError, match=r"can be read \(step 8: .*; step 4: "):
+    pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]  # nothing moved or removed
+  assert not os.path.exists(tmp_path / "checkpoints_unreadable")
+
+
+@pytest.mark.parametrize("first,then", [(False, True), (True, False)], ids=["unrolled_to_scanned", "scanned_to_unrolled"])
+def test_a_checkpoint_resumes_in_the_other_layer_layout(cifar_folder, tmp_path, first, then):
+  make = lambda steps, scan: tiny_config(cifar_folder, max_steps=steps, log_every_steps=1,
+                                         checkpoint_every_steps=4, figure_every_steps=1000,
+                                         **{"model.scan_layers": scan})
+  pretrain.run(make(8, first), str(tmp_path / "full"))
+  pretrain.run(make(4, first), str(tmp_path / "split"))
+  resumed = pretrain.run(make(8, then), str(tmp_path / "split"))
+  from mae_jax.models.layer_stack import is_scanned
+  assert is_scanned(resumed.params) == then
+  a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+  assert sorted(b) == list(range(1, 9))
+  np.testing.assert_allclose([b[s] for s in range(5, 9)], [a[s] for s in range(5, 9)], rtol=2e-5)
