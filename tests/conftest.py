@@ -17,7 +17,7 @@ CIFAR_ARCHIVE = pathlib.Path(os.environ.get(
     "MAE_JAX_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"))
 
 # The suite runs on the CPU. The dev extra brings libtpu and the CUDA plugin to compile for TPUs
-# and GPUs (tests/tools/test_targets.py); JAX itself, and every job the tests start, stays on the CPU.
+# and GPUs (tests/tools/test_compile.py, tests/tools/test_targets.py); JAX itself, and every job the tests start, stays on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent XLA compilation cache for the session, its subprocesses included (they inherit
