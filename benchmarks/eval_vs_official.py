@@ -357,7 +357,7 @@ def run_parity(job: str, folder: str, r: dict, steps: int, steps_per_epoch: int,
                                  r["epochs"] * steps_per_epoch)
   tx = optim.classification_optimizer(config[job], schedule, params, r["enc_depth"], job == "probe")
   state = classify.create_train_state(tx, seed, variables)
-  step = jax.jit(classify.step_function(config, job, model, tx, r["num_classes"]))
+  step = jax.jit(classify.task(config, job, model, tx, variables, r["num_classes"]).train_step)
 
   mean, std = np.array(r["mean"], np.float32), np.array(r["std"], np.float32)
   to_torch = lambda u8: torch.from_numpy(((u8 / np.float32(255) - mean) / std).transpose(0, 3, 1, 2).copy())

@@ -31,6 +31,7 @@ from mae_jax.train.loop import (
   apply_update,
   evaluate,
   fit,
+  jit_task,
   new_train_state,
   plan,
 )
@@ -119,15 +120,18 @@ def init_function(config, model):
   return lambda: model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)), train=False)
 
 
-def step_function(config, mode: str, model, tx, num_classes: int):
-  """`classify_step` bound to the section's recipe (not jitted)."""
+def task(config, mode: str, model, tx, variables: dict, num_classes: int, hooks=()) -> Task:
+  """Probing or fine-tuning as the training loop runs it: the state from `variables` (params and
+  e.g. batch_stats), the step bound to the section's recipe, the batch fields."""
   section = config[mode]
   aug = {} if mode == "probe" else dict(label_smoothing=section.label_smoothing, mixup=section.mixup,
                                         cutmix=section.cutmix, random_erasing=section.random_erasing)
-  return functools.partial(classify_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
+  step = functools.partial(classify_step, model=model, tx=tx, mean=tuple(config.dataset.mean),
                            std=tuple(config.dataset.std), num_classes=num_classes,
                            micro_batches=micro_batches(config, mode),
                            interpolation=config.dataset.interpolation, **aug)
+  return Task(summary=describe(model), init_state=functools.partial(create_train_state, tx, config.seed),
+              init_args=(variables,), train_step=step, batch_fields=("image", "label"), hooks=hooks)
 
 
 def sharded_step(config, mesh: Mesh, mode: str, num_classes: int, schedule: optax.Schedule):
@@ -136,12 +140,9 @@ def sharded_step(config, mesh: Mesh, mode: str, num_classes: int, schedule: opta
   model = model_from_config(config, mode, num_classes)
   variables = jax.eval_shape(init_function(config, model))
   tx = optim.classification_optimizer(config[mode], schedule, variables["params"], config.model.encoder_depth,
-                      mode == "probe")
-  init = functools.partial(create_train_state, tx, config.seed)
-  abstract, shardings = mesh.abstract_state(init, variables, fsdp=config.sharding.fsdp)
-  step = mesh.jit_train_step(step_function(config, mode, model, tx, num_classes), shardings,
-                             micro_batches(config, mode))
-  return step, abstract, shardings
+                                      mode == "probe")
+  return jit_task(task(config, mode, model, tx, variables, num_classes), mesh,
+                  fsdp=config.sharding.fsdp, micro_batches=micro_batches(config, mode))
 
 
 @workdir_lib.holding_workdir
@@ -187,15 +188,9 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
     last_eval["step"] = step
     return {"test_top1": last_eval["top1"], "test_top5": last_eval["top5"]}
 
-  task = Task(
-      summary=describe(model),
-      init_state=functools.partial(create_train_state, tx, config.seed),
-      init_args=(variables,),
-      train_step=step_function(config, mode, model, tx, n_classes),
-      batch_fields=("image", "label"),
-      hooks=[Hook(max(1, steps.epochs(section.eval_every_epochs)), eval_hook)],
-  )
-  state = fit(config, workdir, task, train_source, mesh=mesh, total_steps=steps.total_steps,
+  job = task(config, mode, model, tx, variables, n_classes,
+             hooks=[Hook(max(1, steps.epochs(section.eval_every_epochs)), eval_hook)])
+  state = fit(config, workdir, job, train_source, mesh=mesh, total_steps=steps.total_steps,
               batch_size=section.batch_size, micro_batches=accum, lr_fn=steps.schedule,
               augment=train_augment(config, mode),
               log_every=section.log_every_steps, checkpoint_every=section.checkpoint_every_steps)

@@ -58,6 +58,13 @@ class Task:
   summary: str = ""                    # appended to the first log line (e.g. the attention used)
 
 
+def jit_task(task: Task, mesh: Mesh, *, fsdp: bool, micro_batches: int):
+  """A task's train step as `fit` compiles it (at its default step settings), for use outside
+  `fit` (mae_jax.compile, benchmarks, tests): (jitted step, abstract state, state shardings)."""
+  abstract, shardings = mesh.abstract_state(task.init_state, *task.init_args, fsdp=fsdp)
+  return mesh.jit_train_step(task.train_step, shardings, micro_batches), abstract, shardings
+
+
 def new_train_state(params, tx, rng: jax.Array, model_state=None) -> TrainState:
   """Step 0 of a job: its parameters, their optimizer state, the base key."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,

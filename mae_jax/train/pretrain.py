@@ -32,6 +32,7 @@ from mae_jax.train.loop import (
   accumulate_per_device,
   apply_update,
   fit,
+  jit_task,
   new_train_state,
   plan,
 )
@@ -152,9 +153,25 @@ def build(config) -> Pretraining:
                      train_source=train_source, eval_split=eval_split)
 
 
-def step_function(config, model: MAE, tx, mesh: Mesh):
-  """`pretrain_step` bound to the config's `StepSpec` (not jitted)."""
-  return functools.partial(pretrain_step, spec=StepSpec.from_config(config, model, tx, mesh))
+def task(config, model: MAE, tx, mesh: Mesh, *, step_plan: Optional[StepPlan] = None, init_args=(),
+         hooks=()) -> Task:
+  """Pretraining as the training loop runs it: its state, its step bound to the config's
+  `StepSpec`, the batch fields, and (curriculum masking, given `step_plan`) each step's ratio."""
+  m = config.model
+  step_settings = None
+  if m.curriculum_start_ratio is not None and step_plan is not None:  # in compiled buckets of ratios
+    step_settings = lambda step: {"mask_ratio": masking.curriculum_ratio(
+        step, step_plan.updates_per_epoch, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
+        m.curriculum_shape, m.curriculum_bucket)}
+  return Task(
+      summary=describe(model),
+      step_settings=step_settings,
+      init_state=functools.partial(create_train_state, model, tx, config.seed),
+      init_args=init_args,
+      train_step=functools.partial(pretrain_step, spec=StepSpec.from_config(config, model, tx, mesh)),
+      batch_fields=("image", "mask_noise") if m.mask_sampling == "block" else ("image",),
+      hooks=hooks,
+  )
 
 
 def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
@@ -162,11 +179,10 @@ def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
   (jitted step, init function, abstract state, state shardings), the state replicated or split
   as `config.sharding.fsdp` says; the step takes the batch as `mesh.put_batch` lays it out."""
   model = mae_from_config(config.model, config.dataset.image_size)
-  tx = optim.pretraining_optimizer(config.optimizer, schedule)
-  init = functools.partial(create_train_state, model, tx, config.seed)
-  abstract, shardings = mesh.abstract_state(init, fsdp=config.sharding.fsdp)
-  step = mesh.jit_train_step(step_function(config, model, tx, mesh), shardings, config.grad_accum_steps)
-  return step, init, abstract, shardings
+  job = task(config, model, optim.pretraining_optimizer(config.optimizer, schedule), mesh)
+  step, abstract, shardings = jit_task(job, mesh, fsdp=config.sharding.fsdp,
+                                       micro_batches=config.grad_accum_steps)
+  return step, job.init_state, abstract, shardings
 
 
 def summary(job_dir: str) -> dict:
@@ -243,26 +259,11 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
   hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
   if config.evaluate.knn_every_steps > 0:
     hooks.append(knn_hook(config, mesh))
-  sampling = config.model.mask_sampling
   augment = [pipeline.train_augment(config.dataset)]
-  if sampling == "block":
+  if config.model.mask_sampling == "block":
     augment.append(pipeline.BlockMaskNoise(model.grid, model.mask_ratio))
-  m = config.model
-  step_settings = None
-  if m.curriculum_start_ratio is not None:  # curriculum masking, in compiled buckets
-    step_settings = lambda step: {"mask_ratio": masking.curriculum_ratio(
-        step, job.plan.updates_per_epoch, m.curriculum_start_ratio, m.mask_ratio, m.curriculum_epochs,
-        m.curriculum_shape, m.curriculum_bucket)}
-  task = Task(
-      summary=describe(model),
-      step_settings=step_settings,
-      init_state=functools.partial(create_train_state, model, tx, config.seed),
-      init_args=init_args,
-      train_step=step_function(config, model, tx, mesh),
-      batch_fields=("image", "mask_noise") if sampling == "block" else ("image",),
-      hooks=hooks,
-  )
-  state = fit(config, workdir, task, job.train_source, mesh=mesh, total_steps=job.plan.total_steps,
+  pretraining = task(config, model, tx, mesh, step_plan=job.plan, init_args=init_args, hooks=hooks)
+  state = fit(config, workdir, pretraining, job.train_source, mesh=mesh, total_steps=job.plan.total_steps,
               batch_size=config.batch_size, micro_batches=config.grad_accum_steps,
               lr_fn=job.plan.schedule, augment=augment, log_every=config.log_every_steps,
               checkpoint_every=config.checkpoint_every_steps,
