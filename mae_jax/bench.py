@@ -13,7 +13,6 @@ the step's, and which of the two holds the training back.
 Compiling without running, for hardware that is not here: `python -m mae_jax.compile`.
 """
 
-import json
 import sys
 
 from absl import flags, logging
@@ -21,6 +20,7 @@ from ml_collections import config_flags
 
 from mae_jax import cli
 from mae_jax.errors import UserError
+from mae_jax.io import durable
 from mae_jax.tools.bench import bench_pipeline, bench_train_step, check
 from mae_jax.tools.compile import fmt_bytes
 
@@ -75,8 +75,7 @@ def main(argv):
       print(f"bottleneck: {r['bottleneck']} (feed {r['pipeline_images_per_s']:,.0f} img/s, "
             f"step {r['images_per_s']:,.0f} img/s)")
   if flags.FLAGS.output:
-    with open(flags.FLAGS.output, "w") as f:
-      json.dump(r, f, indent=2)
+    durable.write_json(flags.FLAGS.output, r)
   return 0
 
 

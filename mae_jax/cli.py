@@ -3,6 +3,7 @@
 import difflib
 import os
 import sys
+from typing import Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -47,7 +48,8 @@ def job_main(job, name: str):
     config = prepare(FLAGS.config, FLAGS.workdir, jobs=(name,))
     if FLAGS.pretrained:
       guarded(lambda: weights.adopt_settings(config, FLAGS.pretrained))
-    return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained, FLAGS.pretrained_step))
+    return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained, FLAGS.pretrained_step),
+                       workdir=FLAGS.workdir)
   return main
 
 
@@ -78,8 +80,10 @@ def fail(e: Exception):
   sys.exit(2)
 
 
-def run_guarded(fn):
-  """Runs the job; user errors print one clear message, a signal exits with 128 + its number."""
+def run_guarded(fn, workdir: Optional[str] = None):
+  """Runs the job; user errors print one clear message (exit 2), a signal exits with 128 + its
+  number once the checkpoint is saved, and a fault of the machine (storage, a loader worker)
+  prints one line naming the cause and the checkpoint to resume from (`fault_exit`)."""
   try:
     fn()
   except UserError as e:
@@ -88,7 +92,25 @@ def run_guarded(fn):
     print(f"stopped at step {e.step}; checkpoint saved. Run the same command to resume.",
           file=sys.stderr, flush=True)
     return 128 + e.signum
+  except Exception as e:
+    if isinstance(e, errors.FaultError) or errors.storage_cause(e):
+      fault_exit(e, workdir)
+    raise
   return 0
+
+
+def fault_exit(e: Exception, workdir: Optional[str] = None):
+  """Ends the process after a fault of the machine: one line, exit 74 (storage: fix it, then run
+  the same command) or 75 (a loader worker: run it again)."""
+  if isinstance(e, errors.FaultError):
+    message, code = str(e), e.exit_code
+  else:
+    step = checkpointing.newest_step(workdir) if workdir else None
+    message = errors.storage_fault_message(errors.storage_cause(e), step,
+                                           checkpointing.checkpoint_dir(workdir) if workdir else None)
+    code = errors.StorageError.exit_code
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 def run_app(main, reuse_freed_memory: bool = True):

@@ -1,5 +1,9 @@
 """The errors a user can fix. Each entry point catches `UserError` and prints its message in one
-line (exit 2); anything else is a bug and keeps its traceback."""
+line (exit 2); `FaultError`s (storage, a dying loader worker) also print one line, with their own
+exit codes; anything else is a bug and keeps its traceback."""
+
+import re
+from typing import Optional
 
 
 class UserError(Exception):
@@ -42,8 +46,55 @@ class NonFiniteError(UserError):
   """A step's loss or gradient was not finite (and config.skip_nonfinite is off)."""
 
 
+class FaultError(Exception):
+  """The machine failed the run, not the input: storage (a full disk, a read-only or failing file
+  system) or a data-loader worker. The message names the cause and the checkpoint the same
+  command resumes from; `exit_code` tells a scheduler what happened (sysexits.h)."""
+  exit_code = 75  # EX_TEMPFAIL: running the same command again resumes
+
+
+class StorageError(FaultError):
+  """A write or read of the workdir failed in the file system (no space, read-only, I/O error)."""
+  exit_code = 74  # EX_IOERR: fix the storage, then run the same command to resume
+
+
+class LoaderError(FaultError):
+  """The data loader failed (a worker process died); a checkpoint of the step reached was saved."""
+  exit_code = 75
+
+
+# errno values of a file system that cannot take (or give back) data, and their wording in
+# messages of libraries that do not keep the OSError (tensorstore, under orbax).
+STORAGE_ERRNOS = {28: "No space left on device", 30: "Read-only file system", 5: "Input/output error",
+                  122: "Disk quota exceeded", 116: "Stale file handle"}
+
+
+def storage_cause(e: BaseException) -> Optional[str]:
+  """'<cause>' or '<cause>: <path>' when `e` (or an exception it was raised from) is a storage
+  fault; None otherwise."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+      return STORAGE_ERRNOS[e.errno] + (f": {e.filename}" if e.filename else "")
+    text = str(e)
+    for words in STORAGE_ERRNOS.values():
+      if words.lower() in text.lower():
+        path = re.search(r"[\"']((?:/|gs://)[^\"']+)[\"']", text)
+        return words + (f": {path.group(1)}" if path else "")
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def storage_fault_message(cause: str, step: Optional[int], checkpoint_dir: Optional[str]) -> str:
+  where = (f"the last saved checkpoint is step {step} in {checkpoint_dir}" if step is not None
+           else "no checkpoint was saved")
+  return (f"storage fault ({cause}); the run stopped and {where}. Free space or repair the file "
+          "system, then run the same command to resume")
+
+
 class StopRequested(Exception):
-  """Raised by the training loop after a SIGTERM/SIGINT, once the checkpoint is saved."""
+  """Raised by the training loop after a SIGTERM/SIGHUP/SIGINT, once the checkpoint is saved."""
 
   def __init__(self, signum: int, step: int):
     super().__init__(f"stopped by signal {signum} at step {step}")

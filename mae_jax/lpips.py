@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from mae_jax.evaluators.lpips import NETS, weights_from_torch
+from mae_jax.io import durable
 
 
 def main(argv=None):
@@ -28,7 +29,8 @@ def main(argv=None):
   import lpips as lpips_torch  # torch, torchvision and lpips are needed for this step only
   model = lpips_torch.LPIPS(net=a.net, pretrained=True, pnet_rand=False, verbose=False)
   os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-  np.savez(a.out, **weights_from_torch(model, a.net))
+  with durable.replacing(a.out) as tmp, open(tmp, "wb") as f:
+    np.savez(f, **weights_from_torch(model, a.net))
   print(f"wrote {a.out}")
   return 0
 

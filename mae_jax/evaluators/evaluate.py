@@ -2,7 +2,6 @@
 split, written to results.json (`python -m mae_jax.evaluate`)."""
 
 import functools
-import json
 import os
 from typing import Optional
 
@@ -13,8 +12,8 @@ import numpy as np
 from mae_jax import config_lib
 from mae_jax.data import pipeline, sources
 from mae_jax.evaluators import figures, knn, lpips, reconstruction
+from mae_jax.io import durable, weights
 from mae_jax.io import metrics as metrics_lib
-from mae_jax.io import weights
 from mae_jax.io import workdir as workdir_lib
 from mae_jax.models import masking
 from mae_jax.models.mae import (
@@ -67,8 +66,7 @@ def run(config, workdir: str, pretrained: str, pretrained_step: Optional[int] = 
     figures.save_grid(os.path.join(workdir, "reconstruction.png"), cols, figures.PANEL_TITLES)
     record = {"metrics": results, "pretrained": {"workdir": os.path.abspath(pretrained), "step": step},
               "knn_labels": sources.subset_info(train_source), "config": config.to_dict()}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(record, f, indent=2)
+    durable.write_json(os.path.join(workdir, "results.json"), record)
     writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s != step)  # one row per step
     writer.write(step, {f"eval/{k}": v for k, v in results.items()})
     writer.close()

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mae_jax.data import pipeline
+from mae_jax.io import durable
 from mae_jax.models.mae import patchify, unnormalize_patches, unpatchify
 
 
@@ -47,7 +48,8 @@ def save_grid(path: str, columns: Sequence[np.ndarray], titles: Sequence[str], m
       tile = tile.resize((cw, ch), Image.NEAREST)
       canvas.paste(tile, (pad + j * (cw + pad), header + pad + i * (ch + pad)))
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  canvas.save(path)
+  with durable.replacing(path) as tmp, open(tmp, "wb") as f:
+    canvas.save(f, format="PNG")
 
 
 PANEL_TITLES = ("masked", "reconstruction", "original")

@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -22,10 +23,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from mae_jax import config_lib
+from mae_jax import config_lib, errors
 from mae_jax.errors import CheckpointMismatchError, CheckpointUnreadableError
+from mae_jax.io import durable
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.models import layer_stack
 
@@ -61,6 +62,52 @@ def _quiet_background_failures():
     gc.collect()     # and their orphaned tasks be collected, here rather than later
     sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
     asyncio_logger.setLevel(level)
+
+
+def newest_step(workdir: str) -> Optional[int]:
+  """The newest complete checkpoint step in `workdir` (a folder renamed into place), or None."""
+  steps = _steps(workdir)
+  return steps[0] if steps else None
+
+
+def _is_fault_noise(exc: Optional[BaseException]) -> bool:
+  """What a save failing for lack of storage leaves behind besides its own error: the same fault
+  reported again by its background writers, and their callbacks into a closed event loop."""
+  return exc is not None and (errors.storage_cause(exc) is not None or "Event loop is closed" in str(exc))
+
+
+class _FaultNoiseFilter(logging.Filter):
+  def filter(self, record):
+    text = record.getMessage()
+    if any(w in text for w in errors.STORAGE_ERRNOS.values()) or "Event loop is closed" in text:
+      return False
+    return not (record.exc_info and _is_fault_noise(record.exc_info[1]))
+
+
+def quiet_storage_fault_noise() -> None:
+  """Drops (process-wide, once) the reports of a storage fault that orbax's and tensorstore's
+  background threads print (hundreds of lines for one full disk); the fault itself reaches the
+  job as an exception and is reported in one line. Anything else is printed as before."""
+  if getattr(sys.excepthook, "_mae_jax_quiet", False):
+    return
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_FaultNoiseFilter())
+  excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
+
+  def on_exception(kind, value, tb):
+    if not _is_fault_noise(value):
+      excepthook(kind, value, tb)
+
+  def on_unraisable(u):
+    if not _is_fault_noise(u.exc_value):
+      unraisablehook(u)
+
+  def on_thread_exception(args):
+    if not _is_fault_noise(args.exc_value):
+      thread_hook(args)
+
+  on_exception._mae_jax_quiet = True
+  sys.excepthook, sys.unraisablehook, threading.excepthook = on_exception, on_unraisable, on_thread_exception
 
 
 def _steps(workdir: str) -> list[int]:
@@ -110,26 +157,53 @@ def saved_tree_paths(root: str, step: int) -> Optional[list]:
     return None
 
 
+# A save that cannot progress (a stalled network file system) fails after this long.
+SAVE_TIMEOUT_S = 1200
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's temporary checkpoint folders
+
+
 class Checkpointer:
   """Saves every `every_steps` steps and on demand; keeps the last `keep`, and with
   `keep_period` > 0 also every checkpoint of a step divisible by it (saved whether or not
-  `every_steps` falls there): the checkpoints a study evaluates along pretraining."""
+  `every_steps` falls there): the checkpoints a study evaluates along pretraining.
+
+  Durable: orbax writes a step in the background into a temporary folder and renames it into
+  place; then (`settle`) every file and folder of it, and the rename, are flushed to the disk
+  (io/durable.py). Only then is the step reported saved and are older steps deleted, so that a
+  power cut never leaves fewer readable checkpoints than were reported. Temporary folders of a
+  save that failed or was killed are removed when the next run starts."""
 
   def __init__(self, workdir: str, every_steps: int, keep: int, keep_period: int = 0):
-    self.every_steps, self.keep_period = every_steps, keep_period
+    self.every_steps, self.keep, self.keep_period = every_steps, keep, keep_period
     self.workdir, self.root = os.path.abspath(workdir), checkpoint_dir(workdir)
-    policies = [preservation_policy.LatestN(keep)]
-    if keep_period > 0:
-      policies.append(preservation_policy.EveryNSteps(keep_period))
+    quiet_storage_fault_noise()
+    self._remove_unfinished()
     self.manager = ocp.CheckpointManager(
         self.root,
         options=ocp.CheckpointManagerOptions(
-            preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=True, create=True),
+            enable_async_checkpointing=True, create=True,
+            # A folder that cannot be created fails the save at once rather than after a wait.
+            async_options=ocp.AsyncOptions(timeout_secs=SAVE_TIMEOUT_S,
+                                           create_directories_asynchronously=False)),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()},
     )
+    self._unsettled: Optional[int] = None  # a step orbax writes, not yet on the disk
+    self.saved_step: Optional[int] = self.manager.latest_step()  # the newest durable step
+
+  def _remove_unfinished(self) -> None:
+    """Removes the temporary folders of saves that did not finish (a full disk, a kill)."""
+    if jax.process_index() == 0 and os.path.isdir(self.root):
+      left = sorted(e for e in os.listdir(self.root) if TMP_MARK in e)
+      for entry in left:
+        shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+      if left:
+        durable.fsync_dir(self.root)
+        metrics_lib.log(f"removed {len(left)} unfinished checkpoint folder(s) in {self.root} "
+                        f"({', '.join(left)}): saves that did not complete")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mae_jax: unfinished checkpoints removed")
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -140,15 +214,52 @@ class Checkpointer:
     return (force or kept or step % self.every_steps == 0) and self.manager.latest_step() != step
 
   def save(self, step: int, state: Any, data_iter: Any, config_dict: dict, force: bool = False) -> bool:
-    """Starts an async save when `step` is due (or `force`); returns whether it saved."""
+    """Starts an async save when `step` is due (or `force`), once the previous one is durable;
+    returns whether it started."""
     if not self.due(step, force):
       return False
-    return self.manager.save(
+    self.settle()
+    started = self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 data=grain.checkpoint.CheckpointSave(data_iter),
                                 config=ocp.args.JsonSave(config_dict)),
         force=True)
+    if started:
+      self._unsettled = step
+    return started
+
+  def poll(self) -> None:
+    """Settles a save that has finished writing (one process: a check that does not wait)."""
+    if self._unsettled is not None and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
+      self.settle()
+
+  def settle(self) -> None:
+    """Waits for the save in progress, makes it durable (fsync of its files and folders and of
+    the rename), reports it saved, then deletes the steps the retention no longer keeps."""
+    if self._unsettled is None:
+      return
+    step, self._unsettled = self._unsettled, None
+    self.manager.wait_until_finished()  # raises what failed the background write
+    path = os.path.join(self.root, str(step))
+    if durable.is_local(path):
+      durable.sync_tree(path)  # every process: its own files and the rest
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"mae_jax: checkpoint {step} durable")
+    self.saved_step = step
+    metrics_lib.log(f"checkpoint {step} saved in {self.root}")
+    expired = self.expired(self.manager.all_steps(), step)
+    for old in expired:
+      self.manager.delete(old)
+    if expired and durable.is_local(self.root) and jax.process_index() == 0:
+      durable.fsync_dir(self.root)
+
+  def expired(self, steps, newest: int) -> list[int]:
+    """The steps the retention deletes once `newest` is durable: all but the last `keep` (the
+    newest among them) and, with `keep_period`, the multiples of it; none newer than `newest`."""
+    older = sorted((s for s in steps if s <= newest), reverse=True)
+    return sorted(s for s in older[self.keep:]
+                  if not (self.keep_period > 0 and s % self.keep_period == 0))
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
     """Restores the train state (into `abstract_state`'s shardings) and the iterator in place;
@@ -218,10 +329,20 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Returns once the save in progress, if any, is durable (raises what failed it)."""
+    self.settle()
 
   def close(self):
-    self.manager.close()
+    try:
+      self.settle()
+    finally:
+      self.manager.close()
+
+  def abandon(self) -> None:
+    """After a failure: stops without raising what the save in progress may raise too."""
+    self._unsettled = None
+    with contextlib.suppress(Exception), _quiet_background_failures():
+      self.manager.close()
 
 
 def _read_config(workdir: str, step: int) -> dict:

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import jax
 
+from mae_jax.io import durable
+
 
 def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without PyTorch: where torch is installed,
@@ -60,10 +62,21 @@ class MetricWriter:
       self._tb.add_scalar(k, v, int(step))
     self._tb.flush()
 
-  def close(self):
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+  def sync(self) -> None:
+    """Flushes the rows written so far to the disk (before a checkpoint is saved)."""
+    if self.enabled and durable.is_local(self._jsonl.name):
+      os.fsync(self._jsonl.fileno())
+
+  def close(self, quiet: bool = False):
+    """Closes the files; `quiet` (after a failure, e.g. a full disk) drops errors closing them."""
+    if not self.enabled:
+      return
+    for f in (self._jsonl, self._tb):
+      try:
+        f.close()
+      except Exception:
+        if not quiet:
+          raise
 
 
 def _filter_rows(path: str, keep_row: Callable[[int], bool]) -> None:
@@ -82,10 +95,7 @@ def _filter_rows(path: str, keep_row: Callable[[int], bool]) -> None:
     return
   log(f"metrics.jsonl: dropped {len(lines) - len(kept)} rows that this run logs again (from past "
       "the checkpoint it resumes from, or an earlier evaluation of the same step)")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("".join(line + "\n" for line in kept))
-  os.replace(tmp, path)
+  durable.write_text(path, "".join(line + "\n" for line in kept))
 
 
 class Progress:

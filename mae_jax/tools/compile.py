@@ -1,12 +1,12 @@
 """Ahead-of-time compilation of a config's training steps for a target: memory, FLOPs,
 collectives and the largest micro-batch that fits (`python -m mae_jax.compile`)."""
 
-import json
 import math
 import re
 import time
 
 from mae_jax import errors
+from mae_jax.io import durable
 from mae_jax.runtime import host
 
 JOBS = ("pretrain", "probe", "finetune")
@@ -349,8 +349,7 @@ def report(config, target, jobs=("pretrain",), search: bool = True, output: str 
     r["jobs"][job] = j
     _print_job(j, target)
   if output:
-    with open(output, "w") as f:
-      json.dump(r, f, indent=2)
+    durable.write_json(output, r)
   return 0
 
 

@@ -8,6 +8,7 @@ import time
 from typing import Optional
 
 from mae_jax import config_check, errors
+from mae_jax.io import durable
 
 JOBS = ("pretrain", "finetune", "probe", "knn")
 PRETRAIN = "pretrain"
@@ -98,8 +99,7 @@ def knn_job(config, workdir: str, pretrained: Optional[str], step: Optional[int]
   result = {"metrics": {"top1": top1}, "labels": sources.subset_info(train),
             "pretrained": {"workdir": pretrained, "step": step} if pretrained else None}
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  durable.write_json(os.path.join(workdir, "results.json"), result)
   return result
 
 
@@ -116,8 +116,7 @@ def run_part(study, part: Part, workdir: str) -> None:
   try:
     if part.job == "pretrain":
       pretrain.run(c, out)
-      with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"metrics": pretrain.summary(out)}, f, indent=2)
+      durable.write_json(os.path.join(out, "results.json"), {"metrics": pretrain.summary(out)})
     elif part.job == "knn":
       knn_job(c, out, pretrained, step)
     else:
@@ -130,9 +129,8 @@ def _add_wall_time(out: str, seconds: float) -> None:
   path = os.path.join(out, "wall_time.json")
   t = _read(path) or {}
   os.makedirs(out, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump({"seconds": t.get("seconds", 0.0) + seconds,
-               "invocations": t.get("invocations", 0) + 1}, f)
+  durable.write_json(path, {"seconds": t.get("seconds", 0.0) + seconds,
+                            "invocations": t.get("invocations", 0) + 1})
 
 
 def _read(path: str):
@@ -212,10 +210,9 @@ def report(study, workdir: str, rows: list) -> str:
   total = sum(r["seconds"] or 0.0 for r in rows)
   lines += [f"| all | {len(rows)} | {total / 60:.1f} min |"]
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"parts": rows, "along": {str(k): v for k, v in along.items()}}, f, indent=2)
+  durable.write_text(os.path.join(workdir, "results.md"), text)
+  durable.write_json(os.path.join(workdir, "results.json"),
+                     {"parts": rows, "along": {str(k): v for k, v in along.items()}})
   _plots(study, rows, along, workdir)
   return text
 
@@ -261,7 +258,8 @@ def _save(fig, ax, xlabel: str, title: str, path: str) -> None:
   ax.set_title(title)
   ax.legend(fontsize=7, handlelength=3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with durable.replacing(path) as tmp, open(tmp, "wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 
 from mae_jax import config_check, errors
+from mae_jax.io import durable
 
 JOBS = ("pretrain", "probe", "finetune", "evaluate")
 
@@ -58,8 +59,7 @@ def run_one(study, label: str, overrides: dict, workdir: str) -> dict:
     metrics_lib.log(f"[{label}] {job} ...")
     if job == "pretrain":
       pretrain.run(c, job_dir)
-      with open(os.path.join(job_dir, "results.json"), "w") as f:
-        json.dump({"metrics": pretrain.summary(job_dir)}, f, indent=2)
+      durable.write_json(os.path.join(job_dir, "results.json"), {"metrics": pretrain.summary(job_dir)})
     elif job in ("probe", "finetune"):
       classify.run(c, job_dir, pre_dir, job)
     elif job == "evaluate":
@@ -127,7 +127,7 @@ def _plots(study, rows, workdir):
   ax.set_ylabel(metric)
   ax.set_title(study.sweep.title)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, f"{metric}.png"), dpi=120)
+  _save_png(fig, os.path.join(workdir, f"{metric}.png"))
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(6, 4))
   for r in rows:
@@ -140,7 +140,7 @@ def _plots(study, rows, workdir):
   ax.set_ylabel("pretraining loss")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "loss_curves.png"), dpi=120)
+  _save_png(fig, os.path.join(workdir, "loss_curves.png"))
   plt.close(fig)
 
 
@@ -166,3 +166,8 @@ def run(study, workdir: str, only: str = "", report_only: bool = False) -> list:
   write_reports(study, rows, workdir)
   metrics_lib.log(f"study '{study.sweep.title}': {len(rows)} runs -> {workdir}/results.md")
   return rows
+
+
+def _save_png(fig, path: str) -> None:
+  with durable.replacing(path) as tmp, open(tmp, "wb") as f:
+    fig.savefig(f, dpi=120, format="png")

@@ -6,7 +6,6 @@ every seed compares against), and probing measures a randomly initialised encode
 """
 
 import functools
-import json
 import os
 from typing import Optional
 
@@ -16,8 +15,8 @@ import optax
 
 from mae_jax import config_lib
 from mae_jax.data import augment, device_resample, pipeline, sources
+from mae_jax.io import durable, weights
 from mae_jax.io import metrics as metrics_lib
-from mae_jax.io import weights
 from mae_jax.io import workdir as workdir_lib
 from mae_jax.models import classifier
 from mae_jax.models.attention_backends import describe
@@ -201,8 +200,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
              "from_scratch": pretrained is None, "labels": sources.subset_info(train_source),
              "config": config.to_dict()}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    durable.write_json(os.path.join(workdir, "results.json"), results)
   metrics_lib.log(f"{mode}: test top-1 {last_eval['top1']:.2f}%, top-5 {last_eval['top5']:.2f}% "
                   f"on {last_eval['examples']:,} images -> {workdir}/results.json")
   return results

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from mae_jax import errors
 from mae_jax.data import device_resample, pipeline
-from mae_jax.errors import NonFiniteError, StopRequested
+from mae_jax.errors import LoaderError, NonFiniteError, StopRequested, UserError
 from mae_jax.io import checkpointing
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.runtime.parallel import Mesh
@@ -141,14 +141,15 @@ def accumulate_per_device(fn, params, batch, micro_batches: int, mesh: Mesh):
 
 
 class _SignalFlag:
-  """Turns SIGTERM and the first Ctrl-C into a flag the loop checks; a second Ctrl-C interrupts."""
+  """Turns SIGTERM, SIGHUP (the terminal closed) and the first Ctrl-C into a flag the loop checks;
+  a second Ctrl-C interrupts."""
 
   def __init__(self):
     self.signum = 0
     self._old = {}
 
   def __enter__(self):
-    for s in (signal.SIGTERM, signal.SIGINT):
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
       try:
         self._old[s] = signal.signal(s, self._handle)
       except ValueError:  # not the main thread: no signal handling
@@ -180,13 +181,20 @@ class DeviceFeed:
   def __init__(self, loader_iter, put, depth: int = 2, group: int = 1):
     self.loader_iter, self.put, self.depth, self.group = loader_iter, put, depth, group
     self.queue = collections.deque()  # (loader state before the batch, batch on device)
+    self.failed_at = None  # the loader state before a fetch that failed
 
   def fill(self, remaining: Optional[int] = None):
     """Fetches up to `depth` batches ahead (at most `remaining`: none past the last step)."""
     want = self.depth if remaining is None else min(self.depth, remaining)
     while len(self.queue) < want:
       position = self.loader_iter.get_state()
-      parts = [next(self.loader_iter) for _ in range(self.group)]
+      try:
+        parts = [next(self.loader_iter) for _ in range(self.group)]
+      except (StopIteration, UserError):
+        raise
+      except Exception as e:  # a worker process died, or grain failed otherwise
+        self.failed_at = position  # the next batch the step takes: where a resume starts
+        raise LoaderError(f"the data loader failed ({checkpointing.failure_reason(e)})") from e
       local = parts[0] if self.group == 1 else jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
       self.queue.append((position, self.put(local)))
 
@@ -196,11 +204,21 @@ class DeviceFeed:
     return self.queue.popleft()[1]
 
   def get_state(self):
-    return self.queue[0][0] if self.queue else self.loader_iter.get_state()
+    if self.queue:
+      return self.queue[0][0]
+    return self.failed_at if self.failed_at is not None else self.loader_iter.get_state()
 
   def set_state(self, state):
     self.queue.clear()
     self.loader_iter.set_state(state)
+
+  def close(self) -> None:
+    """Drops the batches fetched ahead and stops the loader's workers, freeing their shared memory
+    now rather than at the interpreter's exit (where it would be reported as leaked)."""
+    self.queue.clear()
+    inner = getattr(self.loader_iter, "_iterator", None)  # grain's DataLoaderIterator has no close()
+    if callable(getattr(inner, "close", None)):
+      inner.close()
 
   def __getattr__(self, name):  # the rest of the loader iterator's interface (start_prefetch, ...)
     return getattr(self.loader_iter, name)
@@ -314,11 +332,33 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
           "to skip such updates")
     skipped += len(bad)
 
+  def save(step, force=False):
+    check_finite()
+    writer.sync()  # the metrics rows up to this step reach the disk before the checkpoint does
+    ckpt.save(step, state, data_iter, config_dict, force=force)
+
+  def stop_after_loader_failure(e: LoaderError, step: int):
+    """Saves the step reached (the loader position of the batch it would take next) and raises
+    one line saying where the same command resumes."""
+    save(step, force=True)
+    ckpt.wait()
+    return LoaderError(f"step {step}: {e}; checkpoint {step} saved in {checkpointing.checkpoint_dir(workdir)}: "
+                       "run the same command to resume with the same data order")
+
   try:
     with _SignalFlag() as flag:
       while step < total_steps:
-        state, step_metrics = train_step(state, next(data_iter), step)
-        data_iter.fill(total_steps - step - 1)  # the next batches go to the devices while this step runs
+        try:
+          batch = next(data_iter)
+        except LoaderError as e:
+          raise stop_after_loader_failure(e, step) from e
+        state, step_metrics = train_step(state, batch, step)
+        del batch  # on the CPU it may share the loader's memory, which is freed with it
+        loader_failure = None
+        try:
+          data_iter.fill(total_steps - step - 1)  # the next batches go to the devices while this step runs
+        except LoaderError as e:
+          loader_failure = e  # after this step's bookkeeping: it ran
         step += 1
         nonfinite.append((step, step_metrics.pop("nonfinite")))
         pending.append(step_metrics)
@@ -336,25 +376,36 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
           epoch = step * batch_size / len(train_source)
           writer.write(step, {**means, **extra, "epoch": epoch, "images_per_s": rate * batch_size})
           metrics_lib.log(progress.line(step, epoch, rate, batch_size, **means, **extra))
+          ckpt.poll()  # a save that finished writing: flushed to the disk and reported
         for hook in task.hooks:
           if step % hook.every_steps == 0 or last:
             hook_metrics = hook.fn(step, state)
             if hook_metrics:
               writer.write(step, hook_metrics)
               metrics_lib.log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in hook_metrics.items()))
+        if loader_failure is not None:
+          raise stop_after_loader_failure(loader_failure, step) from loader_failure
         if ckpt.due(step, force=last):
-          check_finite()
-          ckpt.save(step, state, data_iter, config_dict, force=last)
+          save(step, force=last)
         if _stop_requested(flag, step, log_every):
-          check_finite()
-          ckpt.save(step, state, data_iter, config_dict, force=True)
+          save(step, force=True)
           ckpt.wait()
           raise StopRequested(flag.signum or signal.SIGTERM, step)
-  finally:
-    data_iter.queue.clear()  # batches fetched for steps that will not run
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+  except BaseException as e:
+    # What failed may fail the save in progress as well (a full disk): that save is given up
+    # quietly (its temporary folder is removed at the next start) and the first error is raised,
+    # a storage fault as one line naming the last checkpoint that is on the disk.
+    data_iter.close()
+    ckpt.abandon()
+    writer.close(quiet=True)
+    cause = errors.storage_cause(e) if not isinstance(e, (errors.FaultError, UserError)) else None
+    if cause:
+      raise errors.StorageError(errors.storage_fault_message(
+          cause, ckpt.saved_step, checkpointing.checkpoint_dir(workdir))) from e
+    raise
+  data_iter.close()  # batches fetched for steps that will not run
+  ckpt.close()
+  writer.close()
   return state
 
 

@@ -14,7 +14,7 @@ import optax
 from mae_jax import errors
 from mae_jax.data import device_resample, pipeline, sources
 from mae_jax.evaluators import figures, knn
-from mae_jax.io import checkpointing, weights
+from mae_jax.io import checkpointing, durable, weights
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.io import workdir as workdir_lib
 from mae_jax.models import extra_losses, masking
@@ -253,8 +253,7 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
     metrics_lib.log(f"--pretrained={pretrained} not used: {workdir} has a run to resume")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2)
+    durable.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   eval_source = sources.make_source(config.dataset, job.eval_split)
   hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
   if config.evaluate.knn_every_steps > 0:
