@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from mae_jax import cli
 from mae_jax.errors import UserError
-from mae_jax.io import durable
+from mae_jax.runtime import durable
 from mae_jax.tools.bench import bench_pipeline, bench_train_step, check
 from mae_jax.tools.compile import fmt_bytes
 

@@ -18,15 +18,23 @@ Every format goes through one intermediate, the official code's state dict in nu
 """
 
 import argparse
+import os
 import sys
 
+from mae_jax import errors
 from mae_jax.errors import CheckpointMismatchError, ConvertError
-from mae_jax.io import checkpointing
-from mae_jax.io.convert import FORMATS
-from mae_jax.io.foreign import detect_format, export, load_foreign
+from mae_jax.runtime import host
 
 
 def main(argv=None) -> int:
+  if not os.environ.get("JAX_PLATFORMS") and not host.accelerator_attached():
+    # Converting needs no accelerator: installed plugins (libtpu, CUDA) would each try to start,
+    # print why they cannot, and install signal handlers of their own.
+    host.run_jax_on_cpu()
+  from mae_jax.io import checkpointing
+  from mae_jax.io.convert import FORMATS
+  from mae_jax.io.foreign import detect_format, export, load_foreign
+
   p = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__.split("\n\n")[0])
   p.add_argument("src", help="official/timm .pth or .safetensors, a Hugging Face folder, or a mae_jax workdir")
   p.add_argument("dst", help="a new mae_jax workdir, or (from a workdir) the file/folder to write")
@@ -59,6 +67,13 @@ def main(argv=None) -> int:
   except (ConvertError, CheckpointMismatchError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Exception as e:
+    cause = errors.storage_cause(e)
+    if cause is None:
+      raise
+    print(f"error: storage fault ({cause}) writing {a.dst}: nothing was written under that name. "
+          "Free space or repair the file system, then run the same command", file=sys.stderr)
+    return errors.StorageError.exit_code
 
 
 if __name__ == "__main__":

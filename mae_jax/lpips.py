@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from mae_jax.evaluators.lpips import NETS, weights_from_torch
-from mae_jax.io import durable
+from mae_jax.runtime import durable
 
 
 def main(argv=None):

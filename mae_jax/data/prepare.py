@@ -3,7 +3,6 @@ says when to)."""
 
 import concurrent.futures
 import io
-import json
 import multiprocessing
 import os
 
@@ -11,7 +10,7 @@ from PIL import Image
 
 from mae_jax import errors
 from mae_jax.data import sources, transforms
-from mae_jax.runtime import host
+from mae_jax.runtime import durable, host
 
 
 def encoded_image(path: str, max_side: int, quality: int) -> bytes:
@@ -48,7 +47,13 @@ def prepare(folder: str, out: str, splits=(), max_side: int = 0, quality: int = 
   if not splits:
     raise errors.DataError(f"image folder {folder!r} has no split folders (<split>/<class>/<images>)")
   if os.path.isdir(out) and os.listdir(out):
-    raise errors.DataError(f"--out {out!r} is not empty; give a new folder (nothing was written)")
+    if os.path.exists(os.path.join(out, sources.PREPARED_METADATA)) or not _only_shards(out):
+      raise errors.DataError(f"--out {out!r} is not empty; give a new folder (nothing was written)")
+    # Shards without the metadata file that marks a folder complete: an interrupted prepare.
+    print(f"{out} holds the shards of an interrupted prepare (no {sources.PREPARED_METADATA}); "
+          "writing them again", flush=True)
+    for entry in os.listdir(out):
+      os.remove(os.path.join(out, entry))
   folders = {splits[0]: sources.ImageFolderSource(folder, splits[0])}
   classes = folders[splits[0]].classes
   for split in splits[1:]:  # the same classes in every split, or an error naming the difference
@@ -65,15 +70,21 @@ def prepare(folder: str, out: str, splits=(), max_side: int = 0, quality: int = 
       names = [f"{split}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
       jobs = ((path, max_side, quality) for path in source.files)
       encoded = pool.map(_encode, jobs, chunksize=64)
-      for i, name in enumerate(names):
-        writer = ArrayRecordWriter(os.path.join(out, name), "group_size:1")
-        for index in range(i * shard_images, min(n, (i + 1) * shard_images)):
-          writer.write(sources.encode_record(source.labels[index], next(encoded)))
-        writer.close()
+      for i, name in enumerate(names):  # each under a temporary name until complete and on the disk
+        with durable.replacing(os.path.join(out, name)) as tmp:
+          writer = ArrayRecordWriter(tmp, "group_size:1")
+          for index in range(i * shard_images, min(n, (i + 1) * shard_images)):
+            writer.write(sources.encode_record(source.labels[index], next(encoded)))
+          writer.close()
       meta["splits"][split] = {"count": n, "shards": names}
       print(f"{split}: {n} images in {num_shards} shard(s)", flush=True)
   finally:
     pool.shutdown(cancel_futures=True)
-  with open(os.path.join(out, sources.PREPARED_METADATA), "w") as f:  # last: marks the folder complete
-    json.dump(meta, f, indent=1)
+  durable.write_json(os.path.join(out, sources.PREPARED_METADATA), meta, indent=1)  # last: marks it complete
   return meta
+
+
+def _only_shards(folder: str) -> bool:
+  """Whether `folder` holds nothing but shards (and temporary copies) that prepare writes."""
+  return all(e.endswith(".array_record") or (e.startswith(".") and durable.PARTIAL in e)
+             for e in os.listdir(folder))

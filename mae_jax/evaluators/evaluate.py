@@ -12,13 +12,14 @@ import numpy as np
 from mae_jax import config_lib
 from mae_jax.data import pipeline, sources
 from mae_jax.evaluators import figures, knn, lpips, reconstruction
-from mae_jax.io import durable, weights
 from mae_jax.io import metrics as metrics_lib
+from mae_jax.io import weights
 from mae_jax.io import workdir as workdir_lib
 from mae_jax.models import masking
 from mae_jax.models.mae import (
   mae_from_config,
 )
+from mae_jax.runtime import durable
 from mae_jax.runtime.parallel import Mesh
 
 

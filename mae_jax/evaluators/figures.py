@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mae_jax.data import pipeline
-from mae_jax.io import durable
 from mae_jax.models.mae import patchify, unnormalize_patches, unpatchify
+from mae_jax.runtime import durable
 
 
 def reconstruction_panels(model, params, images_uint8, noise, mean, std):

@@ -6,13 +6,9 @@ batches an uninterrupted run would have read.
 """
 
 import contextlib
-import gc
 import json
-import logging
 import os
 import shutil
-import sys
-import threading
 import time
 from typing import Any, Optional
 
@@ -24,90 +20,20 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mae_jax import config_lib, errors
+from mae_jax import config_lib
 from mae_jax.errors import CheckpointMismatchError, CheckpointUnreadableError
-from mae_jax.io import durable
 from mae_jax.io import metrics as metrics_lib
+from mae_jax.io.checkpoint_noise import failure_reason, quiet_background_failures, quiet_storage_fault_noise
 from mae_jax.models import layer_stack
+from mae_jax.runtime import durable
 
 UNREADABLE_DIR = "checkpoints_unreadable"
-
-
-def failure_reason(e: BaseException, limit: int = 300) -> str:
-  """The root cause of a failed read, in one line (orbax and tensorstore wrap it several times)."""
-  while e.__cause__ is not None:
-    e = e.__cause__
-  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-  text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-  return text if len(text) <= limit else text[:limit] + "..."
-
-
-@contextlib.contextmanager
-def _quiet_background_failures():
-  """Mutes what a failed orbax read leaves behind besides its own exception: its other
-  concurrent reads fail in tensorstore's threads and in coroutines nobody awaits any more, and
-  print thousands of lines ('Event loop is closed', 'Task exception was never retrieved') that
-  say nothing the reported reason does not. The exception of the read itself is unaffected."""
-  hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
-  asyncio_logger = logging.getLogger("asyncio")
-  level = asyncio_logger.level
-  sys.excepthook = lambda *a: None
-  sys.unraisablehook = threading.excepthook = lambda *a: None
-  asyncio_logger.setLevel(logging.CRITICAL + 1)
-  try:
-    yield
-  finally:
-    # Also after a read that succeeds: stragglers of an earlier failed read are collected here.
-    time.sleep(0.2)  # let the remaining reads of a failed restore settle
-    gc.collect()     # and their orphaned tasks be collected, here rather than later
-    sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
-    asyncio_logger.setLevel(level)
 
 
 def newest_step(workdir: str) -> Optional[int]:
   """The newest complete checkpoint step in `workdir` (a folder renamed into place), or None."""
   steps = _steps(workdir)
   return steps[0] if steps else None
-
-
-def _is_fault_noise(exc: Optional[BaseException]) -> bool:
-  """What a save failing for lack of storage leaves behind besides its own error: the same fault
-  reported again by its background writers, and their callbacks into a closed event loop."""
-  return exc is not None and (errors.storage_cause(exc) is not None or "Event loop is closed" in str(exc))
-
-
-class _FaultNoiseFilter(logging.Filter):
-  def filter(self, record):
-    text = record.getMessage()
-    if any(w in text for w in errors.STORAGE_ERRNOS.values()) or "Event loop is closed" in text:
-      return False
-    return not (record.exc_info and _is_fault_noise(record.exc_info[1]))
-
-
-def quiet_storage_fault_noise() -> None:
-  """Drops (process-wide, once) the reports of a storage fault that orbax's and tensorstore's
-  background threads print (hundreds of lines for one full disk); the fault itself reaches the
-  job as an exception and is reported in one line. Anything else is printed as before."""
-  if getattr(sys.excepthook, "_mae_jax_quiet", False):
-    return
-  absl_logger = logging.getLogger("absl")
-  absl_logger.addFilter(_FaultNoiseFilter())
-  excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
-
-  def on_exception(kind, value, tb):
-    if not _is_fault_noise(value):
-      excepthook(kind, value, tb)
-
-  def on_unraisable(u):
-    if not _is_fault_noise(u.exc_value):
-      unraisablehook(u)
-
-  def on_thread_exception(args):
-    if not _is_fault_noise(args.exc_value):
-      thread_hook(args)
-
-  on_exception._mae_jax_quiet = True
-  sys.excepthook, sys.unraisablehook, threading.excepthook = on_exception, on_unraisable, on_thread_exception
 
 
 def _steps(workdir: str) -> list[int]:
@@ -125,7 +51,7 @@ def _newest_readable(workdir: str, steps, read) -> tuple[int, Any, list[int]]:
   failures = []
   for step in steps:
     try:
-      with _quiet_background_failures():
+      with quiet_background_failures():
         return step, read(step), [s for s, _ in failures]
     except Exception as e:  # orbax, tensorstore, json and OS errors alike
       failures.append((step, failure_reason(e)))
@@ -169,7 +95,7 @@ class Checkpointer:
 
   Durable: orbax writes a step in the background into a temporary folder and renames it into
   place; then (`settle`) every file and folder of it, and the rename, are flushed to the disk
-  (io/durable.py). Only then is the step reported saved and are older steps deleted, so that a
+  (runtime/durable.py). Only then is the step reported saved and are older steps deleted, so that a
   power cut never leaves fewer readable checkpoints than were reported. Temporary folders of a
   save that failed or was killed are removed when the next run starts."""
 
@@ -341,7 +267,7 @@ class Checkpointer:
   def abandon(self) -> None:
     """After a failure: stops without raising what the save in progress may raise too."""
     self._unsettled = None
-    with contextlib.suppress(Exception), _quiet_background_failures():
+    with contextlib.suppress(Exception), quiet_background_failures():
       self.manager.close()
 
 
@@ -421,15 +347,27 @@ def check_compatible(workdir: str, config) -> None:
 
 
 def write_workdir(params: dict, config: dict, workdir: str) -> None:
-  """A workdir holding `params` as the step-0 checkpoint, as `restore_params` reads it."""
+  """A workdir holding `params` as the step-0 checkpoint, as `restore_params` reads it; built
+  under a temporary name and renamed into place when complete and on the disk (runtime/durable.py).
+  An existing workdir whose checkpoints read is refused; one that does not read (an interrupted
+  write of an earlier version) is replaced."""
   if os.path.exists(checkpoint_dir(workdir)):
-    raise CheckpointMismatchError(f"{workdir} holds checkpoints already; give a new folder")
-  step = os.path.join(checkpoint_dir(workdir), "0")
-  os.makedirs(os.path.join(step, "config"), exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(step, "state"), {"params": params, "step": np.int32(0)})
-  with open(os.path.join(step, "config", "metadata"), "w") as f:
-    json.dump(config, f)
+    try:
+      with quiet_background_failures():
+        restore_params(workdir)
+    except Exception as e:  # any failure to read: an incomplete folder
+      metrics_lib.log(f"{workdir} holds checkpoints that cannot be read ({failure_reason(e)}): an "
+                      "interrupted write left them; replacing the folder")
+      shutil.rmtree(workdir)
+    else:
+      raise CheckpointMismatchError(f"{workdir} holds checkpoints already; give a new folder")
+  with durable.replacing(workdir) as tmp:
+    step = os.path.join(checkpoint_dir(tmp), "0")
+    os.makedirs(os.path.join(step, "config"), exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(step, "state"), {"params": params, "step": np.int32(0)})
+    with open(os.path.join(step, "config", "metadata"), "w") as f:
+      json.dump(config, f)
 
 
 def has_batch_stats(workdir: str, step: int) -> bool:

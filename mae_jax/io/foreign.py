@@ -6,13 +6,15 @@ mapping itself is mae_jax/io/convert.py."""
 import argparse
 import json
 import os
+import shutil
 from typing import Optional
 
 import numpy as np
 
 from mae_jax.errors import ConvertError
-from mae_jax.io import checkpointing, convert
+from mae_jax.io import checkpoint_noise, checkpointing, convert
 from mae_jax.models.layers import LN_EPS
+from mae_jax.runtime import durable
 
 
 def _torch():
@@ -199,23 +201,54 @@ def export(workdir: str, dst: str, fmt: str) -> int:
           "the target formats have no place for; exporting the encoder only")
   sd = convert.params_to_official(params, config["model"]["patch_size"], config["dataset"]["image_size"])
   shape = convert.describe_official(sd)
-  if os.path.exists(dst):
-    raise ConvertError(f"{dst} exists; give a new path")
-  if fmt == "official":
-    out = sd
-    write_state_dict(out, dst, wrap=True)
-  elif fmt == "timm":  # the encoder (and a fine-tuned head): timm's VisionTransformer
-    out = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
-    write_state_dict(out, dst, wrap=False)
-  elif fmt == "hf":
-    if shape["head"]:
-      raise ConvertError("a fine-tuned classifier has no Hugging Face ViTMAE form; export it with "
-                         "--to=official or --to=timm")
-    out = convert.official_to_hf(sd, encoder_only=not shape["decoder"])
-    os.makedirs(dst)
-    write_state_dict(out, os.path.join(dst, "model.safetensors"), wrap=False)
-    with open(os.path.join(dst, "config.json"), "w") as f:
-      json.dump(hf_config(config, shape), f, indent=2)
-  else:
+  if fmt not in convert.FORMATS:
     raise ConvertError(f"unknown --to={fmt!r}; use one of {', '.join(convert.FORMATS)}")
+  if fmt == "hf" and shape["head"]:
+    raise ConvertError("a fine-tuned classifier has no Hugging Face ViTMAE form; export it with "
+                       "--to=official or --to=timm")
+  check_destination(dst, fmt)
+  # Written under a temporary name beside dst, flushed, renamed: a killed or failed export
+  # leaves nothing under dst (runtime/durable.py).
+  with durable.replacing(dst) as tmp:
+    if fmt == "official":
+      out = sd
+      write_state_dict(out, tmp, wrap=True)
+    elif fmt == "timm":  # the encoder (and a fine-tuned head): timm's VisionTransformer
+      out = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
+      write_state_dict(out, tmp, wrap=False)
+    else:
+      out = convert.official_to_hf(sd, encoder_only=not shape["decoder"])
+      os.makedirs(tmp)
+      write_state_dict(out, os.path.join(tmp, "model.safetensors"), wrap=False)
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config(config, shape), f, indent=2)
   return len(out)
+
+
+def unreadable_reason(path: str, fmt: str) -> Optional[str]:
+  """Why the export `path` in `fmt` cannot be read (a file cut short by an interrupted write of
+  an earlier version), or None when it reads whole."""
+  try:
+    if fmt == "hf":
+      read_hf(path)
+    else:
+      read_state_dict(path)
+  except Exception as e:
+    return checkpoint_noise.failure_reason(e)
+  return None
+
+
+def check_destination(dst: str, fmt: str) -> None:
+  """Refuses an existing export that reads (never overwritten); one that does not read (cut
+  short by an interrupted write) is moved out of the way, to be replaced."""
+  if not os.path.lexists(dst):
+    return
+  reason = unreadable_reason(dst, fmt)
+  if reason is None:
+    raise ConvertError(f"{dst} exists and reads as a complete {fmt} export; give a new path (or "
+                       "delete it to write it again)")
+  print(f"{dst} exists but cannot be read ({reason}): an interrupted write left it; replacing it")
+  if os.path.isdir(dst) and not os.path.islink(dst):
+    shutil.rmtree(dst)
+  else:
+    os.remove(dst)

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import jax
 
-from mae_jax.io import durable
+from mae_jax.runtime import durable
 
 
 def _summary_writer_class():

@@ -6,8 +6,7 @@ import re
 import time
 
 from mae_jax import errors
-from mae_jax.io import durable
-from mae_jax.runtime import host
+from mae_jax.runtime import durable, host
 
 JOBS = ("pretrain", "probe", "finetune")
 # The model-FLOPs utilisation a step-time estimate assumes: well-tuned ViT training reports about

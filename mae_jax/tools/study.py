@@ -8,7 +8,7 @@ import time
 from typing import Optional
 
 from mae_jax import config_check, errors
-from mae_jax.io import durable
+from mae_jax.runtime import durable
 
 JOBS = ("pretrain", "finetune", "probe", "knn")
 PRETRAIN = "pretrain"

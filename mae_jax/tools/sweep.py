@@ -7,7 +7,7 @@ import json
 import os
 
 from mae_jax import config_check, errors
-from mae_jax.io import durable
+from mae_jax.runtime import durable
 
 JOBS = ("pretrain", "probe", "finetune", "evaluate")
 

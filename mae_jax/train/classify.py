@@ -15,11 +15,12 @@ import optax
 
 from mae_jax import config_lib
 from mae_jax.data import augment, device_resample, pipeline, sources
-from mae_jax.io import durable, weights
 from mae_jax.io import metrics as metrics_lib
+from mae_jax.io import weights
 from mae_jax.io import workdir as workdir_lib
 from mae_jax.models import classifier
 from mae_jax.models.attention_backends import describe
+from mae_jax.runtime import durable
 from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim
 from mae_jax.train.loop import (

@@ -14,13 +14,14 @@ import optax
 from mae_jax import errors
 from mae_jax.data import device_resample, pipeline, sources
 from mae_jax.evaluators import figures, knn
-from mae_jax.io import checkpointing, durable, weights
+from mae_jax.io import checkpointing, weights
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.io import workdir as workdir_lib
 from mae_jax.models import extra_losses, masking
 from mae_jax.models.attention_backends import describe
 from mae_jax.models.layer_stack import stack_layers, unstack_layers
 from mae_jax.models.mae import MAE, mae_from_config
+from mae_jax.runtime import durable
 from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim
 from mae_jax.train.loop import (

@@ -105,7 +105,8 @@ def replacing(final: str, replace: bool = True) -> Iterator[str]:
   without an error, flushes it and renames it to `final`, then flushes the rename. On an error
   (or a signal's exception) the temporary copy is removed and `final` is as it was.
 
-  A folder replaces only a missing `final`; a file replaces an existing one when `replace`."""
+  A folder replaces only a missing or empty `final`; a file replaces an existing one when
+  `replace`."""
   final = os.path.abspath(final)
   remove_stale(final)
   tmp = partial_name(final)
@@ -114,9 +115,9 @@ def replacing(final: str, replace: bool = True) -> Iterator[str]:
     yield tmp
     if os.path.isdir(tmp):
       sync_tree(tmp)
-      if os.path.lexists(final):
+      if os.path.lexists(final) and not (os.path.isdir(final) and not os.listdir(final)):
         raise FileExistsError(errno.EEXIST, "exists; it is left as it was", final)
-      os.rename(tmp, final)
+      os.rename(tmp, final)  # replaces an empty folder
     else:
       fsync_file(tmp)
       if not replace and os.path.lexists(final):
