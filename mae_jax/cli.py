@@ -105,9 +105,10 @@ def fault_exit(e: Exception, workdir: Optional[str] = None):
   if isinstance(e, errors.FaultError):
     message, code = str(e), e.exit_code
   else:
-    step = checkpointing.newest_step(workdir) if workdir else None
-    message = errors.storage_fault_message(errors.storage_cause(e), step,
-                                           checkpointing.checkpoint_dir(workdir) if workdir else None)
+    training = workdir is not None and checkpointing.is_workdir(workdir)  # a job that checkpoints
+    message = errors.storage_fault_message(
+        errors.storage_cause(e), checkpointing.newest_step(workdir) if training else None,
+        checkpointing.checkpoint_dir(workdir) if training else None)
     code = errors.StorageError.exit_code
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)

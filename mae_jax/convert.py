@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except Exception as e:
-    cause = errors.storage_cause(e)
+    cause = errors.storage_cause(e, written=a.dst)
     if cause is None:
       raise
     print(f"error: storage fault ({cause}) writing {a.dst}: nothing was written under that name. "

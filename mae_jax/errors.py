@@ -2,6 +2,7 @@
 line (exit 2); `FaultError`s (storage, a dying loader worker) also print one line, with their own
 exit codes; anything else is a bug and keeps its traceback."""
 
+import os
 import re
 from typing import Optional
 
@@ -69,9 +70,16 @@ STORAGE_ERRNOS = {28: "No space left on device", 30: "Read-only file system", 5:
                   122: "Disk quota exceeded", 116: "Stale file handle"}
 
 
-def storage_cause(e: BaseException) -> Optional[str]:
+def storage_cause(e: BaseException, written: Optional[str] = None) -> Optional[str]:
   """'<cause>' or '<cause>: <path>' when `e` (or an exception it was raised from) is a storage
-  fault; None otherwise."""
+  fault; None otherwise. With `written`, the path being written, a failure of a writer that kept
+  no errno (torch's) is a full disk when that file system has no space left."""
+  if written is not None and storage_cause(e) is None:
+    try:
+      stat = os.statvfs(os.path.dirname(os.path.abspath(written)))
+    except OSError:
+      return None
+    return STORAGE_ERRNOS[28] if stat.f_bavail == 0 else None
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -86,7 +94,12 @@ def storage_cause(e: BaseException) -> Optional[str]:
   return None
 
 
-def storage_fault_message(cause: str, step: Optional[int], checkpoint_dir: Optional[str]) -> str:
+def storage_fault_message(cause: str, step: Optional[int] = None, checkpoint_dir: Optional[str] = None) -> str:
+  """The line a storage fault ends a command with; for a training run (`checkpoint_dir` given),
+  naming the checkpoint the same command resumes from."""
+  if checkpoint_dir is None:
+    return (f"storage fault ({cause}); the command stopped. Free space or repair the file system, "
+            "then run the same command")
   where = (f"the last saved checkpoint is step {step} in {checkpoint_dir}" if step is not None
            else "no checkpoint was saved")
   return (f"storage fault ({cause}); the run stopped and {where}. Free space or repair the file "

@@ -59,7 +59,8 @@ def write_state_dict(sd: dict, path: str, wrap: bool) -> None:
     return
   torch = _torch()
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}  # a writable copy
-  torch.save({"model": tensors} if wrap else tensors, path)
+  with open(path, "wb") as f:  # Python's writes keep the OSError (a full disk) that torch's would not
+    torch.save({"model": tensors} if wrap else tensors, f)
 
 
 def detect_format(path: str) -> str:

@@ -1,6 +1,7 @@
 """python -m mae_jax.prepare: an image folder written once into ArrayRecord shards."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from PIL import Image
 
 from mae_jax import config_check, errors
 from mae_jax.data import pipeline, prepare, sources, transforms
+from mae_jax.runtime import durable
 
 from conftest import REPO, tiny_config
 
@@ -77,7 +79,7 @@ def test_max_side_shrinks_only_larger_images(tmp_path):
         assert prepared[i]["image"] == f.read()
 
 
-def test_bad_input_is_named_and_nothing_half_written_is_readable(tmp_path):
+def test_bad_input_is_named_nothing_half_written_is_readable_and_the_same_command_then_works(tmp_path):
   folder = _folder(tmp_path / "images")
   broken = tmp_path / "images" / "train" / "dog" / "broken.jpg"
   broken.write_bytes(b"\xff\xd8 not a jpeg")
@@ -88,7 +90,11 @@ def test_bad_input_is_named_and_nothing_half_written_is_readable(tmp_path):
   assert not (out / sources.PREPARED_METADATA).exists()
   with pytest.raises(errors.DataError, match="not a folder written by mae_jax.prepare"):
     sources.PreparedSource(str(out), "train")
+  assert not [e for e in os.listdir(out) if durable.PARTIAL in e]  # no half-written shard
   broken.unlink()
+  # The same command again writes the interrupted folder anew; a complete one is never overwritten.
+  meta = prepare.prepare(folder, str(out), workers=1)
+  assert sources.PreparedSource(str(out), "train").classes == meta["classes"]
   with pytest.raises(errors.DataError, match="is not empty"):
     prepare.prepare(folder, str(out), workers=1)
   prepare.prepare(folder, str(tmp_path / "prep2"), ["train"], workers=1)

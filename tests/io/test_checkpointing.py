@@ -126,3 +126,69 @@ def test_a_checkpoint_resumes_in_the_other_layer_layout(cifar_folder, tmp_path, 
   a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
   assert sorted(b) == list(range(1, 9))
   np.testing.assert_allclose([b[s] for s in range(5, 9)], [a[s] for s in range(5, 9)], rtol=2e-5)
+
+
+def test_a_checkpoint_is_on_the_disk_before_it_is_reported_and_before_older_ones_go(cifar_folder, tmp_path,
+                                                                                   monkeypatch):
+  """What a power cut could take is what is not yet fsynced: the order of the flushes, the reports
+  and the deletions, recorded from a real run (keep 2, a save every 2 steps), shows that every
+  file and folder of a step, and the rename that put it in place, reach the disk before the step
+  is reported saved, and that a step is deleted only once two newer ones are on the disk."""
+  import orbax.checkpoint as ocp
+
+  from mae_jax.runtime import durable
+  events = []
+  real_file, real_dir, real_log = durable.fsync_file, durable.fsync_dir, checkpointing.metrics_lib.log
+  real_delete = ocp.CheckpointManager.delete
+  root = str(tmp_path / "checkpoints")
+
+  def log(message):
+    if message.startswith("checkpoint ") and message.endswith(f"saved in {root}"):
+      step = int(message.split()[1])
+      files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, str(step))) for f in fs]
+      events.append(("saved", step, files))
+    real_log(message)
+
+  monkeypatch.setattr(durable, "fsync_file", lambda p: (events.append(("fsync", p)), real_file(p)))
+  monkeypatch.setattr(durable, "fsync_dir", lambda p: (events.append(("fsync_dir", p)), real_dir(p)))
+  monkeypatch.setattr(checkpointing.metrics_lib, "log", log)
+  monkeypatch.setattr(ocp.CheckpointManager, "delete",
+                      lambda self, step: (events.append(("delete", step)), real_delete(self, step)))
+  c = tiny_config(cifar_folder, max_steps=8, log_every_steps=1, checkpoint_every_steps=2,
+                  keep_checkpoints=2, figure_every_steps=1000)
+  pretrain.run(c, str(tmp_path))
+
+  saved = [e for e in events if e[0] == "saved"]
+  assert [e[1] for e in saved] == [2, 4, 6, 8]
+  for step, files in ((e[1], e[2]) for e in saved):
+    at = events.index(next(e for e in saved if e[1] == step))
+    synced = {e[1] for e in events[:at] if e[0] == "fsync"}
+    assert files and set(files) <= synced, step  # every file of the step on the disk
+    folder = os.path.join(root, str(step))
+    last_file = max(i for i, e in enumerate(events[:at]) if e[0] == "fsync" and e[1].startswith(folder + "/"))
+    assert ("fsync_dir", root) in events[last_file:at], step  # and its rename into checkpoints/
+  deletes = [(i, e[1]) for i, e in enumerate(events) if e[0] == "delete"]
+  assert [d for _, d in deletes] == [2, 4]
+  for i, step in deletes:
+    newer_on_disk = [e[1] for e in events[:i] if e[0] == "saved" and e[1] > step]
+    assert len(newer_on_disk) >= 2, (step, newer_on_disk)
+  assert sorted(int(s) for s in os.listdir(root)) == [6, 8]
+
+
+def test_the_folders_of_unfinished_saves_are_removed_when_a_run_starts(tmp_path, capsys):
+  root = tmp_path / "checkpoints"
+  (root / "12.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+  (root / "12.orbax-checkpoint-tmp" / "state" / "part").write_bytes(b"cut short")
+  ckpt = checkpointing.Checkpointer(str(tmp_path), every_steps=10, keep=3)
+  ckpt.close()
+  assert os.listdir(root) == []
+  assert "removed 1 unfinished checkpoint folder(s)" in capsys.readouterr().out
+
+
+def test_retention_keeps_the_newest_and_the_kept_multiples():
+  ckpt = checkpointing.Checkpointer.__new__(checkpointing.Checkpointer)
+  ckpt.keep, ckpt.keep_period = 2, 10
+  assert ckpt.expired([5, 10, 15, 20, 25, 30], newest=30) == [5, 15]
+  assert ckpt.expired([5, 10, 15, 20, 25], newest=20) == [5]  # 25 is not yet on the disk
+  ckpt.keep_period = 0
+  assert ckpt.expired([1, 2, 3], newest=3) == [1]
