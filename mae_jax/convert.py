@@ -19,6 +19,7 @@ Every format goes through one intermediate, the official code's state dict in nu
 
 import argparse
 import os
+import signal
 import sys
 
 from mae_jax import errors
@@ -34,6 +35,11 @@ def main(argv=None) -> int:
   from mae_jax.io import checkpointing
   from mae_jax.io.convert import FORMATS
   from mae_jax.io.foreign import detect_format, export, load_foreign
+
+  def stop(signum, frame):  # SIGTERM, SIGHUP: end through Python, so the temporary copy is removed
+    raise SystemExit(128 + signum)
+  for s in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, stop)
 
   p = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__.split("\n\n")[0])
   p.add_argument("src", help="official/timm .pth or .safetensors, a Hugging Face folder, or a mae_jax workdir")
