@@ -32,14 +32,7 @@ def main(argv=None) -> int:
     # Converting needs no accelerator: installed plugins (libtpu, CUDA) would each try to start,
     # print why they cannot, and install signal handlers of their own.
     host.run_jax_on_cpu()
-  from mae_jax.io import checkpointing
-  from mae_jax.io.convert import FORMATS
-  from mae_jax.io.foreign import detect_format, export, load_foreign
-
-  def stop(signum, frame):  # SIGTERM, SIGHUP: end through Python, so the temporary copy is removed
-    raise SystemExit(128 + signum)
-  for s in (signal.SIGTERM, signal.SIGHUP):
-    signal.signal(s, stop)
+  from mae_jax.io.convert import FORMATS  # after the platform is chosen: it imports JAX
 
   p = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__.split("\n\n")[0])
   p.add_argument("src", help="official/timm .pth or .safetensors, a Hugging Face folder, or a mae_jax workdir")
@@ -51,6 +44,20 @@ def main(argv=None) -> int:
   p.add_argument("--norm_pix_loss", choices=("true", "false"), default=None,
                  help="whether the weights were pretrained with the per-patch normalised target")
   a = p.parse_args(argv)
+
+  def stop(signum, frame):  # SIGTERM, SIGHUP: end through Python, so the temporary copy is removed
+    raise SystemExit(128 + signum)
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+  try:
+    return _convert(a)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def _convert(a) -> int:
+  from mae_jax.io import checkpointing
+  from mae_jax.io.foreign import detect_format, export, load_foreign
   try:
     if detect_format(a.src) == "mae_jax":
       if not a.dst_format:

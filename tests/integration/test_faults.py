@@ -231,3 +231,23 @@ def test_sighup_saves_and_stops_as_sigterm_does(cifar_folder, tmp_path):
   assert proc.returncode == 128 + signal.SIGHUP, rest[-3000:]
   assert "checkpoint saved. Run the same command to resume." in rest
   assert checkpointing.newest_step(str(workdir)) >= 3
+
+
+def test_sigterm_during_an_export_leaves_nothing_under_the_name(tmp_path, monkeypatch):
+  pytest.importorskip("torch")
+  from mae_jax import convert as convert_cmd
+  from mae_jax.io import foreign
+  src = _tiny_workdir(tmp_path / "run")
+  real_write = foreign.write_state_dict
+
+  def write_then_get_killed(sd, path, wrap):
+    real_write(sd, path, wrap)  # the temporary copy is complete on the disk ...
+    os.kill(os.getpid(), signal.SIGTERM)  # ... and the scheduler stops the job before the rename
+
+  monkeypatch.setattr(foreign, "write_state_dict", write_then_get_killed)
+  handler = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(SystemExit) as stopped:
+    convert_cmd.main([src, str(tmp_path / "export.pth"), "--to=official"])
+  assert stopped.value.code == 128 + signal.SIGTERM
+  assert sorted(os.listdir(tmp_path)) == ["run"]  # no export, no temporary copy
+  assert signal.getsignal(signal.SIGTERM) is handler  # the command's handlers are gone with it
