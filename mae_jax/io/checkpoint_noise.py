@@ -44,16 +44,21 @@ def quiet_background_failures():
     asyncio_logger.setLevel(level)
 
 
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's temporary checkpoint folders
+
+
 def _is_fault_noise(exc: Optional[BaseException]) -> bool:
   """What a save failing for lack of storage leaves behind besides its own error: the same fault
   reported again by its background writers, and their callbacks into a closed event loop."""
-  return exc is not None and (errors.storage_cause(exc) is not None or "Event loop is closed" in str(exc))
+  return exc is not None and (errors.storage_cause(exc) is not None or "Event loop is closed" in str(exc)
+                              or TMP_MARK in str(exc))
 
 
 class _FaultNoiseFilter(logging.Filter):
   def filter(self, record):
     text = record.getMessage()
-    if any(w in text for w in errors.STORAGE_ERRNOS.values()) or "Event loop is closed" in text:
+    if (any(w in text for w in errors.STORAGE_ERRNOS.values()) or "Event loop is closed" in text
+        or TMP_MARK in text):  # an error about a save's temporary folder: the save failed
       return False
     return not (record.exc_info and _is_fault_noise(record.exc_info[1]))
 
@@ -64,12 +69,12 @@ def quiet_storage_fault_noise() -> None:
   job as an exception and is reported in one line. Anything else is printed as before."""
   if getattr(sys.excepthook, "_mae_jax_quiet", False):
     return
-  absl_logger = logging.getLogger("absl")
-  absl_logger.addFilter(_FaultNoiseFilter())
+  for name in ("absl", "asyncio"):  # orbax logs through absl; orphaned tasks through asyncio
+    logging.getLogger(name).addFilter(_FaultNoiseFilter())
   excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
 
-  def on_exception(kind, value, tb):
-    if not _is_fault_noise(value):
+  def on_exception(kind, value, tb):  # also the main thread's: only tensorstore's callbacks muted
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
       excepthook(kind, value, tb)
 
   def on_unraisable(u):

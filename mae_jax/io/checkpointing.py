@@ -23,7 +23,12 @@ from jax.sharding import PartitionSpec as P
 from mae_jax import config_lib
 from mae_jax.errors import CheckpointMismatchError, CheckpointUnreadableError
 from mae_jax.io import metrics as metrics_lib
-from mae_jax.io.checkpoint_noise import failure_reason, quiet_background_failures, quiet_storage_fault_noise
+from mae_jax.io.checkpoint_noise import (
+  TMP_MARK,
+  failure_reason,
+  quiet_background_failures,
+  quiet_storage_fault_noise,
+)
 from mae_jax.models import layer_stack
 from mae_jax.runtime import durable
 
@@ -85,7 +90,6 @@ def saved_tree_paths(root: str, step: int) -> Optional[list]:
 
 # A save that cannot progress (a stalled network file system) fails after this long.
 SAVE_TIMEOUT_S = 1200
-TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's temporary checkpoint folders
 
 
 class Checkpointer:

@@ -52,8 +52,9 @@ def read_state_dict(path: str) -> dict:
   return out
 
 
-def write_state_dict(sd: dict, path: str, wrap: bool) -> None:
-  if path.endswith(".safetensors"):
+def write_state_dict(sd: dict, path: str, wrap: bool, safetensors: bool) -> None:
+  """`sd` as a .safetensors file, or as a torch.save file ({'model': sd} with `wrap`)."""
+  if safetensors:
     from safetensors.numpy import save_file
     save_file(sd, path, metadata={"format": "pt"})
     return
@@ -213,14 +214,14 @@ def export(workdir: str, dst: str, fmt: str) -> int:
   with durable.replacing(dst) as tmp:
     if fmt == "official":
       out = sd
-      write_state_dict(out, tmp, wrap=True)
+      write_state_dict(out, tmp, wrap=True, safetensors=dst.endswith(".safetensors"))
     elif fmt == "timm":  # the encoder (and a fine-tuned head): timm's VisionTransformer
       out = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
-      write_state_dict(out, tmp, wrap=False)
+      write_state_dict(out, tmp, wrap=False, safetensors=dst.endswith(".safetensors"))
     else:
       out = convert.official_to_hf(sd, encoder_only=not shape["decoder"])
       os.makedirs(tmp)
-      write_state_dict(out, os.path.join(tmp, "model.safetensors"), wrap=False)
+      write_state_dict(out, os.path.join(tmp, "model.safetensors"), wrap=False, safetensors=True)
       with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config(config, shape), f, indent=2)
   return len(out)

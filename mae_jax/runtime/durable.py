@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import shutil
-from typing import Iterator
+from typing import Iterator, Optional
 
 PARTIAL = ".partial-"
 
@@ -56,6 +56,26 @@ def sync_tree(root: str) -> None:
       fsync_file(os.path.join(folder, name))
     fsync_dir(folder)
   fsync_dir(os.path.dirname(os.path.abspath(root)))
+
+
+def storage_fault(folder: str) -> Optional[OSError]:
+  """The error writing (and flushing) a small file in `folder` gives, if it is a storage fault (no
+  space, read-only, I/O error); None when the write works. Tells the cause of a failure that a
+  library reported without it (a missing temporary folder, a closed handle)."""
+  from mae_jax.errors import STORAGE_ERRNOS
+  path = os.path.join(folder, f".write-probe-{os.getpid()}")
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+      os.write(fd, b"\0" * 4096)
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+      with contextlib.suppress(OSError):
+        os.remove(path)
+  except OSError as e:
+    return e if e.errno in STORAGE_ERRNOS else None
+  return None
 
 
 def partial_name(final: str) -> str:

@@ -23,6 +23,7 @@ from mae_jax.data import device_resample, pipeline
 from mae_jax.errors import LoaderError, NonFiniteError, StopRequested, UserError
 from mae_jax.io import checkpointing
 from mae_jax.io import metrics as metrics_lib
+from mae_jax.runtime import durable
 from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim
 from mae_jax.train.device_feed import DeviceFeed
@@ -341,7 +342,11 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
     data_iter.close()
     ckpt.abandon()
     writer.close(quiet=True)
-    cause = errors.storage_cause(e) if not isinstance(e, (errors.FaultError, UserError)) else None
+    cause = None
+    if isinstance(e, Exception) and not isinstance(e, (errors.FaultError, UserError)):
+      # A failed save may surface as a consequence (a temporary folder gone): the file system says.
+      probe = None if errors.storage_cause(e) else durable.storage_fault(checkpointing.checkpoint_dir(workdir))
+      cause = errors.storage_cause(probe or e)
     if cause:
       raise errors.StorageError(errors.storage_fault_message(
           cause, ckpt.saved_step, checkpointing.checkpoint_dir(workdir))) from e

@@ -240,8 +240,8 @@ def test_sigterm_during_an_export_leaves_nothing_under_the_name(tmp_path, monkey
   src = _tiny_workdir(tmp_path / "run")
   real_write = foreign.write_state_dict
 
-  def write_then_get_killed(sd, path, wrap):
-    real_write(sd, path, wrap)  # the temporary copy is complete on the disk ...
+  def write_then_get_killed(sd, path, wrap, safetensors):
+    real_write(sd, path, wrap, safetensors)  # the temporary copy is complete on the disk ...
     os.kill(os.getpid(), signal.SIGTERM)  # ... and the scheduler stops the job before the rename
 
   monkeypatch.setattr(foreign, "write_state_dict", write_then_get_killed)

@@ -95,3 +95,15 @@ def test_leftovers_of_a_killed_writer_are_removed_and_a_live_writers_kept(tmp_pa
 def test_paths_on_buckets_are_not_fsynced():
   assert durable.is_local("/tmp/x") and durable.is_local("runs/a")
   assert not durable.is_local("gs://bucket/run")
+
+
+def test_a_storage_fault_is_told_by_writing_a_probe(tmp_path):
+  assert durable.storage_fault(str(tmp_path)) is None and os.listdir(tmp_path) == []
+  read_only = tmp_path / "ro"
+  read_only.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)]).returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  try:
+    assert durable.storage_fault(str(read_only)).errno == 30  # EROFS
+  finally:
+    subprocess.run(["umount", str(read_only)])
