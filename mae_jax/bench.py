@@ -15,7 +15,7 @@ Compiling without running, for hardware that is not here: `python -m mae_jax.com
 
 import sys
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from mae_jax import cli
@@ -36,7 +36,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   config = cli.prepare(flags.FLAGS.config)
   if flags.FLAGS.check:  # a short run unless the counts are given
     for name, value in (("steps", 5), ("pipeline_batches", 10)):

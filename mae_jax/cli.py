@@ -3,6 +3,7 @@
 import difflib
 import os
 import sys
+import textwrap
 from typing import Optional
 
 from absl import app, flags, logging
@@ -44,13 +45,34 @@ def job_main(job, name: str):
   weights imply (weights.adopt_settings) and runs job(config, workdir, pretrained, step)."""
   def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
+    default_verbosity()
     config = prepare(FLAGS.config, FLAGS.workdir, jobs=(name,))
     if FLAGS.pretrained:
       guarded(lambda: weights.adopt_settings(config, FLAGS.pretrained))
     return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained, FLAGS.pretrained_step),
                        workdir=FLAGS.workdir)
   return main
+
+
+def default_verbosity() -> None:
+  """absl's log level WARNING (the libraries' INFO lines hide the run's own), unless --verbosity
+  was given."""
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def config_help() -> str:
+  """The config fields every command's --config takes, with the defaults every config file starts
+  from (mae_jax/config_lib.py), one line per section."""
+  lines = ["", "Config fields (override any with --config.FIELD=VALUE; these are the defaults every config",
+           "file starts from, which it then changes: see configs/*.py and mae_jax/config_lib.py):"]
+  sections = config_lib.pretrain_config().to_dict()
+  groups = [("--config.*", {k: v for k, v in sections.items() if not isinstance(v, dict)})]
+  groups += [(f"--config.{name}.*", fields) for name, fields in sections.items() if isinstance(fields, dict)]
+  for name, fields in groups:
+    text = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    lines += textwrap.wrap(text, 100, initial_indent=f"  {name}: ", subsequent_indent="      ")
+  return "\n".join(lines) + "\n"
 
 
 def prepare(config, workdir=None, jobs=("pretrain",)):
@@ -125,6 +147,12 @@ def run_app(main, reuse_freed_memory: bool = True):
     host.run_jax_on_cpu()
   if reuse_freed_memory:
     host.keep_freed_memory()
+  # --help lists the flags this module defines for the command, and the config fields.
+  for flag in FLAGS.flags_by_module_dict().get(__name__, []):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  entry = sys.modules["__main__"]
+  if "config" in FLAGS and entry.__doc__ and "Config fields" not in entry.__doc__:
+    entry.__doc__ += config_help()
   return app.run(main, flags_parser=parse_flags)
 
 
@@ -134,6 +162,10 @@ def parse_flags(argv):
     if "config" in FLAGS:
       FLAGS.config.keys()  # a config file loads (or fails) lazily: force it, so errors land here
     return rest
+  except SystemExit:  # absl's --help prints the usage and exits 1: asking for help is no failure
+    if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+      raise SystemExit(0) from None
+    raise
   except Exception as e:  # absl and ml_collections raise many kinds while loading --config
     fail(flag_error_message(argv[1:], e))
 

@@ -16,7 +16,7 @@ gradient accumulation).
 
 import sys
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from mae_jax import cli, errors
@@ -39,7 +39,7 @@ def define_flags():
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   f = flags.FLAGS
   spec = f.target or (f"cpu:{f.devices}" if f.devices > 0 and host.cpu_backend_expected() else "present")
   unknown = [j for j in f.jobs if j not in JOBS]

@@ -21,7 +21,7 @@ pretraining epoch); `--report` writes them from what is finished.
 import os
 import sys
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from mae_jax import cli
@@ -40,7 +40,7 @@ def define_flags():
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   f = flags.FLAGS
   if "study" not in f.config:
     cli.fail("--config is not a label-efficiency study (it has no 'study' section); give "

@@ -15,7 +15,7 @@ checkpoint, so the same command can be run again at any time. `--run=LABEL` runs
 
 import sys
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from mae_jax import cli
@@ -31,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   if "sweep" not in flags.FLAGS.config:
     cli.fail("--config is not a study (it has no 'sweep' section); give one of configs/ablations/*.py")
   study = cli.prepare(flags.FLAGS.config, jobs=flags.FLAGS.config.sweep.jobs)

@@ -348,3 +348,23 @@ def test_bench_check_reports_mfu_attention_and_the_bottleneck(tmp_path, cifar_fo
   assert r["bottleneck"] == ("the host's input pipeline" if feed_bound else "the device's step")
   for line in ("train step: median", "MFU: ", "attention: xla", "bottleneck: "):
     assert line in out.stdout
+
+
+@pytest.mark.parametrize("module", ["mae_jax.main", "mae_jax.probe", "mae_jax.finetune", "mae_jax.evaluate"])
+def test_help_lists_the_flags_and_the_config_fields(module):
+  out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
+                       timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  for flag in ("--config:", "--workdir:", "--pretrained:", "--pretrained_step:", "--[no]distributed:"):
+    assert flag in out.stdout, out.stdout
+  assert "--config.model.*: " in out.stdout and "mask_ratio=0.75" in out.stdout
+  assert "--config.dataset.*: " in out.stdout and "eval_split=None" in out.stdout
+
+
+def test_verbosity_is_the_users_when_given():
+  code = ("import sys\nfrom absl import flags, logging\nfrom mae_jax import cli\n"
+          "flags.FLAGS(sys.argv)\ncli.default_verbosity()\nprint(logging.get_verbosity())\n")
+  run = lambda *args: subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                                     cwd=REPO, timeout=120).stdout.split()[-1]
+  assert run() == str(-1)  # WARNING: the libraries' INFO lines kept out of the run's output
+  assert run("--verbosity=1") == "1"
