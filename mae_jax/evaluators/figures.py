@@ -32,8 +32,9 @@ def reconstruction_panels(model, params, images_uint8, noise, mean, std):
   return masked, pasted, original
 
 
-def save_grid(path: str, columns: Sequence[np.ndarray], titles: Sequence[str], min_size: int = 96) -> None:
-  """One row per image, one column per panel; small images are enlarged (nearest) to `min_size`."""
+def save_grid(path: str, columns: Sequence[np.ndarray], titles: Sequence[str], min_size: int = 96) -> np.ndarray:
+  """One row per image, one column per panel; small images are enlarged (nearest) to `min_size`.
+  Returns the grid as an (H, W, 3) uint8 array (for TensorBoard's image tab)."""
   cols = [np.asarray(c) for c in columns]
   n, h, w = cols[0].shape[:3]
   scale = max(1, -(-min_size // h))
@@ -50,6 +51,7 @@ def save_grid(path: str, columns: Sequence[np.ndarray], titles: Sequence[str], m
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with durable.replacing(path) as tmp, open(tmp, "wb") as f:
     canvas.save(f, format="PNG")
+  return np.asarray(canvas)
 
 
 PANEL_TITLES = ("masked", "reconstruction", "original")

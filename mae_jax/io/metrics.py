@@ -11,6 +11,7 @@ import time
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 
 from mae_jax.runtime import durable
 
@@ -53,13 +54,19 @@ class MetricWriter:
       self._jsonl = open(path, "a")
 
   def write(self, step: int, metrics: dict) -> None:
+    """Scalars go to a metrics.jsonl row (with its wall-clock time, seconds since the epoch) and to
+    TensorBoard; images (H, W, 3 uint8 arrays) to TensorBoard's image tab."""
     if not self.enabled:
       return
-    clean = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._jsonl.flush()
+    images = {k: v for k, v in metrics.items() if np.ndim(v) == 3}
+    clean = {k: float(v) for k, v in metrics.items() if k not in images}
+    if clean:
+      self._jsonl.write(json.dumps({"step": int(step), **clean, "wall_time": round(time.time(), 3)}) + "\n")
+      self._jsonl.flush()
     for k, v in clean.items():
       self._tb.add_scalar(k, v, int(step))
+    for k, v in images.items():
+      self._tb.add_image(k, np.asarray(v), int(step), dataformats="HWC")
     self._tb.flush()
 
   def sync(self) -> None:

@@ -41,7 +41,8 @@ class TrainState:
 @dataclasses.dataclass
 class Hook:
   """Called as fn(step, state) every `every_steps` steps and after the last step; a dict it
-  returns is written to the metrics log and printed."""
+  returns is written to the metrics log (scalars, printed too) and TensorBoard ((H, W, 3) uint8
+  arrays go to its image tab)."""
   every_steps: int
   fn: Callable[[int, TrainState], Optional[dict]]
 
@@ -239,6 +240,8 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                   + f" | steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else "")
                   + (" | train crops resampled on the device" if on_device else ""))
 
+  metrics_lib.log("compiling the train step; the first step waits for it (seconds on a CPU, a "
+                  "minute or more for a large model on an accelerator)")
   compiled = {}  # the step's static settings -> jitted train step
 
   def train_step(state, batch, step):
@@ -325,8 +328,10 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
           if step % hook.every_steps == 0 or last:
             hook_metrics = hook.fn(step, state)
             if hook_metrics:
-              writer.write(step, hook_metrics)
-              metrics_lib.log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in hook_metrics.items()))
+              writer.write(step, hook_metrics)  # scalars, and images (figures) for TensorBoard
+              scalars = {k: v for k, v in hook_metrics.items() if np.ndim(v) == 0}
+              if scalars:
+                metrics_lib.log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
         if loader_failure is not None:
           raise stop_after_loader_failure(loader_failure, step) from loader_failure
         if ckpt.due(step, force=last):

@@ -197,7 +197,8 @@ def summary(job_dir: str) -> dict:
 
 
 def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Hook:
-  """Every `figure_every_steps`: the same validation images under the same masks, as a PNG."""
+  """Every `figure_every_steps`: the same validation images under the same masks, as a PNG in
+  workdir/figures and an image in TensorBoard ('reconstruction')."""
   n = min(config.num_figure_images, len(eval_source))
   indices = np.linspace(0, len(eval_source) - 1, n).round().astype(int)
   images = pipeline.load_images(eval_source, indices, config.dataset.image_size, config.dataset.interpolation)
@@ -211,7 +212,7 @@ def figure_hook(config, workdir: str, model: MAE, mesh: Mesh, eval_source) -> Ho
     cols = jax.device_get(panels(state.params, images, noise))
     if jax.process_index() == 0:
       path = os.path.join(workdir, "figures", f"reconstruction_{step:08d}.png")
-      figures.save_grid(path, cols, figures.PANEL_TITLES)
+      return {"reconstruction": figures.save_grid(path, cols, figures.PANEL_TITLES)}
 
   return Hook(config.figure_every_steps, save)
 
