@@ -17,6 +17,7 @@ RANGES = {
     "warmup_epochs": ">= 0", "max_steps": ">= 0", "log_every_steps": ">= 1",
     "figure_every_steps": ">= 1", "num_figure_images": ">= 1", "checkpoint_every_steps": ">= 1",
     "keep_checkpoints": ">= 1", "keep_checkpoint_every_epochs": ">= 0",
+    "profile_start_step": ">= 1", "profile_num_steps": ">= 1",
     "dataset.image_size": ">= 1", "dataset.eval_crop_pct": "(0, 1]", "dataset.num_workers": ">= -1", "dataset.read_threads": ">= 0",
     "dataset.label_fraction": "(0, 1]", "dataset.labels_per_class": ">= 0", "dataset.label_seed": ">= 0",
     "model.patch_size": ">= 1", "model.encoder_width": ">= 1", "model.encoder_depth": ">= 1",

@@ -146,6 +146,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.keep_checkpoint_every_epochs = 0  # > 0: also keep the checkpoint at every N epochs of
                                       # pretraining, for probing / fine-tuning along the way
                                       # (--pretrained_step)
+  # A jax.profiler trace of `profile_num_steps` steps from this step on, into workdir/profile
+  # (TensorBoard's Profile tab or XProf); None: no trace. Any job (pretrain, probe, fine-tune).
+  c.profile_start_step = ml_collections.FieldReference(None, field_type=int)
+  c.profile_num_steps = 3
   return c
 
 

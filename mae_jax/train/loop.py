@@ -27,6 +27,7 @@ from mae_jax.runtime import durable
 from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim
 from mae_jax.train.device_feed import DeviceFeed
+from mae_jax.train.step_profiler import StepProfiler
 
 
 @flax.struct.dataclass
@@ -240,6 +241,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
                   + f" | steps {start}->{total_steps}" + (f" | {task.summary}" if task.summary else "")
                   + (" | train crops resampled on the device" if on_device else ""))
 
+  profiler = StepProfiler(workdir, config.profile_start_step, config.profile_num_steps)
   metrics_lib.log("compiling the train step; the first step waits for it (seconds on a CPU, a "
                   "minute or more for a large model on an accelerator)")
   compiled = {}  # the step's static settings -> jitted train step
@@ -299,7 +301,10 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
           batch = next(data_iter)
         except LoaderError as e:
           raise stop_after_loader_failure(e, step) from e
-        state, step_metrics = train_step(state, batch, step)
+        profiler.before(step + 1)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):  # named steps in a trace
+          state, step_metrics = train_step(state, batch, step)
+        profiler.after(step + 1, state)
         del batch  # on the CPU it may share the loader's memory, which is freed with it
         loader_failure = None
         try:
@@ -344,6 +349,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
     # What failed may fail the save in progress as well (a full disk): that save is given up
     # quietly (its temporary folder is removed at the next start) and the first error is raised,
     # a storage fault as one line naming the last checkpoint that is on the disk.
+    profiler.stop()
     data_iter.close()
     ckpt.abandon()
     writer.close(quiet=True)
@@ -356,6 +362,7 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
       raise errors.StorageError(errors.storage_fault_message(
           cause, ckpt.saved_step, checkpointing.checkpoint_dir(workdir))) from e
     raise
+  profiler.stop()
   data_iter.close()  # batches fetched for steps that will not run
   ckpt.close()
   writer.close()

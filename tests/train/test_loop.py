@@ -112,3 +112,15 @@ def test_skip_nonfinite_skips_and_counts_the_updates(cifar_folder, tmp_path):
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert rows[-1]["step"] == 6 and rows[-1]["skipped_nonfinite"] >= 1
+
+
+def test_profile_steps_write_a_trace_of_the_chosen_steps(cifar_folder, tmp_path):
+  c = tiny_config(cifar_folder, max_steps=4, log_every_steps=1, figure_every_steps=1000,
+                  profile_start_step=2, profile_num_steps=2)
+  pretrain.run(c, str(tmp_path))
+  traces = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "profile") for f in fs]
+  assert any(t.endswith(".xplane.pb") for t in traces), traces
+  import gzip
+  events = json.load(gzip.open(next(t for t in traces if t.endswith(".trace.json.gz"))))["traceEvents"]
+  steps = {e.get("args", {}).get("step_num") for e in events if e.get("name") == "train"}
+  assert steps == {"2", "3"}, steps  # the chosen steps, annotated with their numbers
