@@ -48,7 +48,13 @@ def restore(pretrained: str, config=None, step: Optional[int] = None) -> tuple[d
 def adopt_settings(config, pretrained: str) -> None:
   """Sets in `config.model` what the weights in `pretrained` were trained with and the config
   cannot know: their LayerNorm epsilon (Hugging Face's 1e-12), and norm_pix_loss where a
-  converted source said it."""
+  converted source said it. A `pretrained` that holds no weights is refused here, before any
+  job writes to its workdir."""
+  if not foreign.is_foreign(pretrained) and checkpointing.newest_step(pretrained) is None:
+    raise CheckpointMismatchError(
+        f"--pretrained={pretrained}: no checkpoint found in {checkpointing.checkpoint_dir(pretrained)}; "
+        "give a pretraining workdir, an official or timm .pth / .safetensors file, or a Hugging Face "
+        "ViTMAE folder (nothing was written)")
   saved = saved_config(pretrained, config)
   if saved is None:
     return

@@ -133,9 +133,11 @@ def test_job_errors(cifar_folder, pretrained, tmp_path):
   out = _cli(tmp_path / "p", "--config.model.encoder_width=128", f"--pretrained={pretrained}",
              folder=cifar_folder, module="mae_jax.probe")
   assert out.returncode == 2 and "different encoder" in out.stderr and "Traceback" not in out.stderr
-  # No checkpoint where --pretrained points.
-  out = _cli(tmp_path / "p2", f"--pretrained={tmp_path}", folder=cifar_folder, module="mae_jax.finetune")
-  assert out.returncode == 2 and "no checkpoint found" in out.stderr
+  # No checkpoint where --pretrained points (a Hub id given as a path, say): nothing is written.
+  for where in (tmp_path, "facebook/vit-mae-base"):
+    out = _cli(tmp_path / "p2", f"--pretrained={where}", folder=cifar_folder, module="mae_jax.finetune")
+    assert out.returncode == 2 and "no checkpoint found" in out.stderr and "nothing was written" in out.stderr
+    assert not os.path.exists(tmp_path / "p2")
   # LPIPS asked for without its weights file: the file is named, nothing is written.
   out = _cli(tmp_path / "e", "--config.evaluate.lpips_alex=/nowhere/alex.npz",
              f"--pretrained={pretrained}", folder=cifar_folder, module="mae_jax.evaluate")
