@@ -11,6 +11,7 @@ from PIL import Image
 from mae_jax import errors
 from mae_jax.data import sources, transforms
 from mae_jax.runtime import durable, host
+from mae_jax.runtime.progress import PassProgress
 
 
 def encoded_image(path: str, max_side: int, quality: int) -> bytes:
@@ -70,11 +71,13 @@ def prepare(folder: str, out: str, splits=(), max_side: int = 0, quality: int = 
       names = [f"{split}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
       jobs = ((path, max_side, quality) for path in source.files)
       encoded = pool.map(_encode, jobs, chunksize=64)
+      progress = PassProgress(f"{split}", n)
       for i, name in enumerate(names):  # each under a temporary name until complete and on the disk
         with durable.replacing(os.path.join(out, name)) as tmp:
           writer = ArrayRecordWriter(tmp, "group_size:1")
           for index in range(i * shard_images, min(n, (i + 1) * shard_images)):
             writer.write(sources.encode_record(source.labels[index], next(encoded)))
+            progress.update(index + 1)
           writer.close()
       meta["splits"][split] = {"count": n, "shards": names}
       print(f"{split}: {n} images in {num_shards} shard(s)", flush=True)

@@ -12,6 +12,7 @@ from mae_jax import config_lib
 from mae_jax.data import pipeline, sources
 from mae_jax.models.mae import encoder_from_config
 from mae_jax.runtime.parallel import Mesh
+from mae_jax.runtime.progress import PassProgress
 
 
 # ----------------------------------------------------------------------------
@@ -30,11 +31,13 @@ def extract_features(config, mesh: Mesh, encoder, encoder_params, source, global
   fn = jax.jit(feats, out_shardings=mesh.replicated)  # replicated: every process gets all rows
   size = config_lib.eval_batch_size(config)
   out_f, out_y = [], []
+  progress = PassProgress("kNN features", len(source))
   for local in pipeline.eval_batches(config.dataset, source, size, ("image", "label")):
     batch = mesh.put_batch(local)
     f, y, valid = jax.device_get(fn(encoder_params, batch))
     out_f.append(f[valid > 0])
     out_y.append(y[valid > 0])
+    progress.update(sum(len(x) for x in out_y))
   return np.concatenate(out_f), np.concatenate(out_y)
 
 

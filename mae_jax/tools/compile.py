@@ -223,6 +223,8 @@ def compile_step(config, job: str, target) -> dict:
   batch, micro_batches = batch_shape(config, job)
   n = target.num_devices
   out = {"job": job, "batch_size": batch, "grad_accum_steps": micro_batches, "micro_batch_per_device": batch // micro_batches // n}
+  print(f"compiling {job} for {target.name}: micro-batch {out['micro_batch_per_device']} per device "
+        "(a large model takes minutes) ...", flush=True)
   with attention_backends.building_for(target.devices[0]):
     step, abstract, batch_spec = step_program(config, job, target.devices)
     t0 = time.perf_counter()

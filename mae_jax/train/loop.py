@@ -25,6 +25,7 @@ from mae_jax.io import checkpointing
 from mae_jax.io import metrics as metrics_lib
 from mae_jax.runtime import durable
 from mae_jax.runtime.parallel import Mesh
+from mae_jax.runtime.progress import PassProgress
 from mae_jax.train import optim
 from mae_jax.train.device_feed import DeviceFeed
 from mae_jax.train.step_profiler import StepProfiler
@@ -386,8 +387,10 @@ def evaluate(config, mesh: Mesh, eval_step: Callable, state, source, global_batc
   `eval_step` must weigh by. Sums stay on device until the end.
   """
   totals = None
-  for local in pipeline.eval_batches(config.dataset, source, global_batch, fields):
+  progress = PassProgress("evaluation", len(source))
+  for i, local in enumerate(pipeline.eval_batches(config.dataset, source, global_batch, fields)):
     batch = mesh.put_batch(local)
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    progress.update(min((i + 1) * global_batch, len(source)))
   return {k: float(v) for k, v in jax.device_get(totals).items()}
