@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 from mae_jax import config_check, config_lib, errors
 from mae_jax.errors import StopRequested, UserError
-from mae_jax.io import checkpointing, weights
+from mae_jax.io import checkpointing, hub, weights
 from mae_jax.runtime import host, parallel
 
 FLAGS = flags.FLAGS
@@ -31,8 +31,9 @@ def define_job_flags(pretrained_required: bool = False, pretrained_help: str = "
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where this job's checkpoints, metrics and results go.")
   flags.DEFINE_string("pretrained", None, pretrained_help or (
-      "Workdir of the pretraining run whose encoder is used, or an official/timm .pth or "
-      ".safetensors file or a Hugging Face ViTMAE folder"
+      "Workdir of the pretraining run whose encoder is used, an official/timm .pth or "
+      ".safetensors file, a Hugging Face ViTMAE folder, or a Hub id (hf://facebook/vit-mae-base, "
+      "timm/vit_base_patch16_224.mae)"
       + ("." if pretrained_required else " (none: a randomly initialised encoder).")))
   flags.DEFINE_integer("pretrained_step", None, "The checkpoint step of --pretrained to use (default: "
                        "its newest); pretraining keeps more with --config.keep_checkpoint_every_epochs.")
@@ -47,9 +48,11 @@ def job_main(job, name: str):
     del argv
     default_verbosity()
     config = prepare(FLAGS.config, FLAGS.workdir, jobs=(name,))
-    if FLAGS.pretrained:
-      guarded(lambda: weights.adopt_settings(config, FLAGS.pretrained))
-    return run_guarded(lambda: job(config, FLAGS.workdir, FLAGS.pretrained, FLAGS.pretrained_step),
+    pretrained = FLAGS.pretrained
+    if pretrained:
+      pretrained = guarded(lambda: hub.resolve(FLAGS.pretrained))  # a Hub id: from the cache
+      guarded(lambda: weights.adopt_settings(config, pretrained))
+    return run_guarded(lambda: job(config, FLAGS.workdir, pretrained, FLAGS.pretrained_step),
                        workdir=FLAGS.workdir)
   return main
 

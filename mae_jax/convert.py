@@ -8,7 +8,9 @@ SRC a PyTorch checkpoint, DST a new mae_jax workdir (usable at once as --pretrai
     or fine-tuned (fc_norm/head);
   * timm: a MAE ViT state dict (.pth or .safetensors) in timm's names, the official encoder's;
   * hf: a transformers ViTMAEForPreTraining / ViTMAEModel directory (config.json and
-    model.safetensors or pytorch_model.bin; separate query/key/value).
+    model.safetensors or pytorch_model.bin; separate query/key/value);
+  * a Hub id: hf://facebook/vit-mae-base (transformers) or timm/vit_base_patch16_224.mae (timm),
+    fetched into huggingface_hub's cache on first use (offline afterwards).
 SRC a mae_jax workdir, DST a file (official, timm) or directory (hf) in the `--to` format.
 
 Every format goes through one intermediate, the official code's state dict in numpy
@@ -56,9 +58,10 @@ def main(argv=None) -> int:
 
 
 def _convert(a) -> int:
-  from mae_jax.io import checkpointing
+  from mae_jax.io import checkpointing, hub
   from mae_jax.io.foreign import detect_format, export, load_foreign
   try:
+    a.src = hub.resolve(a.src)  # a Hub id: from huggingface_hub's cache
     if detect_format(a.src) == "mae_jax":
       if not a.dst_format:
         raise ConvertError("from a mae_jax workdir, say the format to write: --to=official|timm|hf")
