@@ -89,15 +89,17 @@ def test_a_disk_full_during_a_checkpoint_ends_in_one_line_and_the_same_command_r
   code, out = _run_until(workdir, folder, "checkpoint 5 saved", then=lambda: _fill(disk))
   assert code == errors.StorageError.exit_code, out[-3000:]
   line = _one_error_line(out)
-  assert "No space left on device" in line and f"the last saved checkpoint is step 5 in {workdir}/checkpoints" in line
+  saved = checkpointing.newest_step(workdir)  # 5, or 10 when that save beat the filler
+  assert saved in (5, 10), out[-3000:]
+  assert "No space left on device" in line and f"the last saved checkpoint is step {saved} in {workdir}/checkpoints" in line
   assert "run the same command to resume" in line
   os.remove(os.path.join(disk, "filler"))
 
-  resumed = run_cli(workdir, "--config.max_steps=12", *ARGS, folder=folder)
+  resumed = run_cli(workdir, "--config.max_steps=17", *ARGS, folder=folder)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resumed from {workdir}/checkpoints/5" in resumed.stdout
+  assert f"resumed from {workdir}/checkpoints/{saved}" in resumed.stdout
   assert not any("orbax-checkpoint-tmp" in e for e in os.listdir(os.path.join(workdir, "checkpoints")))
-  reference = run_cli(tmp_path / "reference", "--config.max_steps=12", *ARGS, folder=folder)
+  reference = run_cli(tmp_path / "reference", "--config.max_steps=17", *ARGS, folder=folder)
   assert reference.returncode == 0, reference.stderr[-3000:]
   assert _losses(workdir) == _losses(tmp_path / "reference")  # every step, bit-identical
 
@@ -112,10 +114,11 @@ def test_a_file_system_turning_read_only_at_save_time_ends_at_once_in_one_line(c
       (time.time(), mount(workdir / "checkpoints", size="1m", read_only=True))))
   assert code == errors.StorageError.exit_code, out[-3000:]
   line = _one_error_line(out)
-  assert "Read-only file system" in line and "the last saved checkpoint is step 5" in line
   assert time.time() - started[0][0] < 60  # no wait for a folder that cannot be made
   subprocess.run(["umount", str(workdir / "checkpoints")], check=True)
-  assert checkpointing.newest_step(str(workdir)) == 5
+  saved = checkpointing.newest_step(str(workdir))  # 5, or 10 when that save beat the mount
+  assert saved in (5, 10) and "Read-only file system" in line
+  assert f"the last saved checkpoint is step {saved}" in line
 
 
 def test_a_killed_loader_worker_stops_with_a_checkpoint_and_the_same_command_resumes(cifar_folder, tmp_path):
