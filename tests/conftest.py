@@ -74,6 +74,40 @@ def tiny_config(folder: str, **overrides):
   return config_lib.set_fields(c, overrides)
 
 
+def run_losses(workdir) -> dict:
+  """{step: loss} of every row of a run's metrics.jsonl."""
+  import json
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in rows}
+
+
+def tiny_workdir(path) -> str:
+  """A workdir holding freshly initialised weights of the tiny preset's MAE as checkpoint 0."""
+  import jax
+  import numpy as np
+
+  from mae_jax.io import checkpointing
+  from mae_jax.models.mae import mae_from_config
+  c = tiny_config("unused")
+  model = mae_from_config(c.model, c.dataset.image_size)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32),
+                      np.zeros((1, model.num_patches), np.float32))["params"]
+  checkpointing.write_workdir(jax.tree.map(np.asarray, params), c.to_dict(), str(path))
+  return str(path)
+
+
+def photo_jpeg(path, w, h) -> str:
+  """A smooth synthetic photograph (gradients and a disc), saved as a quality-90 JPEG."""
+  import numpy as np
+  from PIL import Image
+  yy, xx = np.mgrid[0:h, 0:w]
+  img = np.stack([xx * 255 // w, yy * 255 // h, 128 + 100 * np.sin(xx / 37.0) * np.cos(yy / 23.0)], -1)
+  img[(yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (h / 4) ** 2] = (250, 30, 60)
+  Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
+  return str(path)
+
+
 def small_folder(cifar_folder, root, per_class=8, classes=("cat", "dog")):
   """A few CIFAR-10 images per class, linked into root/{train,test}/<class>/."""
   for split in ("train", "test"):

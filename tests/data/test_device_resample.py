@@ -2,20 +2,10 @@
 
 import jax
 import numpy as np
-from PIL import Image
 
 from mae_jax.data import device_resample, pipeline, sources, transforms
 
-from conftest import tiny_config
-
-
-def _photo_jpeg(path, w, h):
-  """A smooth synthetic photograph (gradients and a disc), saved as a quality-90 JPEG."""
-  yy, xx = np.mgrid[0:h, 0:w]
-  img = np.stack([xx * 255 // w, yy * 255 // h, 128 + 100 * np.sin(xx / 37.0) * np.cos(yy / 23.0)], -1)
-  img[(yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (h / 4) ** 2] = (250, 30, 60)
-  Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
-  return str(path)
+from conftest import photo_jpeg, tiny_config
 
 
 def test_crops_resampled_on_device_match_pillow(tmp_path):
@@ -24,7 +14,7 @@ def test_crops_resampled_on_device_match_pillow(tmp_path):
   pixels (DCT-scaled), smaller than the output (upsampling) and too large for the canvas."""
   size = 48
   shapes = [(400, 300), (300, 400), (160, 120), (90, 70), (600, 75)]
-  paths = [_photo_jpeg(tmp_path / f"p{i}.jpg", w, h) for i, (w, h) in enumerate(shapes)]
+  paths = [photo_jpeg(tmp_path / f"p{i}.jpg", w, h) for i, (w, h) in enumerate(shapes)]
   for interpolation in ("bicubic", "bilinear"):
     canvases, crops, expected = [], [], []
     for i in range(20):

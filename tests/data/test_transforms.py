@@ -8,6 +8,8 @@ from PIL import Image
 from mae_jax import errors
 from mae_jax.data import transforms
 
+from conftest import photo_jpeg
+
 
 def test_random_resized_crop_box_in_bounds_and_seeded():
   for seed in range(50):
@@ -54,15 +56,6 @@ def test_random_resized_crop_boxes_follow_torchvisions_rule(h, w):
   assert abs(fallback(ours) - fallback(theirs)) < 0.02
 
 
-def _photo_jpeg(path, w, h):
-  """A smooth synthetic photograph (gradients and a disc), saved as a quality-90 JPEG."""
-  yy, xx = np.mgrid[0:h, 0:w]
-  img = np.stack([xx * 255 // w, yy * 255 // h, 128 + 100 * np.sin(xx / 37.0) * np.cos(yy / 23.0)], -1)
-  img[(yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (h / 4) ** 2] = (250, 30, 60)
-  Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
-  return str(path)
-
-
 def _crop_of(image, seed: int, size: int, scale=(0.5, 1.0)):
   """TrainAugment's host crop of an encoded image (a path) with a fixed seed."""
   rng = np.random.default_rng(seed)
@@ -73,7 +66,7 @@ def _crop_of(image, seed: int, size: int, scale=(0.5, 1.0)):
 def test_random_crop_decodes_only_what_the_box_needs(tmp_path):
   """A big crop of a big JPEG decodes at a reduced DCT scale, draws the same box as decoding
   first, and gives nearly the same pixels; other formats go the decode-first way, bit for bit."""
-  jpeg = _photo_jpeg(tmp_path / "big.jpg", 1600, 1200)
+  jpeg = photo_jpeg(tmp_path / "big.jpg", 1600, 1200)
   png = tmp_path / "big.png"
   Image.open(jpeg).save(png)
   full = _pillow_decode(jpeg)
@@ -95,7 +88,7 @@ def _pillow_decode(path):
 
 def _jpegs_of_each_colour_space(tmp_path, w=300, h=200):
   """A colour, a greyscale and a CMYK JPEG of one photograph."""
-  jpeg = _photo_jpeg(tmp_path / "small.jpg", w, h)
+  jpeg = photo_jpeg(tmp_path / "small.jpg", w, h)
   grey = tmp_path / "grey.jpg"
   Image.open(jpeg).convert("L").save(grey, quality=90)
   cmyk = tmp_path / "cmyk.jpg"
@@ -106,7 +99,7 @@ def _jpegs_of_each_colour_space(tmp_path, w=300, h=200):
 def test_jpegs_decode_as_pillow_does(tmp_path):
   """Whole JPEGs (libjpeg-turbo through simplejpeg for colour and greyscale files, Pillow for
   CMYK) give Pillow's pixels bit for bit, a 32 px CIFAR-sized file too; a truncated one is named."""
-  paths = _jpegs_of_each_colour_space(tmp_path) + [_photo_jpeg(tmp_path / "cifar.jpg", 32, 32)]
+  paths = _jpegs_of_each_colour_space(tmp_path) + [photo_jpeg(tmp_path / "cifar.jpg", 32, 32)]
   for path in paths:
     got = transforms.decode_image(path)
     assert got.dtype == np.uint8 and got.shape[2] == 3
@@ -131,7 +124,7 @@ def test_jpeg_crops_decode_as_pillow_does(tmp_path):
 
 
 def test_a_corrupt_jpeg_is_named_when_the_crop_decodes_it(tmp_path):
-  path = _photo_jpeg(tmp_path / "cut.jpg", 400, 300)
+  path = photo_jpeg(tmp_path / "cut.jpg", 400, 300)
   with open(path, "rb") as f:
     head = f.read(300)
   with open(path, "wb") as f:

@@ -7,7 +7,6 @@ file remains under a final name, and the same command afterwards resumes (or con
 File systems are small tmpfs mounts made by the test (it needs the right to mount: root, as in
 CI); without it those tests are skipped."""
 
-import json
 import os
 import shutil
 import signal
@@ -20,9 +19,8 @@ import pytest
 
 from mae_jax import errors
 from mae_jax.io import checkpointing
-from mae_jax.models.mae import mae_from_config
 
-from conftest import REPO, run_cli, small_folder, tiny_config
+from conftest import REPO, run_cli, run_losses, small_folder, tiny_config, tiny_workdir
 
 ARGS = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=5", "--config.figure_every_steps=100000",
         "--config.batch_size=16", "--config.num_epochs=20")  # 80 images: 5 steps an epoch
@@ -78,10 +76,6 @@ def _one_error_line(output: str) -> str:
   return errors_[0]
 
 
-def _losses(workdir):
-  return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r}
-
-
 def test_a_disk_full_during_a_checkpoint_ends_in_one_line_and_the_same_command_resumes(cifar_folder, tmp_path, mount):
   folder = small_folder(cifar_folder, tmp_path / "images", per_class=40)
   disk = mount(tmp_path / "disk")
@@ -101,7 +95,7 @@ def test_a_disk_full_during_a_checkpoint_ends_in_one_line_and_the_same_command_r
   assert not any("orbax-checkpoint-tmp" in e for e in os.listdir(os.path.join(workdir, "checkpoints")))
   reference = run_cli(tmp_path / "reference", "--config.max_steps=17", *ARGS, folder=folder)
   assert reference.returncode == 0, reference.stderr[-3000:]
-  assert _losses(workdir) == _losses(tmp_path / "reference")  # every step, bit-identical
+  assert run_losses(workdir) == run_losses(tmp_path / "reference")  # every step, bit-identical
 
 
 def test_a_file_system_turning_read_only_at_save_time_ends_at_once_in_one_line(cifar_folder, tmp_path, mount):
@@ -151,17 +145,7 @@ def test_a_killed_loader_worker_stops_with_a_checkpoint_and_the_same_command_res
   reference = run_cli(tmp_path / "reference", f"--config.max_steps={total}", *ARGS,
                       "--config.dataset.num_workers=2", folder=folder)
   assert reference.returncode == 0, reference.stderr[-3000:]
-  assert _losses(workdir) == _losses(tmp_path / "reference")  # the same data order, every step once
-
-
-def _tiny_workdir(path):
-  import jax
-  c = tiny_config("unused")
-  model = mae_from_config(c.model, c.dataset.image_size)
-  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32),
-                      np.zeros((1, model.num_patches), np.float32))["params"]
-  checkpointing.write_workdir(jax.tree.map(np.asarray, params), c.to_dict(), str(path))
-  return str(path)
+  assert run_losses(workdir) == run_losses(tmp_path / "reference")  # the same data order, every step once
 
 
 def _convert(*args):
@@ -171,7 +155,7 @@ def _convert(*args):
 
 def test_a_disk_full_during_convert_leaves_nothing_under_the_name(tmp_path, mount):
   torch = pytest.importorskip("torch")
-  src = _tiny_workdir(tmp_path / "run")
+  src = tiny_workdir(tmp_path / "run")
   disk = mount(tmp_path / "disk", size="200k")  # the export is about 0.5 MB
   dst = os.path.join(disk, "export.pth")
   out = _convert(src, dst, "--to=official")
@@ -188,7 +172,7 @@ def test_a_disk_full_during_convert_leaves_nothing_under_the_name(tmp_path, moun
 
 def test_convert_replaces_a_destination_an_interrupted_write_left_and_keeps_a_whole_one(tmp_path):
   torch = pytest.importorskip("torch")
-  src = _tiny_workdir(tmp_path / "run")
+  src = tiny_workdir(tmp_path / "run")
   dst = tmp_path / "export.pth"
   assert _convert(src, dst, "--to=official").returncode == 0
   whole = dst.read_bytes()
@@ -240,7 +224,7 @@ def test_sigterm_during_an_export_leaves_nothing_under_the_name(tmp_path, monkey
   pytest.importorskip("torch")
   from mae_jax import convert as convert_cmd
   from mae_jax.io import foreign
-  src = _tiny_workdir(tmp_path / "run")
+  src = tiny_workdir(tmp_path / "run")
   real_write = foreign.write_state_dict
 
   def write_then_get_killed(sd, path, wrap, safetensors):

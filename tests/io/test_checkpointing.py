@@ -16,15 +16,9 @@ from mae_jax.io import checkpointing
 from mae_jax.train import pretrain
 
 from conftest import CHECKPOINT_DAMAGE as DAMAGE
-from conftest import tiny_config
+from conftest import run_losses, tiny_config
 
 TESTS = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in rows}
 
 
 def test_checkpoint_restores_bit_identically(cifar_folder, tmp_path):
@@ -70,14 +64,14 @@ def test_an_fsdp_checkpoint_restores_on_other_device_counts(cifar_folder, tmp_pa
   _pretrain_on(8, cifar_folder, (full, 8, True), (eight, 4, True), (again, 8, True, eight))
   _pretrain_on(1, cifar_folder, (eight, 8, False), (one, 4, False))
   _pretrain_on(4, cifar_folder, (one, 8, True))
-  full_losses = _losses(full)
+  full_losses = run_losses(full)
   assert sorted(full_losses) == list(range(1, 9))
   for resumed in (eight, one):
-    losses = _losses(resumed)
+    losses = run_losses(resumed)
     assert sorted(losses) == list(range(1, 9))
     np.testing.assert_allclose([losses[s] for s in range(5, 9)], [full_losses[s] for s in range(5, 9)],
                                rtol=2e-5)
-  assert _losses(again) == full_losses
+  assert run_losses(again) == full_losses
 
 
 def _four_step_checkpoints(cifar_folder, steps):
@@ -88,7 +82,7 @@ def _four_step_checkpoints(cifar_folder, steps):
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(cifar_folder, tmp_path, capsys, damage):
   pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))  # checkpoints 4 and 8
-  losses = _losses(tmp_path)
+  losses = run_losses(tmp_path)
   DAMAGE[damage](tmp_path / "checkpoints" / "8")
   capsys.readouterr()
   pretrain.run(_four_step_checkpoints(cifar_folder, 8), str(tmp_path))
@@ -96,7 +90,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(cifar_fold
   assert f"checkpoint {tmp_path}/checkpoints/8 is unreadable (" in out
   assert "restored step 4" in out and f"resumed from {tmp_path}/checkpoints/4" in out
   # Steps 5..8 ran again from step 4's state and data position: the same losses, each step once.
-  assert _losses(tmp_path) == losses
+  assert run_losses(tmp_path) == losses
   assert len(open(tmp_path / "metrics.jsonl").readlines()) == 8
   # The damaged checkpoint is kept aside, out of the way of the new step 8.
   assert [d.split("-")[0] for d in os.listdir(tmp_path / "checkpoints_unreadable")] == ["8"]
@@ -123,7 +117,7 @@ def test_a_checkpoint_resumes_in_the_other_layer_layout(cifar_folder, tmp_path, 
   resumed = pretrain.run(make(8, then), str(tmp_path / "split"))
   from mae_jax.models.layer_stack import is_scanned
   assert is_scanned(resumed.params) == then
-  a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+  a, b = run_losses(tmp_path / "full"), run_losses(tmp_path / "split")
   assert sorted(b) == list(range(1, 9))
   np.testing.assert_allclose([b[s] for s in range(5, 9)], [a[s] for s in range(5, 9)], rtol=2e-5)
 

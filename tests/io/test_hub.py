@@ -10,21 +10,9 @@ import pytest
 
 from mae_jax.io import checkpointing
 
-from conftest import REPO, run_cli, small_folder, tiny_config
+from conftest import REPO, run_cli, small_folder, tiny_config, tiny_workdir
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _tiny_workdir(path):
-  import jax
-
-  from mae_jax.models.mae import mae_from_config
-  c = tiny_config("unused")
-  model = mae_from_config(c.model, c.dataset.image_size)
-  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32),
-                      np.zeros((1, model.num_patches), np.float32))["params"]
-  checkpointing.write_workdir(jax.tree.map(np.asarray, params), c.to_dict(), str(path))
-  return str(path)
 
 
 def _cache_repo(cache, repo, fill):
@@ -48,7 +36,7 @@ def _convert(*args, env):
 
 def test_jobs_and_convert_take_hub_ids_from_the_cache_offline(cifar_folder, tmp_path, monkeypatch):
   pytest.importorskip("huggingface_hub")
-  src = _tiny_workdir(tmp_path / "run")
+  src = tiny_workdir(tmp_path / "run")
   cache = tmp_path / "hub"
   env = _env(cache)
   m = tiny_config("unused").model

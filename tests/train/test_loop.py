@@ -14,13 +14,7 @@ from mae_jax import errors
 from mae_jax.io import checkpointing
 from mae_jax.train import pretrain
 
-from conftest import tiny_config
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in rows}
+from conftest import run_losses, tiny_config
 
 
 def test_resume_gives_the_same_losses_step_for_step(cifar_folder, tmp_path):
@@ -32,7 +26,7 @@ def test_resume_gives_the_same_losses_step_for_step(cifar_folder, tmp_path):
   pretrain.run(make(6), str(tmp_path / "split"))  # stops at 6: a checkpoint is saved at the end
   assert checkpointing.Checkpointer(str(tmp_path / "split"), 4, 3).latest_step() == 6
   resumed = pretrain.run(make(12), str(tmp_path / "split"))
-  a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+  a, b = run_losses(tmp_path / "full"), run_losses(tmp_path / "split")
   assert sorted(a) == sorted(b) == list(range(1, 13))
   assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)]  # bit-identical
   for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):

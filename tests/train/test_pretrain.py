@@ -1,7 +1,6 @@
 """train/pretrain.py: a tiny MAE learns on CIFAR-10; crops resampled in the step train as those
 resampled on the host; which extra losses keep per-device accumulation."""
 
-import json
 import os
 
 import numpy as np
@@ -9,7 +8,7 @@ import numpy as np
 from mae_jax.models import extra_losses, mae
 from mae_jax.train import pretrain
 
-from conftest import tiny_config
+from conftest import run_losses, tiny_config
 
 
 def test_a_loss_coupling_the_rows_turns_off_per_device_accumulation():
@@ -28,18 +27,12 @@ def test_a_loss_coupling_the_rows_turns_off_per_device_accumulation():
   assert chosen == {"mse": True, "laplacian": True, "uniformity": False}
 
 
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in rows}
-
-
 def test_tiny_mae_learns_on_cifar10(cifar_folder, tmp_path):
   c = tiny_config(cifar_folder, max_steps=300, log_every_steps=10, figure_every_steps=1000,
                   checkpoint_every_steps=1000)
   c.warmup_epochs = 0
   pretrain.run(c, str(tmp_path))
-  losses = _losses(tmp_path)
+  losses = run_losses(tmp_path)
   first, last = losses[10], np.mean([losses[s] for s in (280, 290, 300)])
   # The masked-patch MSE (pixels normalised with mean = std = 0.5) starts near 1 at init.
   assert first > 0.6, losses
@@ -56,7 +49,7 @@ def test_crops_resampled_on_device_train_as_those_resampled_on_the_host(cifar_fo
                     figure_every_steps=1000, grad_accum_steps=2)
     c.dataset.resize_on = where
     pretrain.run(c, str(tmp_path / workdir))
-    return _losses(tmp_path / workdir)
+    return run_losses(tmp_path / workdir)
   host, device = run("host", 4, "host"), run("device", 4, "device")
   np.testing.assert_allclose([device[s] for s in range(1, 5)], [host[s] for s in range(1, 5)], rtol=2e-3)
   run("device", 2, "split")
