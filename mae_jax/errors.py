@@ -74,12 +74,6 @@ def storage_cause(e: BaseException, written: Optional[str] = None) -> Optional[s
   """'<cause>' or '<cause>: <path>' when `e` (or an exception it was raised from) is a storage
   fault; None otherwise. With `written`, the path being written, a failure of a writer that kept
   no errno (torch's) is a full disk when that file system has no space left."""
-  if written is not None and storage_cause(e) is None:
-    try:
-      stat = os.statvfs(os.path.dirname(os.path.abspath(written)))
-    except OSError:
-      return None
-    return STORAGE_ERRNOS[28] if stat.f_bavail == 0 else None
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -91,7 +85,13 @@ def storage_cause(e: BaseException, written: Optional[str] = None) -> Optional[s
         path = re.search(r"[\"']((?:/|gs://)[^\"']+)[\"']", text)
         return words + (f": {path.group(1)}" if path else "")
     e = e.__cause__ or e.__context__
-  return None
+  if written is None:
+    return None
+  try:
+    stat = os.statvfs(os.path.dirname(os.path.abspath(written)))
+  except OSError:
+    return None
+  return STORAGE_ERRNOS[28] if stat.f_bavail == 0 else None
 
 
 def storage_fault_message(cause: str, step: Optional[int] = None, checkpoint_dir: Optional[str] = None) -> str:

@@ -356,9 +356,10 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
     writer.close(quiet=True)
     cause = None
     if isinstance(e, Exception) and not isinstance(e, (errors.FaultError, UserError)):
-      # A failed save may surface as a consequence (a temporary folder gone): the file system says.
-      probe = None if errors.storage_cause(e) else durable.storage_fault(checkpointing.checkpoint_dir(workdir))
-      cause = errors.storage_cause(probe or e)
+      cause = errors.storage_cause(e)
+      if cause is None:  # a failed save may surface as a consequence (a temporary folder gone)
+        probe = durable.storage_fault(checkpointing.checkpoint_dir(workdir))
+        cause = errors.storage_cause(probe) if probe is not None else None
     if cause:
       raise errors.StorageError(errors.storage_fault_message(
           cause, ckpt.saved_step, checkpointing.checkpoint_dir(workdir))) from e
