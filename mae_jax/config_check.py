@@ -2,7 +2,6 @@
 before any work. Raises ConfigError saying what is wrong and how to fix it."""
 
 import math
-import os
 
 import jax
 
@@ -10,6 +9,7 @@ from mae_jax import config_lib
 from mae_jax.data import device_resample, sources, transforms
 from mae_jax.errors import ConfigError
 from mae_jax.models import masking
+from mae_jax.runtime import paths
 
 # The range of every numeric field: '>= a', '> a', or an interval '[a, b)' (brackets as in maths).
 RANGES = {
@@ -123,7 +123,7 @@ def validate(config, jobs=("pretrain",)) -> None:
          + ("(DIR/<split>/<class>/*.jpg|png)" if d.source == "folder" else
             "(a folder written by python -m mae_jax.prepare)"))
     if d.folder:
-      need(os.path.isdir(d.folder), f"dataset.folder={d.folder!r} does not exist")
+      need(paths.isdir(d.folder), f"dataset.folder={d.folder!r} does not exist")
   for split in ("pretrain_split", "train_split", "eval_split"):
     need(d[split] != "", f"dataset.{split}='' names no split: give a split name or leave it "
          "unset (None: the dataset's default)")

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from mae_jax.errors import DataError
+from mae_jax.runtime import paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Where an image has transparency, it is composited onto this colour (as it shows on a white page).
@@ -53,7 +54,7 @@ DATASETS = {
 def _images_under(folder: str):
   """Image files below `folder`, in sorted order (nested folders, e.g. Tiny ImageNet's
   <wnid>/images/, included)."""
-  for dirpath, dirnames, names in sorted(os.walk(folder)):
+  for dirpath, dirnames, names in sorted(paths.walk(folder)):
     dirnames.sort()
     for name in sorted(names):
       if name.lower().endswith(IMAGE_EXTENSIONS):
@@ -64,11 +65,11 @@ def folder_classes(root: str, split: str) -> list[str]:
   """The classes of `root/<split>/`: its class folders that hold at least one image, sorted.
   Folders without images are skipped (with a warning) the same way in every split."""
   split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
+  if not paths.isdir(split_dir):
     raise DataError(
         f"image folder {split_dir!r} does not exist; expected <folder>/{split}/<class>/*.jpg|png "
         f"(set --config.dataset.folder to the folder that holds '{split}/')")
-  found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+  found = sorted(d for d in paths.listdir(split_dir) if paths.isdir(os.path.join(split_dir, d)))
   classes = [c for c in found if next(_images_under(os.path.join(split_dir, c)), None)]
   empty = [c for c in found if c not in classes]
   if empty:

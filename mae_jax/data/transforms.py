@@ -12,6 +12,7 @@ from PIL import Image
 
 from mae_jax.data import device_resample
 from mae_jax.errors import DataError
+from mae_jax.runtime import paths
 
 ALPHA_BACKGROUND = 255
 
@@ -36,8 +37,7 @@ def decode_image(image: Any, crop=None):
     what = f"image file {image!r}" if isinstance(image, str) else "encoded image bytes"
     try:
       if isinstance(image, str):
-        with open(image, "rb") as f:  # one read: PIL reads a file in many small pieces
-          image = f.read()
+        image = paths.read_bytes(image)  # one read: PIL reads a file in many small pieces
       if crop is not None:
         return crop(image)
       if _jpeg_header(image) is not None:  # Pillow's pixels, 9x faster for a 32 px CIFAR image

@@ -19,7 +19,7 @@ from mae_jax.models import masking
 from mae_jax.models.mae import (
   mae_from_config,
 )
-from mae_jax.runtime import durable
+from mae_jax.runtime import durable, paths
 from mae_jax.runtime.parallel import Mesh
 
 
@@ -63,9 +63,9 @@ def run(config, workdir: str, pretrained: str, pretrained_step: Optional[int] = 
                    out_shardings=mesh.replicated)
   cols = jax.device_get(panels(params, mesh.replicate(images), mesh.replicate(np.asarray(noise))))
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     figures.save_grid(os.path.join(workdir, "reconstruction.png"), cols, figures.PANEL_TITLES)
-    record = {"metrics": results, "pretrained": {"workdir": os.path.abspath(pretrained), "step": step},
+    record = {"metrics": results, "pretrained": {"workdir": paths.absolute(pretrained), "step": step},
               "knn_labels": sources.subset_info(train_source), "config": config.to_dict()}
     durable.write_json(os.path.join(workdir, "results.json"), record)
     writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s != step)  # one row per step

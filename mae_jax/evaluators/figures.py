@@ -1,5 +1,6 @@
 """Reconstruction figures: masked input | reconstruction (visible patches pasted back) | original."""
 
+import io
 import os
 from typing import Sequence
 
@@ -9,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from mae_jax.data import pipeline
 from mae_jax.models.mae import patchify, unnormalize_patches, unpatchify
-from mae_jax.runtime import durable
+from mae_jax.runtime import durable, paths
 
 
 def reconstruction_panels(model, params, images_uint8, noise, mean, std):
@@ -48,9 +49,10 @@ def save_grid(path: str, columns: Sequence[np.ndarray], titles: Sequence[str], m
       tile = Image.fromarray((np.clip(np.nan_to_num(col[i]), 0, 1) * 255).round().astype(np.uint8))
       tile = tile.resize((cw, ch), Image.NEAREST)
       canvas.paste(tile, (pad + j * (cw + pad), header + pad + i * (ch + pad)))
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with durable.replacing(path) as tmp, open(tmp, "wb") as f:
-    canvas.save(f, format="PNG")
+  paths.makedirs(os.path.dirname(path) or ".")
+  png = io.BytesIO()
+  canvas.save(png, format="PNG")
+  durable.write_bytes(path, png.getvalue())
   return np.asarray(canvas)
 
 

@@ -8,7 +8,6 @@ batches an uninterrupted run would have read.
 import contextlib
 import json
 import os
-import shutil
 import time
 from typing import Any, Optional
 
@@ -30,9 +29,11 @@ from mae_jax.io.checkpoint_noise import (
   quiet_storage_fault_noise,
 )
 from mae_jax.models import layer_stack
-from mae_jax.runtime import durable
+from mae_jax.runtime import durable, paths
 
 UNREADABLE_DIR = "checkpoints_unreadable"
+# What orbax writes last into a step on an object store (where it does not rename a temporary folder).
+COMMIT_MARK = "commit_success.txt"
 
 
 def newest_step(workdir: str) -> Optional[int]:
@@ -44,9 +45,12 @@ def newest_step(workdir: str) -> Optional[int]:
 def _steps(workdir: str) -> list[int]:
   """The checkpoint steps in `workdir`, newest first."""
   root = checkpoint_dir(workdir)
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     return []
-  return sorted((int(s) for s in os.listdir(root) if s.isdigit()), reverse=True)
+  steps = (int(s) for s in paths.listdir(root) if s.isdigit())
+  if paths.is_remote(root):  # on a bucket orbax writes in place and marks a step complete last
+    steps = (s for s in steps if paths.exists(os.path.join(root, str(s), COMMIT_MARK)))
+  return sorted(steps, reverse=True)
 
 
 def _newest_readable(workdir: str, steps, read) -> tuple[int, Any, list[int]]:
@@ -69,12 +73,12 @@ def _newest_readable(workdir: str, steps, read) -> tuple[int, Any, list[int]]:
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(paths.absolute(workdir), "checkpoints")
 
 
 def is_workdir(path: str) -> bool:
   """Whether `path` is a folder with mae_jax checkpoints (rather than, e.g., a Hugging Face model)."""
-  return os.path.isdir(checkpoint_dir(path))
+  return paths.isdir(checkpoint_dir(path))
 
 
 def saved_tree_paths(root: str, step: int) -> Optional[list]:
@@ -82,8 +86,7 @@ def saved_tree_paths(root: str, step: int) -> Optional[list]:
   the metadata orbax writes beside it names them ("('params', 'encoder', ...)"); None when it
   cannot be read (a restore then says what is wrong)."""
   try:
-    with open(os.path.join(root, str(step), "state", "_METADATA")) as f:
-      return list(json.load(f)["tree_metadata"])
+    return list(json.loads(paths.read_text(os.path.join(root, str(step), "state", "_METADATA")))["tree_metadata"])
   except (OSError, ValueError, KeyError, TypeError):
     return None
 
@@ -105,7 +108,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, every_steps: int, keep: int, keep_period: int = 0):
     self.every_steps, self.keep, self.keep_period = every_steps, keep, keep_period
-    self.workdir, self.root = os.path.abspath(workdir), checkpoint_dir(workdir)
+    self.workdir, self.root = paths.absolute(workdir), checkpoint_dir(workdir)
     quiet_storage_fault_noise()
     self._remove_unfinished()
     self.manager = ocp.CheckpointManager(
@@ -124,11 +127,13 @@ class Checkpointer:
 
   def _remove_unfinished(self) -> None:
     """Removes the temporary folders of saves that did not finish (a full disk, a kill)."""
-    if jax.process_index() == 0 and os.path.isdir(self.root):
-      left = sorted(e for e in os.listdir(self.root) if TMP_MARK in e)
+    if jax.process_index() == 0 and paths.isdir(self.root):
+      left = sorted(e for e in paths.listdir(self.root) if TMP_MARK in e or (
+          paths.is_remote(self.root) and e.isdigit() and not paths.exists(os.path.join(self.root, e, COMMIT_MARK))))
       for entry in left:
-        shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
-      if left:
+        with contextlib.suppress(OSError):
+          paths.rmtree(os.path.join(self.root, entry))
+      if left and not paths.is_remote(self.root):
         durable.fsync_dir(self.root)
         metrics_lib.log(f"removed {len(left)} unfinished checkpoint folder(s) in {self.root} "
                         f"({', '.join(left)}): saves that did not complete")
@@ -250,10 +255,10 @@ class Checkpointer:
   def _move_aside(self, steps) -> None:
     if jax.process_index() == 0:
       aside = os.path.join(self.workdir, UNREADABLE_DIR)
-      os.makedirs(aside, exist_ok=True)
+      paths.makedirs(aside)
       stamp = time.strftime("%Y%m%d-%H%M%S")
       for step in steps:
-        os.replace(os.path.join(self.root, str(step)), os.path.join(aside, f"{step}-{stamp}"))
+        paths.rename(os.path.join(self.root, str(step)), os.path.join(aside, f"{step}-{stamp}"))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("mae_jax: unreadable checkpoints moved aside")
     self.manager.reload()
@@ -276,8 +281,8 @@ class Checkpointer:
 
 
 def _read_config(workdir: str, step: int) -> dict:
-  with open(os.path.join(checkpoint_dir(workdir), str(step), "config", "metadata")) as f:
-    return config_lib.upgrade(json.load(f))
+  text = paths.read_text(os.path.join(checkpoint_dir(workdir), str(step), "config", "metadata"))
+  return config_lib.upgrade(json.loads(text))
 
 
 def saved_config(workdir: str) -> Optional[dict]:
@@ -340,7 +345,7 @@ def check_model(saved: Optional[dict], config, flag: str, path: str, encoder_onl
 def check_compatible(workdir: str, config) -> None:
   """Raises CheckpointMismatchError if `workdir` (a job's --workdir) holds a checkpoint of a
   different model, or weights written by mae_jax.convert (a start, not a run to resume)."""
-  if os.path.isfile(workdir):
+  if paths.isfile(workdir):
     return  # not a checkpoint: the workdir check says what is wrong with it
   saved = saved_config(workdir)
   if saved is not None and "converted_from" in saved:
@@ -355,14 +360,14 @@ def write_workdir(params: dict, config: dict, workdir: str) -> None:
   under a temporary name and renamed into place when complete and on the disk (runtime/durable.py).
   An existing workdir whose checkpoints read is refused; one that does not read (an interrupted
   write of an earlier version) is replaced."""
-  if os.path.exists(checkpoint_dir(workdir)):
+  if paths.exists(checkpoint_dir(workdir)):
     try:
       with quiet_background_failures():
         restore_params(workdir)
     except Exception as e:  # any failure to read: an incomplete folder
       metrics_lib.log(f"{workdir} holds checkpoints that cannot be read ({failure_reason(e)}): an "
                       "interrupted write left them; replacing the folder")
-      shutil.rmtree(workdir)
+      paths.rmtree(workdir)
     else:
       raise CheckpointMismatchError(f"{workdir} holds checkpoints already; give a new folder")
   with durable.replacing(workdir) as tmp:
@@ -376,5 +381,5 @@ def write_workdir(params: dict, config: dict, workdir: str) -> None:
 
 def has_batch_stats(workdir: str, step: int) -> bool:
   """Whether the checkpoint holds BatchNorm statistics: a linear probe's."""
-  paths = saved_tree_paths(checkpoint_dir(workdir), step) or []
-  return any("'batch_stats'" in p for p in paths)
+  tree_paths = saved_tree_paths(checkpoint_dir(workdir), step) or []
+  return any("'batch_stats'" in p for p in tree_paths)

@@ -1,6 +1,8 @@
 """Metrics: JSON lines (`workdir/metrics.jsonl`), TensorBoard events (`workdir/tb/`), a progress line.
 
-Only process 0 writes. TensorBoard files come from tensorboardX, which needs no TensorFlow.
+Only process 0 writes. TensorBoard files come from tensorboardX, which needs no TensorFlow. In a
+workdir on a bucket (gs://...), both files are uploaded whole (an object cannot be appended to): at
+most every 30 s as rows arrive, and always before a checkpoint is saved and at the end.
 """
 
 import datetime
@@ -13,7 +15,9 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from mae_jax.runtime import durable
+from mae_jax.runtime import durable, paths
+
+UPLOAD_EVERY_S = 30.0
 
 
 def _summary_writer_class():
@@ -46,12 +50,12 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      paths.makedirs(workdir)
       path = os.path.join(workdir, "metrics.jsonl")
-      if keep_row is not None and os.path.exists(path):
+      if keep_row is not None and paths.exists(path):
         _filter_rows(path, keep_row)
       self._tb = _summary_writer_class()(os.path.join(workdir, "tb"), purge_step=purge_step)
-      self._jsonl = open(path, "a")
+      self._jsonl = _ObjectLog(path) if paths.is_remote(path) else open(path, "a")
 
   def write(self, step: int, metrics: dict) -> None:
     """Scalars go to a metrics.jsonl row (with its wall-clock time, seconds since the epoch) and to
@@ -67,11 +71,17 @@ class MetricWriter:
       self._tb.add_scalar(k, v, int(step))
     for k, v in images.items():
       self._tb.add_image(k, np.asarray(v), int(step), dataformats="HWC")
-    self._tb.flush()
+    if not isinstance(self._jsonl, _ObjectLog):
+      self._tb.flush()  # (on a bucket each flush uploads the whole file: sync does it)
 
   def sync(self) -> None:
-    """Flushes the rows written so far to the disk (before a checkpoint is saved)."""
-    if self.enabled and durable.is_local(self._jsonl.name):
+    """Flushes the rows written so far to the disk or the bucket (before a checkpoint is saved)."""
+    if not self.enabled:
+      return
+    if isinstance(self._jsonl, _ObjectLog):
+      self._jsonl.upload()
+      self._tb.flush()
+    else:
       os.fsync(self._jsonl.fileno())
 
   def close(self, quiet: bool = False):
@@ -86,10 +96,33 @@ class MetricWriter:
           raise
 
 
+class _ObjectLog:
+  """An append log kept as one object: the text so far is uploaded whole (`flush`: at most every
+  UPLOAD_EVERY_S seconds; `upload`, `close`: now)."""
+
+  def __init__(self, path: str):
+    self.name = path
+    self._text = paths.read_text(path) if paths.exists(path) else ""
+    self._uploaded = time.monotonic()
+
+  def write(self, text: str) -> None:
+    self._text += text
+
+  def flush(self) -> None:
+    if time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
+      self.upload()
+
+  def upload(self) -> None:
+    paths.write_bytes(self.name, self._text.encode())
+    self._uploaded = time.monotonic()
+
+  def close(self) -> None:
+    self.upload()
+
+
 def _filter_rows(path: str, keep_row: Callable[[int], bool]) -> None:
   """Rewrites metrics.jsonl (atomically) with the complete rows whose step `keep_row` keeps."""
-  with open(path) as f:
-    lines = f.read().splitlines()
+  lines = paths.read_text(path).splitlines()
   kept = []
   for line in lines:
     try:

@@ -6,6 +6,9 @@ before (nothing, or the previous version); after it, the new content, on the dis
 
 Temporary names are `.<name>.partial-<pid>`; one left by a killed process is removed by the next
 write to the same name (`remove_stale`).
+
+A URL (gs://...) is written from a local temporary copy in one upload per file: an object store
+shows an object whole or not at all (runtime/paths.py).
 """
 
 import contextlib
@@ -13,14 +16,17 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from typing import Iterator, Optional
+
+from mae_jax.runtime import paths
 
 PARTIAL = ".partial-"
 
 
 def is_local(path: str) -> bool:
   """Whether `path` is on a file system this process can fsync (not a gs:// or other URL)."""
-  return "://" not in str(path)
+  return not paths.is_remote(path)
 
 
 def fsync_file(path: str) -> None:
@@ -63,6 +69,8 @@ def storage_fault(folder: str) -> Optional[OSError]:
   space, read-only, I/O error); None when the write works. Tells the cause of a failure that a
   library reported without it (a missing temporary folder, a closed handle)."""
   from mae_jax.errors import STORAGE_ERRNOS
+  if paths.is_remote(folder):
+    return None
   path = os.path.join(folder, f".write-probe-{os.getpid()}")
   try:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -127,6 +135,10 @@ def replacing(final: str, replace: bool = True) -> Iterator[str]:
 
   A folder replaces only a missing or empty `final`; a file replaces an existing one when
   `replace`."""
+  if paths.is_remote(final):
+    with _uploading(final, replace) as tmp:
+      yield tmp
+    return
   final = os.path.abspath(final)
   remove_stale(final)
   tmp = partial_name(final)
@@ -149,7 +161,30 @@ def replacing(final: str, replace: bool = True) -> Iterator[str]:
     raise
 
 
+@contextlib.contextmanager
+def _uploading(final: str, replace: bool) -> Iterator[str]:
+  """`replacing` for a URL: the block writes a local temporary file or folder, then each file is
+  uploaded as one object (a folder's files one by one, under `final`)."""
+  with tempfile.TemporaryDirectory(prefix="mae-jax-upload-") as scratch:
+    tmp = os.path.join(scratch, os.path.basename(final.rstrip("/")))
+    yield tmp
+    if os.path.isdir(tmp):
+      if paths.exists(final) and paths.listdir(final):
+        raise FileExistsError(errno.EEXIST, "exists; it is left as it was", final)
+      for folder, _, files in os.walk(tmp):
+        for name in sorted(files):
+          local = os.path.join(folder, name)
+          paths.write_bytes(final + local[len(tmp):], paths.read_bytes(local))
+    else:
+      if not replace and paths.exists(final):
+        raise FileExistsError(errno.EEXIST, "exists; it is left as it was", final)
+      paths.write_bytes(final, paths.read_bytes(tmp))
+
+
 def write_bytes(path: str, data: bytes) -> None:
+  if paths.is_remote(path):
+    paths.write_bytes(path, data)  # one upload: whole or not at all
+    return
   with replacing(path) as tmp, open(tmp, "wb") as f:
     f.write(data)
 

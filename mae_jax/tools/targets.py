@@ -121,9 +121,8 @@ def _topology(spec: str, **kwargs):
 
 def _install_hint(platform) -> str:
   if platform == "tpu":
-    return 'compiling for a TPU needs libtpu: pip install "jax[tpu]"'
-  return ('compiling for a GPU needs the CUDA plugin and a ptxas: pip install "jax[cuda12-local]" '
-          "nvidia-cuda-nvcc-cu12 nvidia-cudnn-cu12")
+    return 'compiling for a TPU needs libtpu: pip install -e ".[targets]"'
+  return 'compiling for a GPU needs the CUDA plugin, a ptxas and cuDNN: pip install -e ".[targets]"' 
 
 
 def _tpu(spec: str, topology: str) -> Target:

@@ -20,7 +20,7 @@ from mae_jax.io import weights
 from mae_jax.io import workdir as workdir_lib
 from mae_jax.models import classifier
 from mae_jax.models.attention_backends import describe
-from mae_jax.runtime import durable
+from mae_jax.runtime import durable, paths
 from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim
 from mae_jax.train.loop import (
@@ -166,7 +166,7 @@ def run(config, workdir: str, pretrained: Optional[str], mode: str,
     old_grid = (saved["dataset"]["image_size"] // p_old,) * 2
     variables = {**variables, "params": classifier.merge_pretrained(
         variables["params"], encoder, old_grid, model.grid)}
-    source_info = {"workdir": os.path.abspath(pretrained), "step": step}
+    source_info = {"workdir": paths.absolute(pretrained), "step": step}
     metrics_lib.log(f"encoder from {pretrained} (step {step})")
   else:
     metrics_lib.log("no --pretrained: " + ("probing a randomly initialised encoder" if probe

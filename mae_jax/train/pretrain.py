@@ -21,7 +21,7 @@ from mae_jax.models import extra_losses, masking
 from mae_jax.models.attention_backends import describe
 from mae_jax.models.layer_stack import stack_layers, unstack_layers
 from mae_jax.models.mae import MAE, mae_from_config
-from mae_jax.runtime import durable
+from mae_jax.runtime import durable, paths
 from mae_jax.runtime.parallel import Mesh
 from mae_jax.train import optim
 from mae_jax.train.loop import (
@@ -189,8 +189,8 @@ def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
 def summary(job_dir: str) -> dict:
   """The last logged training loss, and its terms: `final_mse` is the reconstruction term alone,
   comparable across runs whose total loss adds the Laplacian or uniformity terms."""
-  with open(os.path.join(job_dir, "metrics.jsonl")) as f:
-    last = [r for r in map(json.loads, f) if "loss" in r][-1]
+  rows = paths.read_text(os.path.join(job_dir, "metrics.jsonl")).splitlines()
+  last = [r for r in map(json.loads, rows) if "loss" in r][-1]
   out = {"final_loss": last["loss"], "final_mse": last.get("loss_mse", last["loss"])}
   out.update({f"final_{k}": v for k, v in last.items() if k.startswith("loss_") and k != "loss_mse"})
   return {**out, "steps": last["step"]}
@@ -254,7 +254,7 @@ def run(config, workdir: str, pretrained: Optional[str] = None,
   if pretrained and resuming:
     metrics_lib.log(f"--pretrained={pretrained} not used: {workdir} has a run to resume")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     durable.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   eval_source = sources.make_source(config.dataset, job.eval_split)
   hooks = [figure_hook(config, workdir, model, mesh, eval_source)]
