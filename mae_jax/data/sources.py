@@ -11,6 +11,7 @@ config's class-balanced label subset (`label_subset`), and the evaluation split,
 import dataclasses
 import json
 import os
+import shutil
 import struct
 from typing import Optional, Sequence
 
@@ -19,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from mae_jax.errors import DataError
-from mae_jax.runtime import paths
+from mae_jax.runtime import durable, paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Where an image has transparency, it is composited onto this colour (as it shows on a white page).
@@ -123,6 +124,26 @@ def encode_record(label: int, image_bytes: bytes) -> bytes:
   return struct.pack("<i", label) + image_bytes
 
 
+# Where shards of a prepared folder on a bucket are copied to be read (ArrayRecord reads local files).
+CACHE_DIR = os.environ.get("MAE_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mae_jax"))
+
+
+def _local_copy(url: str) -> str:
+  """A local copy of the object `url` under CACHE_DIR/<scheme>/<bucket path>, made once (whole,
+  renamed into place: runtime/durable.py) and reused while its size matches the object's."""
+  scheme, rest = url.split("://", 1)
+  local = os.path.join(CACHE_DIR, scheme, rest)
+  remote = paths.epath(url)
+  size = remote.stat().length
+  if os.path.exists(local) and os.path.getsize(local) == size:
+    return local
+  logging.info("copying %s (%.1f MB) to %s", url, size / 1e6, local)
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  with durable.replacing(local) as tmp, remote.open("rb") as src, open(tmp, "wb") as dst:
+    shutil.copyfileobj(src, dst, 16 << 20)
+  return local
+
+
 class PreparedSource:
   """A folder written by `python -m mae_jax.prepare`: ArrayRecord shards per split holding each
   image's encoded bytes and label, and metadata.json with the class names (one label map for
@@ -131,8 +152,7 @@ class PreparedSource:
   def __init__(self, root: str, split: str):
     meta_path = os.path.join(root, PREPARED_METADATA)
     try:
-      with open(meta_path) as f:
-        meta = json.load(f)
+      meta = json.loads(paths.read_text(meta_path))
     except (OSError, ValueError) as e:
       raise DataError(f"{root!r} is not a folder written by mae_jax.prepare ({meta_path}: {e}); "
                       f"write one with python -m mae_jax.prepare --folder=IMAGES --out={root}") from None
@@ -141,6 +161,8 @@ class PreparedSource:
                       f"{', '.join(sorted(meta['splits']))})")
     self.classes = list(meta["classes"])
     self.shards = [os.path.join(root, name) for name in meta["splits"][split]["shards"]]
+    if paths.is_remote(root):  # ArrayRecord reads local files: the shards are copied once
+      self.shards = [_local_copy(p) for p in self.shards]
     self._records = grain.sources.ArrayRecordDataSource(self.shards)
     if len(self._records) != meta["splits"][split]["count"]:
       raise DataError(f"prepared folder {root!r}, split {split!r}: the shards hold "

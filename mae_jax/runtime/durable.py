@@ -171,10 +171,7 @@ def _uploading(final: str, replace: bool) -> Iterator[str]:
     if os.path.isdir(tmp):
       if paths.exists(final) and paths.listdir(final):
         raise FileExistsError(errno.EEXIST, "exists; it is left as it was", final)
-      for folder, _, files in os.walk(tmp):
-        for name in sorted(files):
-          local = os.path.join(folder, name)
-          paths.write_bytes(final + local[len(tmp):], paths.read_bytes(local))
+      paths.upload_tree(tmp, final)
     else:
       if not replace and paths.exists(final):
         raise FileExistsError(errno.EEXIST, "exists; it is left as it was", final)

@@ -97,6 +97,14 @@ def write_bytes(path, data: bytes) -> None:
   epath(path).write_bytes(data)
 
 
+def upload_tree(local: str, url: str) -> None:
+  """Uploads every file under the local folder `local` to the same relative name under `url`."""
+  for folder, _, files in os.walk(local):
+    for name in sorted(files):
+      path = os.path.join(folder, name)
+      write_bytes(url.rstrip("/") + path[len(local.rstrip("/")):], read_bytes(path))
+
+
 def remove(path) -> None:
   if is_remote(path):
     epath(path).unlink()

@@ -1,12 +1,16 @@
 """A jax.profiler trace of chosen training steps (`config.profile_start_step`), viewable in
-TensorBoard's Profile tab or XProf."""
+TensorBoard's Profile tab or XProf. For a workdir in a bucket the trace is written to a local
+folder, then uploaded."""
 
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 import jax
 
 from mae_jax.io import metrics as metrics_lib
+from mae_jax.runtime import paths
 
 
 class StepProfiler:
@@ -18,7 +22,8 @@ class StepProfiler:
 
   def before(self, step: int) -> None:
     if self.start is not None and step == self.start and jax.process_index() == 0:
-      jax.profiler.start_trace(self.folder)
+      self._local = tempfile.mkdtemp(prefix="mae-jax-profile-") if paths.is_remote(self.folder) else self.folder
+      jax.profiler.start_trace(self._local)
       self.tracing = True
 
   def after(self, step: int, state) -> None:
@@ -32,3 +37,6 @@ class StepProfiler:
     if self.tracing:
       self.tracing = False
       jax.profiler.stop_trace()
+      if self._local != self.folder:
+        paths.upload_tree(self._local, self.folder)
+        shutil.rmtree(self._local, ignore_errors=True)

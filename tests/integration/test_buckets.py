@@ -61,10 +61,7 @@ def gcs(tmp_path_factory):
 
 def _upload(local_root, url):
   from mae_jax.runtime import paths
-  for folder, _, files in os.walk(local_root):
-    for name in files:
-      local = os.path.join(folder, name)
-      paths.write_bytes(url + local[len(str(local_root)):], open(local, "rb").read())
+  paths.upload_tree(str(local_root), url)
 
 
 def _bucket_losses(url) -> dict:
@@ -73,7 +70,7 @@ def _bucket_losses(url) -> dict:
   return {r["step"]: r["loss"] for r in rows}
 
 
-ARGS = ("--config.num_epochs=20", "--config.max_steps=40", "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
+ARGS = ("--config.num_epochs=20", "--config.max_steps=40", "--config.profile_start_step=3", "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
         "--config.batch_size=8", "--config.figure_every_steps=20")
 
 
@@ -97,6 +94,8 @@ def test_a_run_in_a_bucket_resumes_after_kill_9_exactly_and_probe_and_evaluate_r
   first.stdout.close()
   assert first.returncode == -signal.SIGKILL, "".join(seen[-30:])
   assert paths.exists(f"{run}/.lock.0")  # the killed run's lock is left behind
+  traces = [f for _, _, files in paths.walk(f"{run}/profile") for f in files if f.endswith(".xplane.pb")]
+  assert len(traces) == 1  # the trace of step 3, uploaded when it ended
 
   # The same command resumes from the newest complete checkpoint in the bucket; the lock the
   # killed run left (this host, a pid that is gone) is taken over.
@@ -121,3 +120,38 @@ def test_a_run_in_a_bucket_resumes_after_kill_9_exactly_and_probe_and_evaluate_r
   m = json.loads(paths.read_text(f"gs://{BUCKET}/eval/results.json"))["metrics"]
   assert m["images"] == 8 and 5 < m["psnr"] < 60
   assert paths.exists(f"gs://{BUCKET}/eval/reconstruction.png")
+
+
+def test_prepared_shards_files_and_the_lock_in_a_bucket(gcs, cifar_folder, tmp_path, monkeypatch):
+  from mae_jax.data import prepare, sources
+  from mae_jax.errors import WorkdirError
+  from mae_jax.io import workdir
+  from mae_jax.runtime import durable, paths
+  # Prepared shards in a bucket read as the local folder does, through one local copy per shard.
+  prepare.prepare(small_folder(cifar_folder, tmp_path / "images"), str(tmp_path / "prepared"))
+  _upload(tmp_path / "prepared", f"gs://{BUCKET}/prepared")
+  monkeypatch.setattr(sources, "CACHE_DIR", str(tmp_path / "cache"))
+  local, remote = (sources.PreparedSource(root, "train") for root in (str(tmp_path / "prepared"), f"gs://{BUCKET}/prepared"))
+  assert len(remote) == len(local) == 16 and remote.classes == local.classes == ["cat", "dog"]
+  assert all(remote[i] == local[i] for i in range(16))
+  copy, = remote.shards
+  assert copy.startswith(str(tmp_path / "cache" / "gs" / BUCKET / "prepared"))
+  stamp = os.stat(copy).st_mtime_ns
+  assert sources.PreparedSource(f"gs://{BUCKET}/prepared", "train").shards == [copy]
+  assert os.stat(copy).st_mtime_ns == stamp  # reused, not copied again
+
+  # Files a job keeps: one upload each; a folder is uploaded file by file and never over another.
+  durable.write_json(f"gs://{BUCKET}/files/results.json", {"top1": 1.5})
+  assert json.loads(paths.read_text(f"gs://{BUCKET}/files/results.json")) == {"top1": 1.5}
+  with durable.replacing(f"gs://{BUCKET}/files/export") as tmp:
+    os.makedirs(os.path.join(tmp, "sub"))
+    open(os.path.join(tmp, "sub", "weights.bin"), "wb").write(b"\1\2")
+  assert paths.read_bytes(f"gs://{BUCKET}/files/export/sub/weights.bin") == b"\1\2"
+  with pytest.raises(FileExistsError), durable.replacing(f"gs://{BUCKET}/files/export") as tmp:
+    os.makedirs(tmp)
+
+  # A lock object naming a run of another machine stops a job, saying how to clear it.
+  paths.write_bytes(f"gs://{BUCKET}/held/.lock.0", json.dumps({"pid": 1, "host": "tpu-worker-7"}).encode())
+  with pytest.raises(WorkdirError, match=f"remove gs://{BUCKET}/held/.lock.0 and run again"):
+    with workdir.hold(f"gs://{BUCKET}/held"):
+      pass
