@@ -1,6 +1,7 @@
 """Config validation: every numeric field against its range, and the fields' combinations,
 before any work. Raises ConfigError saying what is wrong and how to fix it."""
 
+import importlib.util
 import math
 
 import jax
@@ -110,6 +111,11 @@ def validate(config, jobs=("pretrain",)) -> None:
   need(m.attention_impl in (None, "xla", "cudnn"),
        f"model.attention_impl={m.attention_impl!r} must be 'xla', 'cudnn' or None (cuDNN where it can train)")
   need(m.remat in ("none", "block", "dots"), f"model.remat={m.remat!r} must be 'none', 'block' or 'dots'")
+
+  if config.get("wandb_project") is not None:
+    need(config.wandb_project != "", "wandb_project='' names no project: give one, or leave it unset (no W&B)")
+    need(importlib.util.find_spec("wandb") is not None,
+         "wandb_project is set but wandb is not installed: pip install -e \".[wandb]\"")
 
   need(d.name in sources.DATASETS,
        f"unknown dataset.name={d.name!r}; known: {', '.join(sorted(sources.DATASETS))}")

@@ -150,6 +150,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # (TensorBoard's Profile tab or XProf); None: no trace. Any job (pretrain, probe, fine-tune).
   c.profile_start_step = ml_collections.FieldReference(None, field_type=int)
   c.profile_num_steps = 3
+  # Weights & Biases (opt-in; the wandb extra): the project to log to, None: no W&B.
+  c.wandb_project = ml_collections.FieldReference(None, field_type=str)
+  c.wandb_entity = ml_collections.FieldReference(None, field_type=str)  # None: your default entity
   return c
 
 

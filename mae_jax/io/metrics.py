@@ -45,10 +45,12 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, enabled: Optional[bool] = None,
-               keep_row: Optional[Callable[[int], bool]] = None, purge_step: Optional[int] = None):
+               keep_row: Optional[Callable[[int], bool]] = None, purge_step: Optional[int] = None,
+               wandb_config=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._jsonl = None
+    self._wandb = None
     if self.enabled:
       paths.makedirs(workdir)
       path = os.path.join(workdir, "metrics.jsonl")
@@ -56,6 +58,9 @@ class MetricWriter:
         _filter_rows(path, keep_row)
       self._tb = _summary_writer_class()(os.path.join(workdir, "tb"), purge_step=purge_step)
       self._jsonl = _ObjectLog(path) if paths.is_remote(path) else open(path, "a")
+      if wandb_config is not None and wandb_config.wandb_project is not None:
+        from mae_jax.io.wandb_writer import WandbWriter
+        self._wandb = WandbWriter(wandb_config, workdir)
 
   def write(self, step: int, metrics: dict) -> None:
     """Scalars go to a metrics.jsonl row (with its wall-clock time, seconds since the epoch) and to
@@ -73,6 +78,8 @@ class MetricWriter:
       self._tb.add_image(k, np.asarray(v), int(step), dataformats="HWC")
     if not isinstance(self._jsonl, _ObjectLog):
       self._tb.flush()  # (on a bucket each flush uploads the whole file: sync does it)
+    if self._wandb is not None:
+      self._wandb.write(step, clean, images)
 
   def sync(self) -> None:
     """Flushes the rows written so far to the disk or the bucket (before a checkpoint is saved)."""
@@ -88,7 +95,9 @@ class MetricWriter:
     """Closes the files; `quiet` (after a failure, e.g. a full disk) drops errors closing them."""
     if not self.enabled:
       return
-    for f in (self._jsonl, self._tb):
+    for f in (self._jsonl, self._tb, self._wandb):
+      if f is None:
+        continue
       try:
         f.close()
       except Exception:

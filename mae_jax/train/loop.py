@@ -255,7 +255,8 @@ def fit(config, workdir: str, task: Task, train_source, *, mesh: Mesh, total_ste
       compiled[key] = mesh.jit_train_step(fn, state_sharding, micro_batches)
     return compiled[key](state, batch)
 
-  writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s <= start, purge_step=start + 1)
+  writer = metrics_lib.MetricWriter(workdir, keep_row=lambda s: s <= start, purge_step=start + 1,
+                                    wandb_config=config)
   progress = metrics_lib.Progress(total_steps, start)
   pending = []  # per-step metrics still on device; fetched once per log interval
   nonfinite = []  # (step, that step's 'nonfinite' flag on device) since the last check
