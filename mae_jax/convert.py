@@ -1,6 +1,7 @@
 """Weights in and out: the official MAE, timm and Hugging Face checkpoints <-> mae_jax workdirs.
 
   python -m mae_jax.convert SRC DST [--from=official|timm|hf] [--to=official|timm|hf]
+  python -m mae_jax.convert WORKDIR DST --to=hf --push=ORG/NAME [--results=R.json ...]
 
 SRC a PyTorch checkpoint, DST a new mae_jax workdir (usable at once as --pretrained=DST):
   * official: `torch.load`-able .pth of facebookresearch/mae, `{'model': state_dict}` or bare;
@@ -11,7 +12,9 @@ SRC a PyTorch checkpoint, DST a new mae_jax workdir (usable at once as --pretrai
     model.safetensors or pytorch_model.bin; separate query/key/value);
   * a Hub id: hf://facebook/vit-mae-base (transformers) or timm/vit_base_patch16_224.mae (timm),
     fetched into huggingface_hub's cache on first use (offline afterwards).
-SRC a mae_jax workdir, DST a file (official, timm) or directory (hf) in the `--to` format.
+SRC a mae_jax workdir, DST a file (official, timm) or directory (hf) in the `--to` format; a
+Hugging Face directory comes with a model card (README.md: shape, recipe, results), and `--push`
+publishes it to the Hub (`huggingface-cli login` first).
 
 Every format goes through one intermediate, the official code's state dict in numpy
 (`official_to_params` / `params_to_official` map it to and from mae_jax's parameter tree;
@@ -45,6 +48,11 @@ def main(argv=None) -> int:
   p.add_argument("--decoder_heads", type=int, default=0)
   p.add_argument("--norm_pix_loss", choices=("true", "false"), default=None,
                  help="whether the weights were pretrained with the per-patch normalised target")
+  p.add_argument("--push", default="", metavar="ORG/NAME",
+                 help="with --to=hf: publish DST to this Hugging Face Hub model repository")
+  p.add_argument("--private", action="store_true", help="with --push: create the repository private")
+  p.add_argument("--results", action="append", default=[], metavar="RESULTS_JSON",
+                 help="results.json of a probe, fine-tune or evaluate run, for the model card (repeatable)")
   a = p.parse_args(argv)
 
   def stop(signum, frame):  # SIGTERM, SIGHUP: end through Python, so the temporary copy is removed
@@ -65,8 +73,13 @@ def _convert(a) -> int:
     if detect_format(a.src) == "mae_jax":
       if not a.dst_format:
         raise ConvertError("from a mae_jax workdir, say the format to write: --to=official|timm|hf")
-      count = export(a.src, a.dst, a.dst_format)
+      if a.push and a.dst_format != "hf":
+        raise ConvertError("--push publishes a Hugging Face folder: add --to=hf")
+      count = export(a.src, a.dst, a.dst_format, a.results, a.push or None)
       print(f"wrote {a.dst} ({a.dst_format}, {count} tensors)")
+      if a.push:
+        from mae_jax.io import model_card
+        print(f"published {a.dst} to {model_card.push(a.dst, a.push, a.private)}")
       return 0
     params, config = load_foreign(a.src, a.src_format, a.encoder_heads, a.decoder_heads,
                                   None if a.norm_pix_loss is None else a.norm_pix_loss == "true")

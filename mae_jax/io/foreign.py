@@ -7,12 +7,12 @@ import argparse
 import json
 import os
 import shutil
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from mae_jax.errors import ConvertError
-from mae_jax.io import checkpoint_noise, checkpointing, convert
+from mae_jax.io import checkpoint_noise, checkpointing, convert, model_card
 from mae_jax.models.layers import LN_EPS
 from mae_jax.runtime import durable
 
@@ -191,8 +191,10 @@ def is_hf_folder(path: str) -> bool:
 # ----------------------------------------------------------------------------
 # Export: a mae_jax workdir -> a PyTorch checkpoint.
 # ----------------------------------------------------------------------------
-def export(workdir: str, dst: str, fmt: str) -> int:
-  """Writes the newest checkpoint of `workdir` to `dst` in `fmt`; returns the tensors written."""
+def export(workdir: str, dst: str, fmt: str, results: Sequence[str] = (), repo: Optional[str] = None) -> int:
+  """Writes the newest checkpoint of `workdir` to `dst` in `fmt`; returns the tensors written. A
+  Hugging Face folder gets a model card (README.md) naming `repo`, with the `results` files'
+  figures (model_card.py)."""
   params, config, step = checkpointing.restore_params(workdir)
   params = {k: v for k, v in params.items() if k in ("encoder", "decoder", "fc_norm", "head")}
   if checkpointing.has_batch_stats(workdir, step):
@@ -224,6 +226,8 @@ def export(workdir: str, dst: str, fmt: str) -> int:
       write_state_dict(out, os.path.join(tmp, "model.safetensors"), wrap=False, safetensors=True)
       with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config(config, shape), f, indent=2)
+      with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card.card(config, shape, workdir, step, results, repo or os.path.basename(dst.rstrip("/"))))
   return len(out)
 
 
