@@ -1,12 +1,13 @@
 """Ahead-of-time compilation of a config's training steps for a target: memory, FLOPs,
 collectives and the largest micro-batch that fits (`python -m mae_jax.compile`)."""
 
-import math
 import re
 import time
 
 from mae_jax import errors
 from mae_jax.runtime import durable, host
+from mae_jax.tools import roofline
+from mae_jax.tools.hlo import collective_bytes, gradient_reductions
 
 JOBS = ("pretrain", "probe", "finetune")
 # The model-FLOPs utilisation a step-time estimate assumes: well-tuned ViT training reports about
@@ -50,83 +51,6 @@ def step_program(config, job: str, devices=None):
   mesh = Mesh(devices)
   step, abstract, _ = classify.sharded_step(config, mesh, job, NUM_CLASSES, _schedule())
   return step, abstract, abstract_batch(config, mesh, job)
-
-
-# Cross-device reductions in compiled HLO: all-reduce (also as an async -start) and reduce-scatter.
-_REDUCTION = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-reduce-start|all-reduce|reduce-scatter)\(")
-# Every collective, its result shape (async -start forms: a tuple whose last shape is the result).
-_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                         r"collective-permute)(-start)?\(")
-_SHAPE = re.compile(r"\b([a-z]+)(\d*)\[([0-9,]*)\]")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s+\(")
-_CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
-_LOOP = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
-_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _per_run(hlo_text: str, count) -> int:
-  """The sum of `count(line)` over the instructions one run of a compiled program executes: a line
-  inside a loop body (scanned layers, accumulated micro-batches) counts once per iteration. The
-  iterations: the loop's known trip count (XLA:CPU, XLA:GPU), else the bound its condition
-  compares the counter with (XLA:TPU writes `counter < N`)."""
-  own, calls, bound, entry, name = {}, {}, {}, None, None
-  for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
-    if m:
-      name = m.group(1)
-      own[name], calls[name] = 0, []
-      entry = name if line.startswith("ENTRY") else entry
-      continue
-    if name is None:
-      continue
-    own[name] += count(line)
-    constant = _CONSTANT.search(line)
-    if constant:
-      bound[name] = int(constant.group(1))
-    trips = _TRIP_COUNT.search(line)
-    for callee in _CALLEE.findall(line):
-      loop = _LOOP.search(line) if " while(" in line else None
-      if loop and loop.group(2) == callee:
-        n = int(trips.group(1)) if trips else ("cond", loop.group(1))
-      else:
-        n = 1
-      calls[name].append((callee, n))
-
-  def total(comp, seen=()):
-    if comp not in own or comp in seen:
-      return 0
-    return own[comp] + sum((bound.get(n[1], 1) if isinstance(n, tuple) else n) * total(c, seen + (comp,))
-                           for c, n in calls[comp])
-  return total(entry)
-
-
-def gradient_reductions(hlo_text: str) -> int:
-  """Cross-device reductions of non-scalar values (the gradients'; the loss and metrics are
-  scalars) that one run of a compiled program executes: one inside a loop body (scanned layers)
-  counts once per iteration. XLA may combine several tensors into one reduction."""
-  def count(line):
-    r = _REDUCTION.search(line)
-    return int(bool(r and any(dims for _, _, dims in _SHAPE.findall(r.group(1)))))
-  return _per_run(hlo_text, count)
-
-
-def collective_bytes(hlo_text: str) -> int:
-  """Bytes that one device's collectives deliver in one run of a compiled (per-device) program:
-  the results of its all-gathers, all-reduces, reduce-scatters, all-to-alls and permutes, loop
-  bodies counted once per iteration. Under FSDP this is mostly the parameters gathered for the
-  forward and backward passes and the gradients reduced into the shards."""
-  def count(line):
-    c = _COLLECTIVE.search(line)
-    if not c:
-      return 0
-    shapes = _SHAPE.findall(c.group(1))
-    if c.group(3):  # an async start's shape is (operands..., result)
-      shapes = shapes[-1:]
-    # bytes = elements x bits / 8; pred[...] (no bit width) is one byte an element
-    return sum(math.prod(int(d) for d in dims.split(",") if d) * int(bits or 8) // 8
-               for _, bits, dims in shapes)
-  return _per_run(hlo_text, count)
 
 
 def batch_shape(config, job: str) -> tuple:
@@ -241,6 +165,7 @@ def compile_step(config, job: str, target) -> dict:
   compile_s = time.perf_counter() - t1
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
+  roof = roofline.summary(compiled, hlo, target.peak_flops, target.memory_bandwidth)
   peak = _peak_bytes(mem)
   fits = target.memory_bytes is None or peak <= target.memory_bytes
   return {**out, "fits": fits, "lower_s": t1 - t0, "compile_s": compile_s,
@@ -250,6 +175,7 @@ def compile_step(config, job: str, target) -> dict:
           # One call of the step is one update, its micro-batches accumulated inside.
           "gradient_reductions_per_update": gradient_reductions(hlo),
           "collective_bytes_per_device": collective_bytes(hlo),
+          "roofline": roof,
           **({} if fits else {"reason": f"peak {fmt_bytes(peak)} over the device's "
                                         f"{fmt_bytes(target.memory_bytes)}"})}
 
@@ -368,6 +294,8 @@ def _print_job(j: dict, target) -> None:
   if "estimated_step_s" in j:
     print(f"  estimated_step_s: {_fmt_seconds(j['estimated_step_s'])} at {ESTIMATE_MFU:.0%} of "
           f"{target.peak_flops / 1e12:,.0f} TFLOP/s per device (an estimate from the FLOPs, not a measurement)")
+  if "roofline" in j:
+    print("\n".join(roofline.report_lines(j["roofline"])))
   print(f"  verdict: {'fits' if j['fits'] else 'DOES NOT FIT: ' + j['reason']}")
   best = j.get("largest_fitting")
   if best is not None:

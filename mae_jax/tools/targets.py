@@ -27,6 +27,10 @@ TPU_AVAILABLE_BYTES = {"TPU v4": 15.25 * GiB, "TPU v5 lite": 15.75 * GiB, "TPU v
 # Published peak dense bfloat16 FLOP/s per chip (vendor data sheets), for step-time estimates.
 PEAK_FLOPS_PER_CHIP = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12,
                        "TPU v6 lite": 918e12, "TPU7x": 2307e12, "NVIDIA H100 80GB HBM3": 989e12}
+# Published HBM bandwidth per chip, bytes/s (Cloud TPU system-architecture pages; NVIDIA's H100 SXM
+# data sheet, also XLA's H100 description below): the roofline's memory side (roofline.py).
+HBM_BYTES_PER_S_PER_CHIP = {"TPU v4": 1228e9, "TPU v5 lite": 819e9, "TPU v5": 2765e9,
+                            "TPU v6 lite": 1640e9, "TPU7x": 7370e9, "NVIDIA H100 80GB HBM3": 3352e9}
 
 # XLA's description of an H100 SXM 80 GB (jax issue #28376 / XLA PR #25919; on a real GPU, JAX reads
 # it from the device). Compiling for it needs the CUDA plugin and a ptxas, not the GPU.
@@ -61,6 +65,7 @@ class Target:
   peak_flops: Optional[float]    # per device, dense bfloat16 (float32 on a CPU)
   present: bool                  # the hardware is this machine's (else: compiled for it only)
   memory_note: str = ""          # how memory_bytes was found
+  memory_bandwidth: Optional[float] = None  # per device, HBM bytes/s
 
   @property
   def num_devices(self) -> int:
@@ -138,10 +143,11 @@ def _tpu(spec: str, topology: str) -> Target:
   kind = devices[0].device_kind
   dims = [int(d) for d in re.findall(r"\d+", topology.partition(":")[2])]
   chips = math.prod(dims) if dims else len(devices)
-  per_chip = PEAK_FLOPS_PER_CHIP.get(kind)
+  per_chip, bandwidth = PEAK_FLOPS_PER_CHIP.get(kind), HBM_BYTES_PER_S_PER_CHIP.get(kind)
   return Target(spec, "tpu", devices, kind, TPU_AVAILABLE_BYTES.get(kind),
                 per_chip * chips / len(devices) if per_chip else None, present=False,
-                memory_note="what XLA:TPU lets a program use")
+                memory_note="what XLA:TPU lets a program use",
+                memory_bandwidth=bandwidth * chips / len(devices) if bandwidth else None)
 
 
 def _gpu(spec: str, name: str) -> Target:
@@ -154,7 +160,8 @@ def _gpu(spec: str, name: str) -> Target:
   memory = float(re.search(r"device_memory_size:\s*(\d+)", config).group(1))
   fraction = gpu_memory_fraction()
   return Target(spec, "gpu", devices, kind, memory * fraction, PEAK_FLOPS_PER_CHIP.get(kind), present=False,
-                memory_note=f"{fraction:.0%} of {memory / GiB:.2f} GiB, JAX's preallocation")
+                memory_note=f"{fraction:.0%} of {memory / GiB:.2f} GiB, JAX's preallocation",
+                memory_bandwidth=HBM_BYTES_PER_S_PER_CHIP.get(kind))
 
 
 def gpu_memory_fraction() -> float:
@@ -174,4 +181,5 @@ def _present(spec: str, devices: tuple) -> Target:
   except Exception:  # a backend without memory statistics
     memory = TPU_AVAILABLE_BYTES.get(d.device_kind)
   return Target(spec, d.platform, devices, d.device_kind, memory,
-                PEAK_FLOPS_PER_CHIP.get(d.device_kind), present=True)
+                PEAK_FLOPS_PER_CHIP.get(d.device_kind), present=True,
+                memory_bandwidth=HBM_BYTES_PER_S_PER_CHIP.get(d.device_kind))

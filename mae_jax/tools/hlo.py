@@ -1,0 +1,195 @@
+"""Reading compiled HLO text: what one run of a program executes, loop bodies counted once per
+iteration: its cross-device reductions and collective bytes (`mae_jax.compile`), and the memory
+traffic of each kernel, mapped back to the model stage its metadata names (roofline.py)."""
+
+import math
+import re
+
+# Cross-device reductions in compiled HLO: all-reduce (also as an async -start) and reduce-scatter.
+_REDUCTION = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-reduce-start|all-reduce|reduce-scatter)\(")
+# Every collective, its result shape (async -start forms: a tuple whose last shape is the result).
+_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+)(\d*)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s+\(")
+_CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+_LOOP = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
+_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def per_run(hlo_text: str, count) -> int:
+  """The sum of `count(line)` over the instructions one run of a compiled program executes: a line
+  inside a loop body (scanned layers, accumulated micro-batches) counts once per iteration. The
+  iterations: the loop's known trip count (XLA:CPU, XLA:GPU), else the bound its condition
+  compares the counter with (XLA:TPU writes `counter < N`)."""
+  own, calls, bound, entry, name = {}, {}, {}, None, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      name = m.group(1)
+      own[name], calls[name] = 0, []
+      entry = name if line.startswith("ENTRY") else entry
+      continue
+    if name is None:
+      continue
+    own[name] += count(line)
+    constant = _CONSTANT.search(line)
+    if constant:
+      bound[name] = int(constant.group(1))
+    trips = _TRIP_COUNT.search(line)
+    for callee in _CALLEE.findall(line):
+      loop = _LOOP.search(line) if " while(" in line else None
+      if loop and loop.group(2) == callee:
+        n = int(trips.group(1)) if trips else ("cond", loop.group(1))
+      else:
+        n = 1
+      calls[name].append((callee, n))
+
+  def total(comp, seen=()):
+    if comp not in own or comp in seen:
+      return 0
+    return own[comp] + sum((bound.get(n[1], 1) if isinstance(n, tuple) else n) * total(c, seen + (comp,))
+                           for c, n in calls[comp])
+  return total(entry)
+
+
+def gradient_reductions(hlo_text: str) -> int:
+  """Cross-device reductions of non-scalar values (the gradients'; the loss and metrics are
+  scalars) that one run of a compiled program executes: one inside a loop body (scanned layers)
+  counts once per iteration. XLA may combine several tensors into one reduction."""
+  def count(line):
+    r = _REDUCTION.search(line)
+    return int(bool(r and any(dims for _, _, dims in _SHAPE.findall(r.group(1)))))
+  return per_run(hlo_text, count)
+
+
+def collective_bytes(hlo_text: str) -> int:
+  """Bytes that one device's collectives deliver in one run of a compiled (per-device) program:
+  the results of its all-gathers, all-reduces, reduce-scatters, all-to-alls and permutes, loop
+  bodies counted once per iteration. Under FSDP this is mostly the parameters gathered for the
+  forward and backward passes and the gradients reduced into the shards."""
+  def count(line):
+    c = _COLLECTIVE.search(line)
+    if not c:
+      return 0
+    shapes = _SHAPE.findall(c.group(1))
+    if c.group(3):  # an async start's shape is (operands..., result)
+      shapes = shapes[-1:]
+    # bytes = elements x bits / 8; pred[...] (no bit width) is one byte an element
+    return sum(math.prod(int(d) for d in dims.split(",") if d) * int(bits or 8) // 8
+               for _, bits, dims in shapes)
+  return per_run(hlo_text, count)
+
+
+
+
+# ----------------------------------------------------------------------------
+# Memory traffic per kernel.
+# ----------------------------------------------------------------------------
+_OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][\w\-]*)\(")
+_FUSED_CALLEE = re.compile(r"(?:calls|to_apply)=%([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Instructions that move no data of their own (views, bookkeeping, control flow: what they run is
+# counted where it runs) and the second half of async pairs (the -start counts the transfer).
+NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
+              "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
+              "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done", "async-done",
+              "send-done", "recv-done", "iota"}
+
+
+_LAID_OUT = re.compile(r"\b[a-z]+(\d*)\[([0-9,]*)\](?:\{([0-9,]*)(?::T\(([0-9,]+)\))?[^}]*\})?")
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape written in `text` as laid out in memory: a tiled layout (XLA:TPU's
+  `{1,0:T(8,128)}`) pads its most minor dimensions to whole tiles. Types without a bit width
+  (pred) count one byte an element."""
+  total = 0
+  for bits, dims, minor_to_major, tile in _LAID_OUT.findall(text):
+    sizes = [int(d) for d in dims.split(",") if d]
+    if tile and minor_to_major:
+      order = [int(i) for i in minor_to_major.split(",")][::-1]  # major to minor
+      for i, t in zip(order[::-1], [int(t) for t in tile.split(",")][::-1]):
+        sizes[i] = -(-sizes[i] // t) * t
+    total += math.prod(sizes) * int(bits or 8) // 8
+  return total
+
+
+def _operands(line: str, start: int) -> str:
+  """The text between the opcode's parenthesis at `start` and its match."""
+  depth = 0
+  for i in range(start, len(line)):
+    depth += {"(": 1, ")": -1}.get(line[i], 0)
+    if depth == 0:
+      return line[start + 1:i]
+  return line[start + 1:]
+
+
+def executions(hlo_text: str) -> tuple[dict, dict]:
+  """({computation: its instruction lines}, {computation: times one run of the program runs it})
+  for the computations that run as kernels of their own: the entry, loop bodies and conditions,
+  called and branch computations; not fusion bodies or reducers (their work is their caller's)."""
+  lines, calls, bound, fused, entry, name = {}, {}, {}, set(), None, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      name = m.group(1)
+      lines[name], calls[name] = [], []
+      entry = name if line.startswith("ENTRY") else entry
+      continue
+    if name is None or not line.strip() or line.strip() == "}":
+      continue
+    lines[name].append(line)
+    constant = _CONSTANT.search(line)
+    if constant:
+      bound[name] = int(constant.group(1))
+    fused.update(_FUSED_CALLEE.findall(line))
+    trips = _TRIP_COUNT.search(line)
+    loop = _LOOP.search(line) if " while(" in line else None
+    for callee in _CALLEE.findall(line):
+      n = 1
+      if loop and callee in loop.groups():  # the body runs n times, the condition n + 1
+        extra = int(callee == loop.group(1))
+        n = int(trips.group(1)) + extra if trips else ("cond", loop.group(1), extra)
+      calls[name].append((callee, n))
+  times = {}
+
+  def visit(comp, k, seen=()):
+    if comp not in lines or comp in seen or comp in fused:
+      return
+    times[comp] = times.get(comp, 0) + k
+    for callee, n in calls[comp]:
+      visit(callee, k * (bound.get(n[1], 1) + n[2] if isinstance(n, tuple) else n), seen + (comp,))
+  visit(entry, 1)
+  return {c: lines[c] for c in times}, times
+
+
+_OPERAND = re.compile(r"%([\w.\-]+)")
+
+
+def kernels(hlo_text: str) -> list[dict]:
+  """Every instruction one run executes that moves data: {name, opcode, bytes (operands read plus
+  results written, times its executions), op_name (the JAX source path of its metadata)}.
+  Compiled HLO names its operands without their shapes: they come from the operands' definitions."""
+  shapes = {}
+  for line in hlo_text.splitlines():
+    m = _OPCODE.match(line)
+    if m:
+      shapes[m.group(1)] = m.group(2)
+  comps, times = executions(hlo_text)
+  out = []
+  for comp, comp_lines in comps.items():
+    for line in comp_lines:
+      m = _OPCODE.match(line)
+      if not m or m.group(3) in NO_TRAFFIC:
+        continue
+      result = m.group(2)
+      if m.group(3).endswith("-start"):  # (destination, source, context...): the destination is written
+        first = _LAID_OUT.search(result)
+        result = first.group(0) if first else ""
+      read = sum(shape_bytes(shapes.get(op, "")) for op in _OPERAND.findall(_operands(line, m.end() - 1)))
+      op_name = _OP_NAME.search(line)
+      out.append({"name": m.group(1), "opcode": m.group(3), "bytes": (shape_bytes(result) + read) * times[comp],
+                  "op_name": op_name.group(1) if op_name else ""})
+  return out

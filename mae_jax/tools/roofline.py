@@ -1,0 +1,118 @@
+"""A compiled step by XLA's own counts: FLOPs and bytes accessed per device, the arithmetic
+intensity against the chip's ridge point, a roofline time, and where the bytes go.
+
+This is XLA's count of the program, not a measurement: it sums each kernel's operands and results
+as if every one went to HBM and back, so it leaves out reuse in VMEM / SRAM and caches, and the
+overlap of compute, memory traffic and collectives. The roofline time max(FLOPs / peak,
+bytes / bandwidth) is a bound under that count, beside the FLOP-based 40%-MFU estimate.
+"""
+
+import collections
+import re
+
+from mae_jax.tools import hlo
+
+# Model stages, by the Flax module path in a kernel's metadata (first match wins).
+_COMPONENTS = (("masking shuffle/gather", ("position_and_mask", "take_along_axis", "argsort", "/sort", "gather")),
+               ("patch embedding", ("patch_embed",)),
+               ("attention", ("/attn/",)),
+               ("MLP", ("/fc1/", "/fc2/", "/mlp/")),
+               ("GELU", ("gelu",)),
+               ("LayerNorm", ("norm",)),
+               ("prediction head", ("/pred/", "/head/")),
+               ("embedding", ("/embed/",)))
+
+
+def stage(op_name: str) -> str:
+  """The model stage a kernel belongs to, from its JAX source path: e.g. 'encoder attention
+  (backward)', 'decoder MLP (forward)', 'loss (forward)', 'optimizer update and gradient norm'."""
+  if "jvp(" not in op_name:
+    if "threefry" in op_name or "_uniform" in op_name or "random" in op_name:
+      return "masking noise (PRNG)"
+    if op_name.startswith("state."):
+      return "train state (copies)"
+    return "optimizer update and gradient norm" if op_name else "unattributed"
+  direction = "backward" if "transpose(jvp(" in op_name else "forward"
+  path = op_name.split("jvp(", 1)[1].split(")", 1)[1] + "/"
+  part = next((p for p in ("encoder", "decoder") if f"/{p}/" in path), "")
+  component = next((c for c, keys in _COMPONENTS if any(k in path for k in keys)), "")
+  if not component and re.search(r"/block[^/]*/(erf|mul|tanh|exp|integer_pow|pow|logistic)/", path):
+    component = "GELU"  # applied in the block's own scope, between fc1 and fc2
+  elif not component and re.search(r"/block[^/]*/(add|add_any)/", path):
+    component = "residual adds"
+  elif not component and part and re.search(r"/(concatenate|pad|split|dynamic_update_slice|broadcast_in_dim)/$", path):
+    component = "token concat/split (cls, mask tokens)"
+  if not part:
+    label = component or "loss"
+  else:
+    label = f"{part} {component or 'other'}"
+  return f"{label} ({direction})"
+
+
+def _label(kernel: dict) -> str:
+  """A kernel's stage; one without metadata by what it is (on TPUs mostly `copy-start`: parameters
+  and constants prefetched from HBM into VMEM)."""
+  if kernel["op_name"]:
+    return stage(kernel["op_name"])
+  return {"copy-start": "HBM->VMEM prefetch (copy-start)", "copy": "copies (layout)"}.get(
+      kernel["opcode"], f"no metadata ({kernel['opcode']})")
+
+
+def cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled program (per device for an SPMD program): flops, bytes."""
+  c = compiled.cost_analysis()
+  if isinstance(c, (list, tuple)):  # older JAX: one dict per computation
+    c = c[0] if c else {}
+  c = c or {}
+  return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))}
+
+
+def breakdown(hlo_text: str, top: int = 8) -> dict:
+  """Where one run's bytes go: the kernels' total (operands + results, loops counted per
+  iteration), the stages by bytes, and the `top` kernels."""
+  ks = hlo.kernels(hlo_text)
+  total = sum(k["bytes"] for k in ks)
+  by_stage = collections.Counter()
+  for k in ks:
+    by_stage[_label(k)] += k["bytes"]
+  biggest = sorted(ks, key=lambda k: -k["bytes"])[:top]
+  return {"kernel_bytes": total,
+          "stages": [{"stage": s, "bytes": b} for s, b in by_stage.most_common(top)],
+          "kernels": [{"name": k["name"], "opcode": k["opcode"], "bytes": k["bytes"],
+                       "stage": _label(k)} for k in biggest]}
+
+
+def summary(compiled, hlo_text: str, peak_flops, bandwidth) -> dict:
+  """FLOPs, bytes, intensity, ridge and roofline time per device (None where the chip's figures
+  are not known), and the breakdown."""
+  c = cost(compiled)
+  out = {"flops_per_device": c["flops"], "bytes_accessed_per_device": c["bytes_accessed"],
+         "arithmetic_intensity": c["flops"] / c["bytes_accessed"] if c["bytes_accessed"] else None,
+         **breakdown(hlo_text)}
+  if peak_flops and bandwidth:
+    out["ridge_flops_per_byte"] = peak_flops / bandwidth
+    out["compute_s"] = c["flops"] / peak_flops
+    out["memory_s"] = c["bytes_accessed"] / bandwidth
+    out["roofline_step_s"] = max(out["compute_s"], out["memory_s"])
+  return out
+
+
+def report_lines(r: dict) -> list[str]:
+  """The summary as the indented lines `mae_jax.compile` prints under a job."""
+  gib = 2**30
+  out = [f"  flops_per_device: {r['flops_per_device'] / 1e12:.4g} TFLOP per step (XLA's count)",
+         f"  bytes_accessed_per_device: {r['bytes_accessed_per_device'] / gib:.4g} GiB per step (XLA's count: "
+         "each op's operands and results as if from HBM; VMEM/cache reuse and overlap left out)"]
+  if r["arithmetic_intensity"] is not None:
+    ridge = (f" against the chip's ridge {r['ridge_flops_per_byte']:.0f}" if "ridge_flops_per_byte" in r else "")
+    out.append(f"  arithmetic_intensity: {r['arithmetic_intensity']:.1f} FLOP/byte{ridge}")
+  if "roofline_step_s" in r:
+    bound = "memory" if r["memory_s"] > r["compute_s"] else "compute"
+    out.append(f"  roofline_step_s: {r['roofline_step_s'] * 1e3:.1f} ms, {bound}-bound (compute "
+               f"{r['compute_s'] * 1e3:.1f} ms at peak, HBM traffic {r['memory_s'] * 1e3:.1f} ms at full bandwidth)")
+  total = r["kernel_bytes"] or 1
+  out.append(f"  bytes by stage (kernels' operands + results, loops per iteration: {r['kernel_bytes'] / gib:.4g} GiB):")
+  out += [f"    {s['stage']}: {s['bytes'] / gib:.3g} GiB ({s['bytes'] / total:.0%})" for s in r["stages"]]
+  out.append("  kernels moving the most bytes:")
+  out += [f"    {k['name']} ({k['opcode']}, {k['stage']}): {k['bytes'] / gib:.3g} GiB" for k in r["kernels"][:5]]
+  return out

@@ -1,0 +1,94 @@
+"""Bytes per kernel from compiled HLO, counted by hand on small programs, and their model stages."""
+
+import pytest
+
+from mae_jax.tools import hlo, roofline
+
+# A loop of 3 iterations whose body runs one fusion; a reducer and a fusion body that must not be
+# counted as kernels of their own. Operands are named without shapes, as compiled HLO prints them.
+PROGRAM = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_computation (p: f32[8,128]) -> f32[8,128] {
+  %p = f32[8,128]{1,0} parameter(0)
+  ROOT %m = f32[8,128]{1,0} multiply(%p, %p)
+}
+
+%body (t: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
+  %t = (s32[], f32[8,128]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[8,128]{1,0} get-tuple-element(%t), index=1
+  %y = f32[8,128]{1,0} fusion(%x), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(step)/transpose(jvp(MAE))/encoder/block0/attn/mul"}
+  ROOT %r = (s32[], f32[8,128]{1,0}) tuple(%i, %y)
+}
+
+%cond (t: (s32[], f32[8,128])) -> pred[] {
+  %t = (s32[], f32[8,128]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[8,128], w: bf16[4,100]) -> f32[] {
+  %x = f32[8,128]{1,0} parameter(0)
+  %w = bf16[4,100]{1,0:T(8,128)(2,1)} parameter(1)
+  %c = bf16[4,100]{1,0:T(8,128)(2,1)} copy(%w)
+  %z = s32[] constant(0)
+  %init = (s32[], f32[8,128]{1,0}) tuple(%z, %x)
+  %loop = (s32[], f32[8,128]{1,0}) while(%init), condition=%cond, body=%body
+  %out = f32[8,128]{1,0} get-tuple-element(%loop), index=1
+  ROOT %sum = f32[] reduce(%out, %z), dimensions={0,1}, to_apply=%add, metadata={op_name="jit(step)/jvp(MAE)/sub"}
+}
+"""
+
+
+def test_kernels_count_operands_and_results_once_per_execution():
+  ks = {k["name"]: k for k in hlo.kernels(PROGRAM)}
+  # The fusion reads and writes 8 x 128 float32 (4,096 B each way), 3 times: 24,576 B.
+  assert ks["y"]["bytes"] == 3 * 2 * 8 * 128 * 4
+  # The copy of a tiled bfloat16 [4, 100]: 100 pads to 128 and 4 to 8, read and written.
+  assert ks["c"]["bytes"] == 2 * 8 * 128 * 2
+  # The reduce reads the array and the scalar init and writes a scalar: 4,096 + 4 + 4 (the
+  # loop condition's compare counts too: 4 + 4 + 1 bytes, 4 times).
+  assert ks["sum"]["bytes"] == 4096 + 8
+  assert ks["lt"]["bytes"] == 4 * (4 + 4 + 1)  # the condition runs 3 + 1 times
+  # Not kernels: the fusion body and the reducer (their work is their callers'), bookkeeping.
+  assert not {"m", "s", "init", "loop", "out", "x", "i", "n", "r"} & set(ks)
+  assert hlo.shape_bytes("bf16[16,64,48]{1,2,0:T(8,128)(2,1)}") == 16 * 48 * 128 * 2  # dims 1, 2 padded
+  assert hlo.shape_bytes("pred[7]") == 7 and hlo.shape_bytes("f32[3,5]{1,0}") == 60
+
+
+@pytest.mark.parametrize("op_name, want", [
+    ("jit(traced)/jvp(MAE)/encoder/block3/attn/qkv/dot_general", "encoder attention (forward)"),
+    ("jit(traced)/transpose(jvp(MAE))/decoder/block0/fc2/dot_general", "decoder MLP (backward)"),
+    ("jit(traced)/jvp(MAE)/encoder/block1/erf", "encoder GELU (forward)"),
+    ("jit(traced)/transpose(jvp(MAE))/encoder/block1/mul", "encoder GELU (backward)"),
+    ("jit(traced)/jvp(MAE)/encoder/block1/add", "encoder residual adds (forward)"),
+    ("jit(traced)/jvp(MAE)/encoder/block0/norm2/rsqrt", "encoder LayerNorm (forward)"),
+    ("jit(traced)/jvp(MAE)/encoder/encoder.position_and_mask/jit(take_along_axis)/gather",
+     "encoder masking shuffle/gather (forward)"),
+    ("jit(traced)/jvp(MAE)/encoder/patch_embed/convert_element_type", "encoder patch embedding (forward)"),
+    ("jit(traced)/transpose(jvp(MAE))/decoder/pad", "decoder token concat/split (cls, mask tokens) (backward)"),
+    ("jit(traced)/jvp(MAE)/sub", "loss (forward)"),
+    ("jit(traced)/mul", "optimizer update and gradient norm"),
+    ("jit(traced)/jit(_uniform)/while/body/closed_call/add", "masking noise (PRNG)"),
+])
+def test_stages_from_the_source_path(op_name, want):
+  assert roofline.stage(op_name) == want
+
+
+def test_summary_fields_follow_from_the_counts():
+  class Compiled:
+    def cost_analysis(self):
+      return {"flops": 8e12, "bytes accessed": 1e11}
+  r = roofline.summary(Compiled(), PROGRAM, peak_flops=2e14, bandwidth=8e11)
+  assert r["arithmetic_intensity"] == 80 and r["ridge_flops_per_byte"] == 250
+  assert r["compute_s"] == 0.04 and r["memory_s"] == 0.125 and r["roofline_step_s"] == 0.125
+  assert r["kernel_bytes"] == sum(k["bytes"] for k in hlo.kernels(PROGRAM))
+  assert r["stages"][0]["stage"] == "encoder attention (backward)"  # the loop's fusion, 3 times
+  assert "memory-bound" in "\n".join(roofline.report_lines(r))
