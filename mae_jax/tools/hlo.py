@@ -91,11 +91,10 @@ _OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][
 _FUSED_CALLEE = re.compile(r"(?:calls|to_apply)=%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Instructions that move no data of their own (views, bookkeeping, control flow: what they run is
-# counted where it runs) and the second half of async pairs (the -start counts the transfer).
+# counted where it runs). An asynchronous pair (copy-, slice-, all-gather-start / -done) counts at
+# its -done: the data it delivers, read and written once.
 NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
-              "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
-              "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done", "async-done",
-              "send-done", "recv-done", "iota"}
+              "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "iota"}
 
 
 _LAID_OUT = re.compile(r"\b[a-z]+(\d*)\[([0-9,]*)\](?:\{([0-9,]*)(?::T\(([0-9,]+)\))?[^}]*\})?")
@@ -184,12 +183,14 @@ def kernels(hlo_text: str) -> list[dict]:
       m = _OPCODE.match(line)
       if not m or m.group(3) in NO_TRAFFIC:
         continue
-      result = m.group(2)
-      if m.group(3).endswith("-start"):  # (destination, source, context...): the destination is written
-        first = _LAID_OUT.search(result)
-        result = first.group(0) if first else ""
-      read = sum(shape_bytes(shapes.get(op, "")) for op in _OPERAND.findall(_operands(line, m.end() - 1)))
+      if m.group(3).endswith("-start"):
+        continue
+      if m.group(3).endswith("-done"):
+        moved = 2 * shape_bytes(m.group(2))
+      else:
+        moved = shape_bytes(m.group(2)) + sum(shape_bytes(shapes.get(op, "")) for op in
+                                              _OPERAND.findall(_operands(line, m.end() - 1)))
       op_name = _OP_NAME.search(line)
-      out.append({"name": m.group(1), "opcode": m.group(3), "bytes": (shape_bytes(result) + read) * times[comp],
+      out.append({"name": m.group(1), "opcode": m.group(3), "bytes": moved * times[comp],
                   "op_name": op_name.group(1) if op_name else ""})
   return out

@@ -50,11 +50,11 @@ def stage(op_name: str) -> str:
 
 
 def _label(kernel: dict) -> str:
-  """A kernel's stage; one without metadata by what it is (on TPUs mostly `copy-start`: parameters
-  and constants prefetched from HBM into VMEM)."""
+  """A kernel's stage; one without metadata by what it is (on TPUs mostly asynchronous copies and
+  slices: parameters and constants prefetched from HBM into VMEM, and back)."""
   if kernel["op_name"]:
     return stage(kernel["op_name"])
-  return {"copy-start": "HBM->VMEM prefetch (copy-start)", "copy": "copies (layout)"}.get(
+  return {"copy-done": "HBM<->VMEM copies (copy-start/done)", "copy": "copies (layout)"}.get(
       kernel["opcode"], f"no metadata ({kernel['opcode']})")
 
 
