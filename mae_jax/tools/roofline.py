@@ -82,17 +82,23 @@ def breakdown(hlo_text: str, top: int = 8) -> dict:
                        "stage": _label(k)} for k in biggest]}
 
 
-def summary(compiled, hlo_text: str, peak_flops, bandwidth) -> dict:
+def summary(compiled, hlo_text: str, peak_flops, bandwidth, flops_fallback: float = 0.0) -> dict:
   """FLOPs, bytes, intensity, ridge and roofline time per device (None where the chip's figures
-  are not known), and the breakdown."""
+  are not known), and the breakdown. Where XLA gives no count (XLA:GPU compiled for a target
+  without the device reports 0), the FLOPs are `flops_fallback` (XLA:CPU's count of the same
+  step) and the bytes the kernels' sum; `counted_by` says which."""
   c = cost(compiled)
   out = {"flops_per_device": c["flops"], "bytes_accessed_per_device": c["bytes_accessed"],
-         "arithmetic_intensity": c["flops"] / c["bytes_accessed"] if c["bytes_accessed"] else None,
-         **breakdown(hlo_text)}
+         "counted_by": "XLA", **breakdown(hlo_text)}
+  if not c["flops"] or not c["bytes_accessed"]:
+    out.update(flops_per_device=c["flops"] or flops_fallback, bytes_accessed_per_device=c["bytes_accessed"]
+               or out["kernel_bytes"], counted_by="the compiled HLO's kernels (bytes) and XLA:CPU (FLOPs)")
+  flops, traffic = out["flops_per_device"], out["bytes_accessed_per_device"]
+  out["arithmetic_intensity"] = flops / traffic if traffic else None
   if peak_flops and bandwidth:
     out["ridge_flops_per_byte"] = peak_flops / bandwidth
-    out["compute_s"] = c["flops"] / peak_flops
-    out["memory_s"] = c["bytes_accessed"] / bandwidth
+    out["compute_s"] = flops / peak_flops
+    out["memory_s"] = traffic / bandwidth
     out["roofline_step_s"] = max(out["compute_s"], out["memory_s"])
   return out
 
@@ -100,8 +106,9 @@ def summary(compiled, hlo_text: str, peak_flops, bandwidth) -> dict:
 def report_lines(r: dict) -> list[str]:
   """The summary as the indented lines `mae_jax.compile` prints under a job."""
   gib = 2**30
-  out = [f"  flops_per_device: {r['flops_per_device'] / 1e12:.4g} TFLOP per step (XLA's count)",
-         f"  bytes_accessed_per_device: {r['bytes_accessed_per_device'] / gib:.4g} GiB per step (XLA's count: "
+  by = "XLA's count" if r["counted_by"] == "XLA" else "counted from " + r["counted_by"]
+  out = [f"  flops_per_device: {r['flops_per_device'] / 1e12:.4g} TFLOP per step ({by})",
+         f"  bytes_accessed_per_device: {r['bytes_accessed_per_device'] / gib:.4g} GiB per step ({by}: "
          "each op's operands and results as if from HBM; VMEM/cache reuse and overlap left out)"]
   if r["arithmetic_intensity"] is not None:
     ridge = (f" against the chip's ridge {r['ridge_flops_per_byte']:.0f}" if "ridge_flops_per_byte" in r else "")

@@ -79,6 +79,13 @@ def test_gpu_paths_compile_with_cudnn_attention():
   assert attention_backends.sequence_lengths(even.model, 28) == (14, 50)
   r = compile_lib.fit_verdict(even, "pretrain", h100, search=False)
   assert r["fits"] and 0 < r["peak_bytes_per_device"] < h100.memory_bytes
+  # XLA:GPU compiled for a target counts nothing: the FLOPs come from XLA:CPU's count of the same
+  # step (per image x images per device), the bytes from the compiled program's kernels.
+  roof = r["roofline"]
+  assert roof["counted_by"] != "XLA" and roof["bytes_accessed_per_device"] == roof["kernel_bytes"] > 0
+  assert roof["flops_per_device"] == pytest.approx(
+      compile_lib.flops_per_image(even) * r["micro_batch_per_device"], rel=1e-6)
+  assert round(roof["ridge_flops_per_byte"]) == round(989e12 / 3352e9)
   even.dataset.resize_on = "device"
   even.sharding.fsdp = True
   even.model.update(scan_layers=True, remat="block")
