@@ -177,7 +177,7 @@ class Checkpointer:
     step, self._unsettled = self._unsettled, None
     self.manager.wait_until_finished()  # raises what failed the background write
     path = os.path.join(self.root, str(step))
-    if durable.is_local(path):
+    if not paths.is_remote(path):
       durable.sync_tree(path)  # every process: its own files and the rest
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"mae_jax: checkpoint {step} durable")
@@ -186,7 +186,7 @@ class Checkpointer:
     expired = self.expired(self.manager.all_steps(), step)
     for old in expired:
       self.manager.delete(old)
-    if expired and durable.is_local(self.root) and jax.process_index() == 0:
+    if expired and not paths.is_remote(self.root) and jax.process_index() == 0:
       durable.fsync_dir(self.root)
 
   def expired(self, steps, newest: int) -> list[int]:

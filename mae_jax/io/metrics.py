@@ -20,6 +20,16 @@ from mae_jax.runtime import durable, paths
 UPLOAD_EVERY_S = 30.0
 
 
+def last_row(workdir: str, field: str = "loss") -> Optional[dict]:
+  """The last row of `workdir`/metrics.jsonl that has `field` (None: no such row or no file)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
+    return None
+  rows = [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+  rows = [r for r in rows if field in r]
+  return rows[-1] if rows else None
+
+
 def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without PyTorch: where torch is installed,
   tensorboardX imports it only to accept torch tensors (this writer logs floats), and that import

@@ -6,20 +6,11 @@ of probing, fine-tuning or evaluation runs given with --results).
 """
 
 import json
-import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 from mae_jax.errors import ConvertError
+from mae_jax.io import metrics
 from mae_jax.runtime import paths
-
-
-def _last_loss(workdir: str) -> Optional[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not paths.exists(path):
-    return None
-  rows = [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
-  rows = [r for r in rows if "loss" in r]
-  return rows[-1] if rows else None
 
 
 def _result_line(path: str) -> str:
@@ -61,7 +52,7 @@ def card(config: dict, shape: dict, workdir: str, step: int, results: Sequence[s
               f"{config.get('batch_size')}, {config.get('num_epochs')} epochs (warm-up {config.get('warmup_epochs')}), "
               f"base lr {o.get('base_lr')}, weight decay {o.get('weight_decay')} |",
               f"| checkpoint | step {step} |"]
-  last = _last_loss(workdir)
+  last = metrics.last_row(workdir)
   if last is not None:
     lines.append(f"| last pretraining loss | {last['loss']:.4f} at step {last['step']} |")
   if results:

@@ -24,11 +24,6 @@ from mae_jax.runtime import paths
 PARTIAL = ".partial-"
 
 
-def is_local(path: str) -> bool:
-  """Whether `path` is on a file system this process can fsync (not a gs:// or other URL)."""
-  return not paths.is_remote(path)
-
-
 def fsync_file(path: str) -> None:
   fd = os.open(path, os.O_RDONLY)
   try:

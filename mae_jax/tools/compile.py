@@ -3,6 +3,7 @@ collectives and the largest micro-batch that fits (`python -m mae_jax.compile`).
 
 import re
 import time
+from typing import Optional
 
 from mae_jax import errors
 from mae_jax.runtime import durable, host
@@ -140,9 +141,10 @@ def _peak_bytes(mem) -> int:
                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes))
 
 
-def compile_step(config, job: str, target) -> dict:
+def compile_step(config, job: str, target, image_flops: Optional[float] = None) -> dict:
   """Compiles one job's step for `target`: its memory, collectives and compile time, and whether
-  it fits (the compiler refused it, or its peak is over the device's memory)."""
+  it fits (the compiler refused it, or its peak is over the device's memory). `image_flops`: the
+  job's `flops_per_image` where the caller has it (else computed here when needed)."""
   from mae_jax.models import attention_backends
   batch, micro_batches = batch_shape(config, job)
   n = target.num_devices
@@ -167,8 +169,10 @@ def compile_step(config, job: str, target) -> dict:
   hlo = compiled.as_text()
   # XLA:GPU compiled for a target reports no counts: the FLOPs then come from XLA:CPU's count of
   # the same step (flops_per_image), only computed when needed.
-  no_count = not roofline.cost(compiled)["flops"]
-  fallback = flops_per_image(config, job=job) * out["micro_batch_per_device"] * micro_batches if no_count else 0.0
+  fallback = 0.0
+  if not roofline.cost(compiled)["flops"]:
+    image_flops = image_flops or flops_per_image(config, job=job)
+    fallback = image_flops * out["micro_batch_per_device"] * micro_batches
   roof = roofline.summary(compiled, hlo, target.peak_flops, target.memory_bandwidth, fallback)
   peak = _peak_bytes(mem)
   fits = target.memory_bytes is None or peak <= target.memory_bytes
@@ -196,7 +200,7 @@ def candidates(config, job: str, devices: int) -> list:
   return out
 
 
-def fit_verdict(config, job: str, target, search: bool = True) -> dict:
+def fit_verdict(config, job: str, target, search: bool = True, image_flops: Optional[float] = None) -> dict:
   """Compiles `job`'s step as configured; with `search`, also finds the largest micro-batch per
   device that fits: larger ones while the configured one fits, smaller ones until one does."""
   batch, micro_batches = batch_shape(config, job)
@@ -205,7 +209,7 @@ def fit_verdict(config, job: str, target, search: bool = True) -> dict:
     raise errors.TargetError(
         f"{job}: batch {batch} in {micro_batches} micro-batches does not divide over {n} devices; choose a "
         "batch size (and grad_accum_steps) with a whole micro-batch per device")
-  result = compile_step(config, job, target)
+  result = compile_step(config, job, target, image_flops)
   result["tried"] = [_attempt(result)]
   if not search:
     return result
@@ -219,14 +223,14 @@ def fit_verdict(config, job: str, target, search: bool = True) -> dict:
   best = result if result["fits"] else None
   if result["fits"]:  # larger micro-batches, smallest first, while they fit
     for c in reversed([c for c in options if per_device(c) > micro]):
-      r = compile_step(c, job, target)
+      r = compile_step(c, job, target, image_flops)
       result["tried"].append(_attempt(r))
       if not r["fits"]:
         break
       best = r
   else:               # smaller ones, largest first, until one fits
     for c in [c for c in options if per_device(c) < micro]:
-      r = compile_step(c, job, target)
+      r = compile_step(c, job, target, image_flops)
       result["tried"].append(_attempt(r))
       if r["fits"]:
         best = r
@@ -272,8 +276,9 @@ def report(config, target, jobs=("pretrain",), search: bool = True, output: str 
         f"{c['dtype']}, attention {attention} | fsdp {c['fsdp']}, scan_layers {c['scan_layers']}, "
         f"remat {c['remat']} | host {r['host_cpu']}")
   for job in jobs:
-    j = fit_verdict(config, job, target, search)
-    j["flops_per_image"] = flops_per_image(config, job=job)
+    image_flops = flops_per_image(config, job=job)  # XLA:CPU's count, once per job
+    j = fit_verdict(config, job, target, search, image_flops)
+    j["flops_per_image"] = image_flops
     if target.peak_flops:
       j["estimated_step_s"] = (j["flops_per_image"] * j["batch_size"]
                                / (target.num_devices * target.peak_flops * ESTIMATE_MFU))

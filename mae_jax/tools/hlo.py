@@ -12,46 +12,74 @@ _COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|reduce-sca
                          r"collective-permute)(-start)?\(")
 _SHAPE = re.compile(r"\b([a-z]+)(\d*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s+\(")
-_CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+_CALLEE = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _LOOP = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
 _CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+# Computations whose work is their caller's: fusion bodies, the wrapped op of an asynchronous
+# pair (counted at its -done), and the reducers of reduce-like ops.
+_INNER = re.compile(r"\s(fusion|[\w\-]+-start|reduce|reduce-window|reduce-scatter|all-reduce|scatter|"
+                    r"select-and-scatter|sort|map)\(.*?(?:calls|to_apply)=%([\w.\-]+)")
 
 
-def per_run(hlo_text: str, count) -> int:
-  """The sum of `count(line)` over the instructions one run of a compiled program executes: a line
-  inside a loop body (scanned layers, accumulated micro-batches) counts once per iteration. The
-  iterations: the loop's known trip count (XLA:CPU, XLA:GPU), else the bound its condition
-  compares the counter with (XLA:TPU writes `counter < N`)."""
-  own, calls, bound, entry, name = {}, {}, {}, None, None
+def call_graph(hlo_text: str) -> dict:
+  """One parse of compiled HLO text: {lines: {computation: its instruction lines}, calls:
+  {computation: [(callee, runs per run of the caller)]}, inner: computations whose work is their
+  caller's, entry}. A loop body runs its trip count (XLA:CPU and XLA:GPU write it as
+  known_trip_count; XLA:TPU's condition compares the counter with a constant), its condition once
+  more; a called computation or a conditional's branch once (an upper bound for a branch)."""
+  lines, calls, bound, inner, entry, name = {}, {}, {}, set(), None, None
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
     if m:
       name = m.group(1)
-      own[name], calls[name] = 0, []
+      lines[name], calls[name] = [], []
       entry = name if line.startswith("ENTRY") else entry
       continue
-    if name is None:
+    if name is None or not line.strip() or line.strip() == "}":
       continue
-    own[name] += count(line)
+    lines[name].append(line)
     constant = _CONSTANT.search(line)
     if constant:
       bound[name] = int(constant.group(1))
+    inner.update(m.group(2) for m in _INNER.finditer(line))
     trips = _TRIP_COUNT.search(line)
-    for callee in _CALLEE.findall(line):
-      loop = _LOOP.search(line) if " while(" in line else None
-      if loop and loop.group(2) == callee:
-        n = int(trips.group(1)) if trips else ("cond", loop.group(1))
-      else:
-        n = 1
+    loop = _LOOP.search(line) if " while(" in line else None
+    callees = _CALLEE.findall(line)
+    for branches in _BRANCHES.findall(line):
+      callees += [b.strip().lstrip("%") for b in branches.split(",") if b.strip()]
+    for callee in callees:
+      n = 1
+      if loop and callee in loop.groups():  # the body runs n times, the condition n + 1
+        extra = int(callee == loop.group(1))
+        n = int(trips.group(1)) + extra if trips else ("cond", loop.group(1), extra)
       calls[name].append((callee, n))
+  calls = {c: [(callee, bound.get(n[1], 1) + n[2] if isinstance(n, tuple) else n) for callee, n in cs]
+           for c, cs in calls.items()}
+  return {"lines": lines, "calls": calls, "inner": inner, "entry": entry}
 
-  def total(comp, seen=()):
-    if comp not in own or comp in seen:
-      return 0
-    return own[comp] + sum((bound.get(n[1], 1) if isinstance(n, tuple) else n) * total(c, seen + (comp,))
-                           for c, n in calls[comp])
-  return total(entry)
+
+def runs(graph: dict, kernels_only: bool) -> dict:
+  """{computation: times one run of the program runs it}; with `kernels_only`, only the
+  computations that run as kernels of their own (not fusion bodies, async wrappers, reducers)."""
+  times = {}
+
+  def visit(comp, k, seen=()):
+    if comp not in graph["lines"] or comp in seen or (kernels_only and comp in graph["inner"]):
+      return
+    times[comp] = times.get(comp, 0) + k
+    for callee, n in graph["calls"][comp]:
+      visit(callee, k * n, seen + (comp,))
+  visit(graph["entry"], 1)
+  return times
+
+
+def per_run(hlo_text: str, count) -> int:
+  """The sum of `count(line)` over the instructions one run of a compiled program executes: a line
+  inside a loop body (scanned layers, accumulated micro-batches) counts once per iteration."""
+  graph = call_graph(hlo_text)
+  return sum(k * sum(count(line) for line in graph["lines"][c]) for c, k in runs(graph, False).items())
 
 
 def gradient_reductions(hlo_text: str) -> int:
@@ -82,13 +110,10 @@ def collective_bytes(hlo_text: str) -> int:
   return per_run(hlo_text, count)
 
 
-
-
 # ----------------------------------------------------------------------------
 # Memory traffic per kernel.
 # ----------------------------------------------------------------------------
 _OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][\w\-]*)\(")
-_FUSED_CALLEE = re.compile(r"(?:calls|to_apply)=%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Instructions that move no data of their own (views, bookkeeping, control flow: what they run is
 # counted where it runs). An asynchronous pair (copy-, slice-, all-gather-start / -done) counts at
@@ -128,40 +153,10 @@ def _operands(line: str, start: int) -> str:
 def executions(hlo_text: str) -> tuple[dict, dict]:
   """({computation: its instruction lines}, {computation: times one run of the program runs it})
   for the computations that run as kernels of their own: the entry, loop bodies and conditions,
-  called and branch computations; not fusion bodies or reducers (their work is their caller's)."""
-  lines, calls, bound, fused, entry, name = {}, {}, {}, set(), None, None
-  for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
-    if m:
-      name = m.group(1)
-      lines[name], calls[name] = [], []
-      entry = name if line.startswith("ENTRY") else entry
-      continue
-    if name is None or not line.strip() or line.strip() == "}":
-      continue
-    lines[name].append(line)
-    constant = _CONSTANT.search(line)
-    if constant:
-      bound[name] = int(constant.group(1))
-    fused.update(_FUSED_CALLEE.findall(line))
-    trips = _TRIP_COUNT.search(line)
-    loop = _LOOP.search(line) if " while(" in line else None
-    for callee in _CALLEE.findall(line):
-      n = 1
-      if loop and callee in loop.groups():  # the body runs n times, the condition n + 1
-        extra = int(callee == loop.group(1))
-        n = int(trips.group(1)) + extra if trips else ("cond", loop.group(1), extra)
-      calls[name].append((callee, n))
-  times = {}
-
-  def visit(comp, k, seen=()):
-    if comp not in lines or comp in seen or comp in fused:
-      return
-    times[comp] = times.get(comp, 0) + k
-    for callee, n in calls[comp]:
-      visit(callee, k * (bound.get(n[1], 1) + n[2] if isinstance(n, tuple) else n), seen + (comp,))
-  visit(entry, 1)
-  return {c: lines[c] for c in times}, times
+  called and branch computations; not fusion bodies, async wrappers or reducers."""
+  graph = call_graph(hlo_text)
+  times = runs(graph, kernels_only=True)
+  return {c: graph["lines"][c] for c in times}, times
 
 
 _OPERAND = re.compile(r"%([\w.\-]+)")

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Optional
 
@@ -189,8 +188,9 @@ def sharded_step(config, mesh: Mesh, schedule: optax.Schedule):
 def summary(job_dir: str) -> dict:
   """The last logged training loss, and its terms: `final_mse` is the reconstruction term alone,
   comparable across runs whose total loss adds the Laplacian or uniformity terms."""
-  rows = paths.read_text(os.path.join(job_dir, "metrics.jsonl")).splitlines()
-  last = [r for r in map(json.loads, rows) if "loss" in r][-1]
+  last = metrics_lib.last_row(job_dir)
+  if last is None:
+    raise errors.UserError(f"{job_dir}: no metrics.jsonl row with a loss; the run logged no step")
   out = {"final_loss": last["loss"], "final_mse": last.get("loss_mse", last["loss"])}
   out.update({f"final_{k}": v for k, v in last.items() if k.startswith("loss_") and k != "loss_mse"})
   return {**out, "steps": last["step"]}

@@ -63,6 +63,52 @@ def test_kernels_count_operands_and_results_once_per_execution():
   assert hlo.shape_bytes("pred[7]") == 7 and hlo.shape_bytes("f32[3,5]{1,0}") == 60
 
 
+# A `call` (its body runs as kernels of the caller's), a conditional (each branch counted once:
+# an upper bound) and an asynchronous slice (its wrapped computation is not a kernel of its own:
+# the pair counts at its -done).
+CALLS = """HloModule c
+
+%called (p: f32[256]) -> f32[256] {
+  %p = f32[256]{0} parameter(0)
+  ROOT %neg = f32[256]{0} negate(%p)
+}
+
+%yes (p: f32[256]) -> f32[256] {
+  %p = f32[256]{0} parameter(0)
+  ROOT %ex = f32[256]{0} exponential(%p)
+}
+
+%no (p: f32[256]) -> f32[256] {
+  %p = f32[256]{0} parameter(0)
+  ROOT %ab = f32[256]{0} abs(%p)
+}
+
+%wrapped (p: f32[256]) -> f32[128] {
+  %p = f32[256]{0} parameter(0)
+  ROOT %sl = f32[128]{0} slice(%p), slice={[0:128]}
+}
+
+ENTRY %main (x: f32[256], b: pred[]) -> f32[128] {
+  %x = f32[256]{0} parameter(0)
+  %b = pred[] parameter(1)
+  %k = f32[256]{0} call(%x), to_apply=%called
+  %br = f32[256]{0} conditional(%b, %k, %k), true_computation=%yes, false_computation=%no
+  %st = ((f32[256]{0}), f32[128]{0}) async-start(%br), calls=%wrapped
+  ROOT %dn = f32[128]{0} async-done(%st)
+}
+"""
+
+
+def test_called_and_branch_computations_are_kernels_async_wrappers_are_not():
+  ks = {k["name"]: k["bytes"] for k in hlo.kernels(CALLS)}
+  assert ks == {"neg": 2 * 1024, "ex": 2 * 1024, "ab": 2 * 1024, "dn": 2 * 512}
+  graph = hlo.call_graph(CALLS)
+  assert graph["inner"] == {"wrapped"}
+  assert hlo.runs(graph, kernels_only=False) == {"main": 1, "called": 1, "yes": 1, "no": 1, "wrapped": 1}
+  # per_run sees every computation, wrapped ones too: one slice, one negate.
+  assert hlo.per_run(CALLS, lambda line: int(" slice(" in line or " negate(" in line)) == 2
+
+
 @pytest.mark.parametrize("op_name, want", [
     ("jit(traced)/jvp(MAE)/encoder/block3/attn/qkv/dot_general", "encoder attention (forward)"),
     ("jit(traced)/transpose(jvp(MAE))/decoder/block0/fc2/dot_general", "decoder MLP (backward)"),
