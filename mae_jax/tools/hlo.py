@@ -122,19 +122,31 @@ NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", 
               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "iota"}
 
 
-_LAID_OUT = re.compile(r"\b[a-z]+(\d*)\[([0-9,]*)\](?:\{([0-9,]*)(?::T\(([0-9,]+)\))?[^}]*\})?")
+_LAID_OUT = re.compile(r"\b[a-z]+(\d*)\[([0-9,]*)\](?:\{([^}]*)\})?")
+_TILE = re.compile(r":T\(([0-9,]+)\)")
+# A layout's memory space: S(1) is XLA:TPU's VMEM (S(2) its SMEM); none or S(0) is HBM.
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 
 
-def shape_bytes(text: str) -> int:
+def _on_chip(layout: str) -> bool:
+  space = _MEMORY_SPACE.search(layout or "")
+  return bool(space and int(space.group(1)))
+
+
+def shape_bytes(text: str, hbm_only: bool = False) -> int:
   """Bytes of every array shape written in `text` as laid out in memory: a tiled layout (XLA:TPU's
   `{1,0:T(8,128)}`) pads its most minor dimensions to whole tiles. Types without a bit width
-  (pred) count one byte an element."""
+  (pred) count one byte an element. `hbm_only`: leave out the arrays placed in on-chip memory
+  (a layout's `S(1)`, VMEM on TPUs)."""
   total = 0
-  for bits, dims, minor_to_major, tile in _LAID_OUT.findall(text):
+  for bits, dims, layout in _LAID_OUT.findall(text):
+    if hbm_only and _on_chip(layout):
+      continue
     sizes = [int(d) for d in dims.split(",") if d]
+    minor_to_major, tile = layout.split(":")[0], _TILE.search(layout)
     if tile and minor_to_major:
       order = [int(i) for i in minor_to_major.split(",")][::-1]  # major to minor
-      for i, t in zip(order[::-1], [int(t) for t in tile.split(",")][::-1]):
+      for i, t in zip(order[::-1], [int(t) for t in tile.group(1).split(",")][::-1]):
         sizes[i] = -(-sizes[i] // t) * t
     total += math.prod(sizes) * int(bits or 8) // 8
   return total
@@ -162,10 +174,23 @@ def executions(hlo_text: str) -> tuple[dict, dict]:
 _OPERAND = re.compile(r"%([\w.\-]+)")
 
 
+def _done_bytes(result: str, start: str, hbm_only: bool) -> int:
+  """An asynchronous pair's traffic, counted at its -done: its result read from the source (the
+  first array of the -start's shape) and written to the destination, each side counted where it
+  is in HBM when `hbm_only` (a prefetch into VMEM reads HBM once)."""
+  size = shape_bytes(result)
+  if not hbm_only:
+    return 2 * size
+  source = _LAID_OUT.search(start or "")
+  return size * (int(bool(source) and not _on_chip(source.group(3))) + int(shape_bytes(result, True) > 0))
+
+
 def kernels(hlo_text: str) -> list[dict]:
   """Every instruction one run executes that moves data: {name, opcode, bytes (operands read plus
-  results written, times its executions), op_name (the JAX source path of its metadata)}.
-  Compiled HLO names its operands without their shapes: they come from the operands' definitions."""
+  results written, times its executions; as XLA's cost analysis counts, wherever they live),
+  hbm_bytes (the same, of the arrays in HBM only: not those XLA:TPU placed in VMEM), op_name (the
+  JAX source path of its metadata)}. Compiled HLO names its operands without their shapes: they
+  come from the operands' definitions."""
   shapes = {}
   for line in hlo_text.splitlines():
     m = _OPCODE.match(line)
@@ -180,12 +205,14 @@ def kernels(hlo_text: str) -> list[dict]:
         continue
       if m.group(3).endswith("-start"):
         continue
+      operands = _OPERAND.findall(_operands(line, m.end() - 1))
       if m.group(3).endswith("-done"):
-        moved = 2 * shape_bytes(m.group(2))
+        start = shapes.get(operands[0], "") if operands else ""
+        moved, in_hbm = (_done_bytes(m.group(2), start, h) for h in (False, True))
       else:
-        moved = shape_bytes(m.group(2)) + sum(shape_bytes(shapes.get(op, "")) for op in
-                                              _OPERAND.findall(_operands(line, m.end() - 1)))
+        moved, in_hbm = (shape_bytes(m.group(2), h) + sum(shape_bytes(shapes.get(op, ""), h) for op in operands)
+                         for h in (False, True))
       op_name = _OP_NAME.search(line)
       out.append({"name": m.group(1), "opcode": m.group(3), "bytes": moved * times[comp],
-                  "op_name": op_name.group(1) if op_name else ""})
+                  "hbm_bytes": in_hbm * times[comp], "op_name": op_name.group(1) if op_name else ""})
   return out

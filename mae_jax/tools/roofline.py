@@ -1,10 +1,13 @@
 """A compiled step by XLA's own counts: FLOPs and bytes accessed per device, the arithmetic
 intensity against the chip's ridge point, a roofline time, and where the bytes go.
 
-This is XLA's count of the program, not a measurement: it sums each kernel's operands and results
-as if every one went to HBM and back, so it leaves out reuse in VMEM / SRAM and caches, and the
-overlap of compute, memory traffic and collectives. The roofline time max(FLOPs / peak,
-bytes / bandwidth) is a bound under that count, beside the FLOP-based 40%-MFU estimate.
+XLA's `bytes accessed` is a count of the program, not a measurement: it sums each kernel's
+operands and results as if every one went to HBM and back. On TPUs the compiled program says
+where each array lives: XLA:TPU places many operands and results in VMEM (a layout's `S(1)`:
+weights prefetched in slices, intermediates between adjacent kernels), so a second count, HBM
+traffic, sums only the arrays in HBM (and each HBM<->VMEM copy once). Both leave out caches and
+the overlap of compute, memory traffic and collectives. The roofline time max(FLOPs / peak,
+bytes / bandwidth) is given for both counts, beside the FLOP-based 40%-MFU estimate.
 """
 
 import collections
@@ -54,7 +57,9 @@ def _label(kernel: dict) -> str:
   slices: parameters and constants prefetched from HBM into VMEM, and back)."""
   if kernel["op_name"]:
     return stage(kernel["op_name"])
-  return {"copy-done": "HBM<->VMEM copies (copy-start/done)", "copy": "copies (layout)"}.get(
+  return {"copy-done": "HBM<->VMEM copies (copy-start/done)", "copy": "copies (layout)",
+          "slice-done": "weights sliced into VMEM (slice-start/done)",
+          "custom-call": "slices joined in VMEM (custom calls)"}.get(
       kernel["opcode"], f"no metadata ({kernel['opcode']})")
 
 
@@ -68,17 +73,17 @@ def cost(compiled) -> dict:
 
 
 def breakdown(hlo_text: str, top: int = 8) -> dict:
-  """Where one run's bytes go: the kernels' total (operands + results, loops counted per
-  iteration), the stages by bytes, and the `top` kernels."""
+  """Where one run's bytes go: the kernels' totals (operands + results, loops counted per
+  iteration; all of them, and those in HBM), the `top` stages and kernels by HBM traffic."""
   ks = hlo.kernels(hlo_text)
-  total = sum(k["bytes"] for k in ks)
-  by_stage = collections.Counter()
+  by_stage, hbm_by_stage = collections.Counter(), collections.Counter()
   for k in ks:
     by_stage[_label(k)] += k["bytes"]
-  biggest = sorted(ks, key=lambda k: -k["bytes"])[:top]
-  return {"kernel_bytes": total,
-          "stages": [{"stage": s, "bytes": b} for s, b in by_stage.most_common(top)],
-          "kernels": [{"name": k["name"], "opcode": k["opcode"], "bytes": k["bytes"],
+    hbm_by_stage[_label(k)] += k["hbm_bytes"]
+  biggest = sorted(ks, key=lambda k: (-k["hbm_bytes"], -k["bytes"]))[:top]
+  return {"kernel_bytes": sum(k["bytes"] for k in ks), "hbm_bytes": sum(k["hbm_bytes"] for k in ks),
+          "stages": [{"stage": s, "hbm_bytes": b, "bytes": by_stage[s]} for s, b in hbm_by_stage.most_common(top)],
+          "kernels": [{"name": k["name"], "opcode": k["opcode"], "bytes": k["bytes"], "hbm_bytes": k["hbm_bytes"],
                        "stage": _label(k)} for k in biggest]}
 
 
@@ -93,13 +98,16 @@ def summary(compiled, hlo_text: str, peak_flops, bandwidth, flops_fallback: floa
   if not c["flops"] or not c["bytes_accessed"]:
     out.update(flops_per_device=c["flops"] or flops_fallback, bytes_accessed_per_device=c["bytes_accessed"]
                or out["kernel_bytes"], counted_by="the compiled HLO's kernels (bytes) and XLA:CPU (FLOPs)")
-  flops, traffic = out["flops_per_device"], out["bytes_accessed_per_device"]
+  flops, traffic, hbm = out["flops_per_device"], out["bytes_accessed_per_device"], out["hbm_bytes"]
   out["arithmetic_intensity"] = flops / traffic if traffic else None
+  out["hbm_arithmetic_intensity"] = flops / hbm if hbm else None
   if peak_flops and bandwidth:
     out["ridge_flops_per_byte"] = peak_flops / bandwidth
     out["compute_s"] = flops / peak_flops
     out["memory_s"] = traffic / bandwidth
     out["roofline_step_s"] = max(out["compute_s"], out["memory_s"])
+    out["hbm_memory_s"] = hbm / bandwidth
+    out["hbm_roofline_step_s"] = max(out["compute_s"], out["hbm_memory_s"])
   return out
 
 
@@ -116,10 +124,21 @@ def report_lines(r: dict) -> list[str]:
   if "roofline_step_s" in r:
     bound = "memory" if r["memory_s"] > r["compute_s"] else "compute"
     out.append(f"  roofline_step_s: {r['roofline_step_s'] * 1e3:.1f} ms, {bound}-bound (compute "
-               f"{r['compute_s'] * 1e3:.1f} ms at peak, HBM traffic {r['memory_s'] * 1e3:.1f} ms at full bandwidth)")
-  total = r["kernel_bytes"] or 1
-  out.append(f"  bytes by stage (kernels' operands + results, loops per iteration: {r['kernel_bytes'] / gib:.4g} GiB):")
-  out += [f"    {s['stage']}: {s['bytes'] / gib:.3g} GiB ({s['bytes'] / total:.0%})" for s in r["stages"]]
-  out.append("  kernels moving the most bytes:")
-  out += [f"    {k['name']} ({k['opcode']}, {k['stage']}): {k['bytes'] / gib:.3g} GiB" for k in r["kernels"][:5]]
+               f"{r['compute_s'] * 1e3:.1f} ms at peak, bytes accessed {r['memory_s'] * 1e3:.1f} ms at full bandwidth)")
+  out.append(f"  hbm_bytes_per_device: {r['hbm_bytes'] / gib:.4g} GiB per step (the kernels' operands and results "
+             "that are in HBM; those XLA placed in VMEM left out)")
+  if r["hbm_arithmetic_intensity"] is not None:
+    out.append(f"  hbm_arithmetic_intensity: {r['hbm_arithmetic_intensity']:.1f} FLOP/byte")
+  if "hbm_roofline_step_s" in r:
+    bound = "memory" if r["hbm_memory_s"] > r["compute_s"] else "compute"
+    out.append(f"  hbm_roofline_step_s: {r['hbm_roofline_step_s'] * 1e3:.1f} ms, {bound}-bound "
+               f"(HBM traffic {r['hbm_memory_s'] * 1e3:.1f} ms at full bandwidth)")
+  total = r["hbm_bytes"] or 1
+  out.append(f"  HBM traffic by stage (loops per iteration; in brackets all bytes accessed, "
+             f"{r['kernel_bytes'] / gib:.4g} GiB in all):")
+  out += [f"    {s['stage']}: {s['hbm_bytes'] / gib:.3g} GiB ({s['hbm_bytes'] / total:.0%}) [{s['bytes'] / gib:.3g} GiB]"
+          for s in r["stages"]]
+  out.append("  kernels moving the most HBM bytes:")
+  out += [f"    {k['name']} ({k['opcode']}, {k['stage']}): {k['hbm_bytes'] / gib:.3g} GiB [{k['bytes'] / gib:.3g} GiB]"
+          for k in r["kernels"][:5]]
   return out

@@ -55,7 +55,9 @@ def test_tpu_paths_compile_and_fit():
     assert round(roof["ridge_flops_per_byte"]) == 241
     assert roof["roofline_step_s"] == max(roof["flops_per_device"] / tpu.peak_flops,
                                           roof["bytes_accessed_per_device"] / tpu.memory_bandwidth)
-    assert {s["stage"] for s in roof["stages"]} & {"encoder attention (backward)", "decoder attention (backward)"}
+    assert any(" attention (" in s["stage"] for s in roof["stages"])
+    # XLA:TPU places some operands and results in VMEM: HBM traffic is a part of all bytes.
+    assert 0 < roof["hbm_bytes"] < roof["kernel_bytes"]
   assert r["collective_bytes_per_device"] > 0
   for job in ("probe", "finetune"):
     assert compile_lib.fit_verdict(bf16_device_crops, job, tpu, search=False)["fits"]
@@ -83,6 +85,7 @@ def test_gpu_paths_compile_with_cudnn_attention():
   # step (per image x images per device), the bytes from the compiled program's kernels.
   roof = r["roofline"]
   assert roof["counted_by"] != "XLA" and roof["bytes_accessed_per_device"] == roof["kernel_bytes"] > 0
+  assert roof["hbm_bytes"] == roof["kernel_bytes"]  # XLA:GPU writes no memory spaces
   assert roof["flops_per_device"] == pytest.approx(
       compile_lib.flops_per_image(even) * r["micro_batch_per_device"], rel=1e-6)
   assert round(roof["ridge_flops_per_byte"]) == round(989e12 / 3352e9)

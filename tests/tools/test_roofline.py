@@ -109,6 +109,43 @@ def test_called_and_branch_computations_are_kernels_async_wrappers_are_not():
   assert hlo.per_run(CALLS, lambda line: int(" slice(" in line or " negate(" in line)) == 2
 
 
+# XLA:TPU's memory spaces: a weight sliced from HBM into VMEM (S(1)), joined there, and used by
+# a fusion whose other operand and result are in HBM.
+VMEM = """HloModule v
+
+%fused (a: f32[8,128], b: f32[8,128]) -> f32[8,128] {
+  %a = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %b = f32[8,128]{1,0:T(8,128)S(1)} parameter(1)
+  ROOT %m = f32[8,128]{1,0:T(8,128)} multiply(%a, %b)
+}
+
+ENTRY %main (x: f32[8,128], w: f32[8,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %w = f32[8,128]{1,0:T(8,128)} parameter(1)
+  %st = ((f32[8,128]{1,0:T(8,128)}), f32[8,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%w), slice={[0:8], [0:128]}
+  %sd = f32[8,128]{1,0:T(8,128)S(1)} slice-done(%st)
+  %j = f32[8,128]{1,0:T(8,128)S(1)} custom-call(%sd), custom_call_target="ConcatBitcast"
+  ROOT %f = f32[8,128]{1,0:T(8,128)} fusion(%x, %j), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_hbm_traffic_leaves_out_arrays_in_vmem():
+  tile = 8 * 128 * 4
+  ks = {k["name"]: k for k in hlo.kernels(VMEM)}
+  # XLA's way: every operand and result as if from HBM.
+  assert {n: k["bytes"] for n, k in ks.items()} == {"sd": 2 * tile, "j": 2 * tile, "f": 3 * tile}
+  # In HBM: the slice reads the weight once (its copy lands in VMEM), the join stays in VMEM, the
+  # fusion reads x and writes its result.
+  assert {n: k["hbm_bytes"] for n, k in ks.items()} == {"sd": tile, "j": 0, "f": 2 * tile}
+  assert hlo.shape_bytes("f32[8,128]{1,0:T(8,128)S(1)}", hbm_only=True) == 0
+  b = roofline.breakdown(VMEM)
+  assert (b["kernel_bytes"], b["hbm_bytes"]) == (7 * tile, 3 * tile)
+  assert {s["stage"]: s["hbm_bytes"] for s in b["stages"]} == {
+      "weights sliced into VMEM (slice-start/done)": tile, "slices joined in VMEM (custom calls)": 0,
+      "no metadata (fusion)": 2 * tile}
+
+
 @pytest.mark.parametrize("op_name, want", [
     ("jit(traced)/jvp(MAE)/encoder/block3/attn/qkv/dot_general", "encoder attention (forward)"),
     ("jit(traced)/transpose(jvp(MAE))/decoder/block0/fc2/dot_general", "decoder MLP (backward)"),
@@ -138,3 +175,7 @@ def test_summary_fields_follow_from_the_counts():
   assert r["kernel_bytes"] == sum(k["bytes"] for k in hlo.kernels(PROGRAM))
   assert r["stages"][0]["stage"] == "encoder attention (backward)"  # the loop's fusion, 3 times
   assert "memory-bound" in "\n".join(roofline.report_lines(r))
+  # No array of PROGRAM is in VMEM: its HBM traffic is all of its bytes.
+  assert r["hbm_bytes"] == r["kernel_bytes"]
+  assert r["hbm_arithmetic_intensity"] == 8e12 / r["hbm_bytes"]
+  assert r["hbm_roofline_step_s"] == max(0.04, r["hbm_bytes"] / 8e11)
