@@ -4,7 +4,7 @@ intensity against the chip's ridge point, a roofline time, and where the bytes g
 XLA's `bytes accessed` is a count of the program, not a measurement: it sums each kernel's
 operands and results as if every one went to HBM and back. On TPUs the compiled program says
 where each array lives: XLA:TPU places many operands and results in VMEM (a layout's `S(1)`:
-weights prefetched in slices, intermediates between adjacent kernels), so a second count, HBM
+arrays prefetched whole or in slices, intermediates between adjacent kernels), so a second count, HBM
 traffic, sums only the arrays in HBM (and each HBM<->VMEM copy once). Both leave out caches and
 the overlap of compute, memory traffic and collectives. The roofline time max(FLOPs / peak,
 bytes / bandwidth) is given for both counts, beside the FLOP-based 40%-MFU estimate.
@@ -58,7 +58,7 @@ def _label(kernel: dict) -> str:
   if kernel["op_name"]:
     return stage(kernel["op_name"])
   return {"copy-done": "HBM<->VMEM copies (copy-start/done)", "copy": "copies (layout)",
-          "slice-done": "weights sliced into VMEM (slice-start/done)",
+          "slice-done": "slices into VMEM (slice-start/done)",
           "custom-call": "slices joined in VMEM (custom calls)"}.get(
       kernel["opcode"], f"no metadata ({kernel['opcode']})")
 

@@ -109,7 +109,7 @@ def test_called_and_branch_computations_are_kernels_async_wrappers_are_not():
   assert hlo.per_run(CALLS, lambda line: int(" slice(" in line or " negate(" in line)) == 2
 
 
-# XLA:TPU's memory spaces: a weight sliced from HBM into VMEM (S(1)), joined there, and used by
+# XLA:TPU's memory spaces: an array sliced from HBM into VMEM (S(1)), joined there, and used by
 # a fusion whose other operand and result are in HBM.
 VMEM = """HloModule v
 
@@ -142,7 +142,7 @@ def test_hbm_traffic_leaves_out_arrays_in_vmem():
   b = roofline.breakdown(VMEM)
   assert (b["kernel_bytes"], b["hbm_bytes"]) == (7 * tile, 3 * tile)
   assert {s["stage"]: s["hbm_bytes"] for s in b["stages"]} == {
-      "weights sliced into VMEM (slice-start/done)": tile, "slices joined in VMEM (custom calls)": 0,
+      "slices into VMEM (slice-start/done)": tile, "slices joined in VMEM (custom calls)": 0,
       "no metadata (fusion)": 2 * tile}
 
 
