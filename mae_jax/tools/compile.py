@@ -167,13 +167,14 @@ def compile_step(config, job: str, target, image_flops: Optional[float] = None) 
   compile_s = time.perf_counter() - t1
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
-  # XLA:GPU compiled for a target reports no counts: the FLOPs then come from XLA:CPU's count of
-  # the same step (flops_per_image), only computed when needed.
-  fallback = 0.0
-  if not roofline.cost(compiled)["flops"]:
+  # XLA:GPU compiled for a target reports no counts, and XLA's cost analysis counts a loop body
+  # (scanned layers, accumulated micro-batches) once: the FLOPs then come from XLA:CPU's count of
+  # the same step unrolled (flops_per_image), only computed when needed.
+  fallback, loops = 0.0, bool(config.model.scan_layers) or micro_batches > 1
+  if loops or not roofline.cost(compiled)["flops"]:
     image_flops = image_flops or flops_per_image(config, job=job)
     fallback = image_flops * out["micro_batch_per_device"] * micro_batches
-  roof = roofline.summary(compiled, hlo, target.peak_flops, target.memory_bandwidth, fallback)
+  roof = roofline.summary(compiled, hlo, target.peak_flops, target.memory_bandwidth, fallback, loops)
   peak = _peak_bytes(mem)
   fits = target.memory_bytes is None or peak <= target.memory_bytes
   return {**out, "fits": fits, "lower_s": t1 - t0, "compile_s": compile_s,

@@ -87,17 +87,21 @@ def breakdown(hlo_text: str, top: int = 8) -> dict:
                        "stage": _label(k)} for k in biggest]}
 
 
-def summary(compiled, hlo_text: str, peak_flops, bandwidth, flops_fallback: float = 0.0) -> dict:
+def summary(compiled, hlo_text: str, peak_flops, bandwidth, flops_fallback: float = 0.0,
+            loops: bool = False) -> dict:
   """FLOPs, bytes, intensity, ridge and roofline time per device (None where the chip's figures
-  are not known), and the breakdown. Where XLA gives no count (XLA:GPU compiled for a target
-  without the device reports 0), the FLOPs are `flops_fallback` (XLA:CPU's count of the same
-  step) and the bytes the kernels' sum; `counted_by` says which."""
+  are not known), and the breakdown. Where XLA's count does not cover the step, the FLOPs are
+  `flops_fallback` (XLA:CPU's count of the same step, unrolled) and the bytes the kernels' sum
+  (loop bodies per iteration); `counted_by` says which. That is where XLA gives no count (XLA:GPU
+  compiled for a target without the device reports 0), and with `loops` (scanned layers,
+  accumulated micro-batches: XLA's cost analysis counts a loop body once)."""
   c = cost(compiled)
   out = {"flops_per_device": c["flops"], "bytes_accessed_per_device": c["bytes_accessed"],
          "counted_by": "XLA", **breakdown(hlo_text)}
-  if not c["flops"] or not c["bytes_accessed"]:
-    out.update(flops_per_device=c["flops"] or flops_fallback, bytes_accessed_per_device=c["bytes_accessed"]
-               or out["kernel_bytes"], counted_by="the compiled HLO's kernels (bytes) and XLA:CPU (FLOPs)")
+  if loops or not c["flops"] or not c["bytes_accessed"]:
+    why = "loop bodies counted once by XLA" if loops and c["flops"] else "XLA gave no count"
+    out.update(flops_per_device=flops_fallback or c["flops"], bytes_accessed_per_device=out["kernel_bytes"],
+               counted_by=f"the compiled HLO's kernels (bytes) and XLA:CPU (FLOPs); {why}")
   flops, traffic, hbm = out["flops_per_device"], out["bytes_accessed_per_device"], out["hbm_bytes"]
   out["arithmetic_intensity"] = flops / traffic if traffic else None
   out["hbm_arithmetic_intensity"] = flops / hbm if hbm else None

@@ -69,6 +69,12 @@ def test_tpu_paths_compile_and_fit():
   assert " while(" in text and "known_trip_count" not in text
   gathers = lambda line: int(" all-gather" in line)
   assert hlo.per_run(text, gathers) > sum(map(gathers, text.splitlines()))
+  # XLA's cost analysis counts that loop's body once: the roofline takes the FLOPs of the
+  # unrolled step (XLA:CPU) and the bytes of the kernels, loops per iteration, and says so.
+  roof = compile_lib.fit_verdict(scanned, "pretrain", tpu, search=False)["roofline"]
+  assert "loop bodies counted once" in roof["counted_by"]
+  assert roof["flops_per_device"] == pytest.approx(compile_lib.flops_per_image(scanned) * scanned.batch_size / 4, rel=1e-6)
+  assert roof["bytes_accessed_per_device"] == roof["kernel_bytes"]
 
 
 def test_gpu_paths_compile_with_cudnn_attention():
