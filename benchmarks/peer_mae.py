@@ -13,8 +13,10 @@ size); its training step is the one of its `mae/train_mae.py`, written for `jax.
 same data mesh as ours instead of `pmap` (the same program: the batch split over the devices,
 the gradients averaged): its MAE loss (`mae/models/loss.py`, with the config's norm_pix_loss),
 `optax.adamw` with its weight decay, the images in bfloat16 as its `half_precision` feeds them.
-Its layers take no compute dtype, so with float32 parameters it computes in float32 whatever
-the input: compare it with our float32 row first.
+Its layers take no compute dtype, so with float32 parameters its program is float32 whatever the
+input; on TPUs XLA runs float32 matmuls at default precision with bfloat16 inputs, and keeps some
+of the peer's matmul outputs in bfloat16 (its compiled HLO shows them): it stands between our
+float32 and bfloat16 rows.
 
 Ours is `mae_jax.compile`'s program for the config in each of --dtypes. One row per program.
 """
@@ -117,7 +119,7 @@ def main(argv):
     c = config.copy_and_resolve_references()
     c.model.dtype = dtype
     rows.append(row(f"mae_jax, {dtype} compute", compile_tool.compile_step(c, "pretrain", target)))
-  rows.append(row("jax-mae (peer), float32 compute, bfloat16 images",
+  rows.append(row("jax-mae (peer): float32 as written, bfloat16 images",
                   compile_peer(FLAGS.peer, config, target)))
   print("\nper device and step, by XLA's counts of the compiled programs (not a measurement):")
   print("| program | TFLOP | GiB accessed (XLA) | GiB in HBM | FLOP/HBM byte | roofline ms (HBM) | peak memory |")
