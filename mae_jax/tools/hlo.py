@@ -162,15 +162,6 @@ def _operands(line: str, start: int) -> str:
   return line[start + 1:]
 
 
-def executions(hlo_text: str) -> tuple[dict, dict]:
-  """({computation: its instruction lines}, {computation: times one run of the program runs it})
-  for the computations that run as kernels of their own: the entry, loop bodies and conditions,
-  called and branch computations; not fusion bodies, async wrappers or reducers."""
-  graph = call_graph(hlo_text)
-  times = runs(graph, kernels_only=True)
-  return {c: graph["lines"][c] for c in times}, times
-
-
 _OPERAND = re.compile(r"%([\w.\-]+)")
 
 
@@ -185,6 +176,42 @@ def _done_bytes(result: str, start: str, hbm_only: bool) -> int:
   return size * (int(bool(source) and not _on_chip(source.group(3))) + int(shape_bytes(result, True) > 0))
 
 
+_FUSION_BODY = re.compile(r"calls=%([\w.\-]+)")
+
+
+def _slicing(opcode: str, line: str, bodies: dict) -> str:
+  """'update' for a dynamic-update-slice (alone or the fusion it is in: the buffer is updated in
+  place), 'slice' for a dynamic-slice (it reads only the slice), '' otherwise."""
+  body = [line]
+  if opcode == "fusion":
+    callee = _FUSION_BODY.search(line)
+    body = bodies.get(callee.group(1), []) if callee else []
+  text = "\n".join(body)
+  return "update" if " dynamic-update-slice(" in text else "slice" if " dynamic-slice(" in text else ""
+
+
+def _elements(shape: str) -> int:
+  dims = _SHAPE.search(shape or "")
+  return math.prod(int(d) for d in dims.group(3).split(",") if d) if dims else 0
+
+
+def _op_bytes(result: str, operands: list, kind: str, hbm_only: bool) -> int:
+  """Operands read plus results written. A dynamic-update-slice writes into its buffer in place
+  (the operand of the result's size): that operand is neither read nor rewritten whole, the
+  write is the size of what updates it. A dynamic-slice reads only a slice of an operand larger
+  than its result: that operand counts as the result's size."""
+  sizes = [shape_bytes(o, hbm_only) for o in operands]
+  if kind == "update":
+    buffer = next((i for i, o in enumerate(operands) if _elements(o) == _elements(result)), None)
+    if buffer is not None:
+      rest = sum(b for i, b in enumerate(sizes) if i != buffer)
+      return rest + (rest if shape_bytes(result, hbm_only) else 0)
+  if kind == "slice":
+    out = _elements(result)
+    sizes = [shape_bytes(result, hbm_only) if _elements(o) > out and b else b for o, b in zip(operands, sizes)]
+  return shape_bytes(result, hbm_only) + sum(sizes)
+
+
 def kernels(hlo_text: str) -> list[dict]:
   """Every instruction one run executes that moves data: {name, opcode, bytes (operands read plus
   results written, times its executions; as XLA's cost analysis counts, wherever they live),
@@ -196,9 +223,11 @@ def kernels(hlo_text: str) -> list[dict]:
     m = _OPCODE.match(line)
     if m:
       shapes[m.group(1)] = m.group(2)
-  comps, times = executions(hlo_text)
+  graph = call_graph(hlo_text)
+  graph_lines, times = graph["lines"], runs(graph, kernels_only=True)
   out = []
-  for comp, comp_lines in comps.items():
+  for comp in times:
+    comp_lines = graph_lines[comp]
     for line in comp_lines:
       m = _OPCODE.match(line)
       if not m or m.group(3) in NO_TRAFFIC:
@@ -210,7 +239,8 @@ def kernels(hlo_text: str) -> list[dict]:
         start = shapes.get(operands[0], "") if operands else ""
         moved, in_hbm = (_done_bytes(m.group(2), start, h) for h in (False, True))
       else:
-        moved, in_hbm = (shape_bytes(m.group(2), h) + sum(shape_bytes(shapes.get(op, ""), h) for op in operands)
+        kind = _slicing(m.group(3), line, graph_lines)
+        moved, in_hbm = (_op_bytes(m.group(2), [shapes.get(op, "") for op in operands], kind, h)
                          for h in (False, True))
       op_name = _OP_NAME.search(line)
       out.append({"name": m.group(1), "opcode": m.group(3), "bytes": moved * times[comp],

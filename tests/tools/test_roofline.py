@@ -146,6 +146,45 @@ def test_hbm_traffic_leaves_out_arrays_in_vmem():
       "no metadata (fusion)": 2 * tile}
 
 
+# Scanned layers stack their residuals: a fusion updates one layer's row of a [4, 8, 128] buffer in
+# place (dynamic-update-slice), another reads one row back (dynamic-slice).
+STACKED = """HloModule s
+
+%update_body (buf: f32[4,8,128], row: f32[1,8,128], i: s32[]) -> f32[4,8,128] {
+  %buf = f32[4,8,128]{2,1,0} parameter(0)
+  %row = f32[1,8,128]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[4,8,128]{2,1,0} dynamic-update-slice(%buf, %row, %i, %z, %z)
+}
+
+%slice_body (buf: f32[4,8,128], i: s32[]) -> f32[1,8,128] {
+  %buf = f32[4,8,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,8,128]{2,1,0} dynamic-slice(%buf, %i, %z, %z), dynamic_slice_sizes={1,8,128}
+}
+
+ENTRY %main (buf: f32[4,8,128], row: f32[1,8,128], i: s32[]) -> (f32[4,8,128], f32[1,8,128]) {
+  %buf = f32[4,8,128]{2,1,0} parameter(0)
+  %row = f32[1,8,128]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %u = f32[4,8,128]{2,1,0} fusion(%buf, %row, %i), kind=kLoop, calls=%update_body
+  %r = f32[1,8,128]{2,1,0} fusion(%u, %i), kind=kLoop, calls=%slice_body
+  ROOT %t = (f32[4,8,128]{2,1,0}, f32[1,8,128]{2,1,0}) tuple(%u, %r)
+}
+"""
+
+
+def test_dynamic_slices_move_the_slice_not_the_buffer():
+  row = 8 * 128 * 4
+  ks = {k["name"]: k["bytes"] for k in hlo.kernels(STACKED)}
+  # The update reads the row (and the index) and writes it into the buffer in place.
+  assert ks["u"] == 2 * (row + 4)
+  # The slice reads one row of the buffer (and the index) and writes it.
+  assert ks["r"] == row + 4 + row
+
+
 @pytest.mark.parametrize("op_name, want", [
     ("jit(traced)/jvp(MAE)/encoder/block3/attn/qkv/dot_general", "encoder attention (forward)"),
     ("jit(traced)/transpose(jvp(MAE))/decoder/block0/fc2/dot_general", "decoder MLP (backward)"),
