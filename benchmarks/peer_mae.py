@@ -22,6 +22,10 @@ Ours is `mae_jax.compile`'s program for the config in each of --dtypes. One row 
 """
 
 import functools
+import importlib
+import importlib.machinery
+import importlib.util
+import os
 import sys
 
 from absl import app, flags
@@ -34,6 +38,19 @@ from mae_jax.tools import roofline, targets
 FLAGS = flags.FLAGS
 
 
+def _peer_modules(peer_path: str):
+  """The peer's `mae.models.loss` and `mae.models.mae`, imported from its checkout (its `mae/` is a
+  namespace package) without touching the import path."""
+  folder = os.path.join(os.path.abspath(peer_path), "mae")
+  if not os.path.isfile(os.path.join(folder, "models", "mae.py")):
+    raise SystemExit(f"--peer={peer_path}: no mae/models/mae.py there; clone "
+                     "https://github.com/SarthakYadav/jax-mae and pass its folder")
+  spec = importlib.machinery.ModuleSpec("mae", None, is_package=True)
+  spec.submodule_search_locations = [folder]
+  sys.modules["mae"] = importlib.util.module_from_spec(spec)
+  return importlib.import_module("mae.models.loss"), importlib.import_module("mae.models.mae")
+
+
 def peer_step_program(peer_path: str, config, target):
   """The peer's pretraining step for `config`'s shapes on `target`'s devices: (jitted step,
   abstract arguments)."""
@@ -44,9 +61,7 @@ def peer_step_program(peer_path: str, config, target):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  sys.path.insert(0, peer_path)
-  from mae.models import loss as peer_loss  # noqa: E402  (the peer's checkout)
-  from mae.models import mae as peer_mae
+  peer_loss, peer_mae = _peer_modules(peer_path)
 
   m, size = config.model, config.dataset.image_size
   model = peer_mae.MaskedAutoencoderViT(
@@ -105,6 +120,7 @@ def row(name: str, r: dict) -> str:
 def main(argv):
   del argv
   cli.default_verbosity()
+  _peer_modules(FLAGS.peer)  # a wrong --peer fails before anything compiles
   targets.prepare(FLAGS.target)
   config = FLAGS.config
   cli.guarded(lambda: config_check.validate(config, ("pretrain",)))

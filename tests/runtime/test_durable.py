@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from mae_jax.runtime import durable
+from mae_jax.runtime import durable, paths
 
 
 def _record_syncs(monkeypatch):
@@ -92,9 +92,9 @@ def test_leftovers_of_a_killed_writer_are_removed_and_a_live_writers_kept(tmp_pa
   assert final.read_bytes() == b"whole"
 
 
-def test_paths_on_buckets_are_not_fsynced():
-  assert durable.is_local("/tmp/x") and durable.is_local("runs/a")
-  assert not durable.is_local("gs://bucket/run")
+def test_paths_on_buckets_are_remote():  # durable writes upload them whole instead of fsyncing
+  assert not paths.is_remote("/tmp/x") and not paths.is_remote("runs/a")
+  assert paths.is_remote("gs://bucket/run")
 
 
 def test_a_storage_fault_is_told_by_writing_a_probe(tmp_path):
