@@ -51,9 +51,9 @@ def _peer_modules(peer_path: str):
   return importlib.import_module("mae.models.loss"), importlib.import_module("mae.models.mae")
 
 
-def peer_step_program(peer_path: str, config, target):
+def peer_step_program(peer, config, target):
   """The peer's pretraining step for `config`'s shapes on `target`'s devices: (jitted step,
-  abstract arguments)."""
+  abstract arguments). `peer`: its loss and model modules (`_peer_modules`)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -61,7 +61,7 @@ def peer_step_program(peer_path: str, config, target):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  peer_loss, peer_mae = _peer_modules(peer_path)
+  peer_loss, peer_mae = peer
 
   m, size = config.model, config.dataset.image_size
   model = peer_mae.MaskedAutoencoderViT(
@@ -97,8 +97,8 @@ def peer_step_program(peer_path: str, config, target):
   return jax.jit(step, donate_argnums=(0, 1)), args
 
 
-def compile_peer(peer_path: str, config, target) -> dict:
-  step, args = peer_step_program(peer_path, config, target)
+def compile_peer(peer, config, target) -> dict:
+  step, args = peer_step_program(peer, config, target)
   print(f"compiling the peer's step for {target.name} ...", flush=True)
   compiled = step.lower(*args).compile()
   fallback = 0.0
@@ -106,7 +106,7 @@ def compile_peer(peer_path: str, config, target) -> dict:
     fallback = compile_tool.flops_per_image(config) * config.batch_size / target.num_devices
   return {"roofline": roofline.summary(compiled, compiled.as_text(), target.peak_flops,
                                        target.memory_bandwidth, fallback),
-          "peak_bytes_per_device": compile_tool._peak_bytes(compiled.memory_analysis())}
+          "peak_bytes_per_device": compile_tool.peak_bytes(compiled.memory_analysis())}
 
 
 def row(name: str, r: dict) -> str:
@@ -120,7 +120,7 @@ def row(name: str, r: dict) -> str:
 def main(argv):
   del argv
   cli.default_verbosity()
-  _peer_modules(FLAGS.peer)  # a wrong --peer fails before anything compiles
+  peer = _peer_modules(FLAGS.peer)  # a wrong --peer fails before anything compiles
   targets.prepare(FLAGS.target)
   config = FLAGS.config
   cli.guarded(lambda: config_check.validate(config, ("pretrain",)))
@@ -136,7 +136,7 @@ def main(argv):
     c.model.dtype = dtype
     rows.append(row(f"mae_jax, {dtype} compute", compile_tool.compile_step(c, "pretrain", target)))
   rows.append(row("jax-mae (peer): float32 as written, bfloat16 images",
-                  compile_peer(FLAGS.peer, config, target)))
+                  compile_peer(peer, config, target)))
   print("\nper device and step, by XLA's counts of the compiled programs (not a measurement):")
   print("| program | TFLOP | GiB accessed (XLA) | GiB in HBM | FLOP/HBM byte | roofline ms (HBM) | peak memory |")
   print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -41,7 +41,7 @@ def main():
   from jax.sharding import PartitionSpec as P
 
   from mae_jax.models.layers import attention
-  from mae_jax.tools import hlo
+  from mae_jax.tools import hlo, roofline
 
   devices = topologies.get_topology_desc(a.target, "tpu").devices
   mesh = Mesh(np.array(devices), ("data",))
@@ -82,10 +82,8 @@ def main():
     # the output's gradient comes in as an argument, as from the layers above
     loss = lambda q, k, v, g, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) * g)
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec, grad_spec).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     in_hbm = sum(k["hbm_bytes"] for k in hlo.kernels(compiled.as_text()))
-    print(f"| {name} | {cost['bytes accessed'] / 2**30:.3f} | {in_hbm / 2**30:.3f} | "
+    print(f"| {name} | {roofline.cost(compiled)['bytes_accessed'] / 2**30:.3f} | {in_hbm / 2**30:.3f} | "
           f"{compiled.memory_analysis().peak_memory_in_bytes / 2**30:.3f} |", flush=True)
 
 

@@ -25,13 +25,6 @@ def _schedule():
   return optim.warmup_cosine(1e-4, 0.0, 10, 1000)
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
-
-
 def train_step_program(config, devices=None):
   """`pretrain.sharded_step` on a fresh mesh (over `devices`; default all present) with a fixed
   schedule: (step, init, abstract state, state shardings, mesh)."""
@@ -110,7 +103,7 @@ def flops_per_image(config, lowered=None, job: str = "pretrain") -> float:
     plain.model.scan_layers, plain.model.attention_impl = False, "xla"
     step, abstract, batch_spec = step_program(plain, job)
     lowered = step.lower(abstract, batch_spec)
-  return _flops(lowered) / micro
+  return roofline.cost(lowered)["flops"] / micro
 
 
 def machine(target=None) -> dict:
@@ -134,7 +127,7 @@ def _out_of_memory(error: Exception) -> str:
   return m.group(1)[:300] if m and "RESOURCE_EXHAUSTED" in text else ""
 
 
-def _peak_bytes(mem) -> int:
+def peak_bytes(mem) -> int:
   """Per device: the compiled program's peak (arguments, outputs and temporaries live at once)."""
   peak = getattr(mem, "peak_memory_in_bytes", 0)
   return int(peak or (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -175,7 +168,7 @@ def compile_step(config, job: str, target, image_flops: Optional[float] = None) 
     image_flops = image_flops or flops_per_image(config, job=job)
     fallback = image_flops * out["micro_batch_per_device"] * micro_batches
   roof = roofline.summary(compiled, hlo, target.peak_flops, target.memory_bandwidth, fallback, loops)
-  peak = _peak_bytes(mem)
+  peak = peak_bytes(mem)
   fits = target.memory_bytes is None or peak <= target.memory_bytes
   return {**out, "fits": fits, "lower_s": t1 - t0, "compile_s": compile_s,
           "argument_bytes_per_device": mem.argument_size_in_bytes,

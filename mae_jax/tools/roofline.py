@@ -64,7 +64,8 @@ def _label(kernel: dict) -> str:
 
 
 def cost(compiled) -> dict:
-  """XLA's cost analysis of a compiled program (per device for an SPMD program): flops, bytes."""
+  """XLA's cost analysis of a compiled (or lowered) program (per device for an SPMD program):
+  flops, bytes."""
   c = compiled.cost_analysis()
   if isinstance(c, (list, tuple)):  # older JAX: one dict per computation
     c = c[0] if c else {}
