@@ -16,6 +16,7 @@ _CALLEE = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_c
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _LOOP = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
 _CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
+_OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][\w\-]*)\(")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 # Computations whose work is their caller's: fusion bodies, the wrapped op of an asynchronous
 # pair (counted at its -done), and the reducers of reduce-like ops.
@@ -26,10 +27,11 @@ _INNER = re.compile(r"\s(fusion|[\w\-]+-start|reduce|reduce-window|reduce-scatte
 def call_graph(hlo_text: str) -> dict:
   """One parse of compiled HLO text: {lines: {computation: its instruction lines}, calls:
   {computation: [(callee, runs per run of the caller)]}, inner: computations whose work is their
-  caller's, entry}. A loop body runs its trip count (XLA:CPU and XLA:GPU write it as
+  caller's, entry, shapes: {instruction: its result shape} (compiled HLO names operands without
+  their shapes)}. A loop body runs its trip count (XLA:CPU and XLA:GPU write it as
   known_trip_count; XLA:TPU's condition compares the counter with a constant), its condition once
   more; a called computation or a conditional's branch once (an upper bound for a branch)."""
-  lines, calls, bound, inner, entry, name = {}, {}, {}, set(), None, None
+  lines, calls, bound, inner, shapes, entry, name = {}, {}, {}, set(), {}, None, None
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
     if m:
@@ -40,6 +42,9 @@ def call_graph(hlo_text: str) -> dict:
     if name is None or not line.strip() or line.strip() == "}":
       continue
     lines[name].append(line)
+    op = _OPCODE.match(line)
+    if op:
+      shapes[op.group(1)] = op.group(2)
     constant = _CONSTANT.search(line)
     if constant:
       bound[name] = int(constant.group(1))
@@ -57,7 +62,7 @@ def call_graph(hlo_text: str) -> dict:
       calls[name].append((callee, n))
   calls = {c: [(callee, bound.get(n[1], 1) + n[2] if isinstance(n, tuple) else n) for callee, n in cs]
            for c, cs in calls.items()}
-  return {"lines": lines, "calls": calls, "inner": inner, "entry": entry}
+  return {"lines": lines, "calls": calls, "inner": inner, "entry": entry, "shapes": shapes}
 
 
 def runs(graph: dict, kernels_only: bool) -> dict:
@@ -113,7 +118,6 @@ def collective_bytes(hlo_text: str) -> int:
 # ----------------------------------------------------------------------------
 # Memory traffic per kernel.
 # ----------------------------------------------------------------------------
-_OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][\w\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Instructions that move no data of their own (views, bookkeeping, control flow: what they run is
 # counted where it runs). An asynchronous pair (copy-, slice-, all-gather-start / -done) counts at
@@ -216,30 +220,21 @@ def kernels(hlo_text: str) -> list[dict]:
   """Every instruction one run executes that moves data: {name, opcode, bytes (operands read plus
   results written, times its executions; as XLA's cost analysis counts, wherever they live),
   hbm_bytes (the same, of the arrays in HBM only: not those XLA:TPU placed in VMEM), op_name (the
-  JAX source path of its metadata)}. Compiled HLO names its operands without their shapes: they
-  come from the operands' definitions."""
-  shapes = {}
-  for line in hlo_text.splitlines():
-    m = _OPCODE.match(line)
-    if m:
-      shapes[m.group(1)] = m.group(2)
+  JAX source path of its metadata)}."""
   graph = call_graph(hlo_text)
-  graph_lines, times = graph["lines"], runs(graph, kernels_only=True)
+  shapes, times = graph["shapes"], runs(graph, kernels_only=True)
   out = []
   for comp in times:
-    comp_lines = graph_lines[comp]
-    for line in comp_lines:
+    for line in graph["lines"][comp]:
       m = _OPCODE.match(line)
-      if not m or m.group(3) in NO_TRAFFIC:
-        continue
-      if m.group(3).endswith("-start"):
+      if not m or m.group(3) in NO_TRAFFIC or m.group(3).endswith("-start"):
         continue
       operands = _OPERAND.findall(_operands(line, m.end() - 1))
       if m.group(3).endswith("-done"):
         start = shapes.get(operands[0], "") if operands else ""
         moved, in_hbm = (_done_bytes(m.group(2), start, h) for h in (False, True))
       else:
-        kind = _slicing(m.group(3), line, graph_lines)
+        kind = _slicing(m.group(3), line, graph["lines"])
         moved, in_hbm = (_op_bytes(m.group(2), [shapes.get(op, "") for op in operands], kind, h)
                          for h in (False, True))
       op_name = _OP_NAME.search(line)
